@@ -1,0 +1,241 @@
+"""``nnunet-universal`` command line: argument parsing only.
+
+Every subcommand parses its arguments, imports the heavy library lazily (fast ``--help``) and calls one
+typed library function, the same one the tests call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nnunet_universal.registry import CONVERT_SOURCES, SLOTS, SYNTH_SOURCES
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+
+def _kv_pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values or []:
+        if "=" not in v:
+            raise SystemExit(f"error: {what} expects KEY=VALUE, got {v!r}")
+        k, val = v.split("=", 1)
+        out[k.strip()] = val.strip()
+    return out
+
+
+# ---- subcommand handlers (one library call each) -------------------------------------------------
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from nnunet_universal.synthetic.api import synthesize
+
+    out = synthesize(a.source, Path(a.output), cases=a.cases, seed=a.seed,
+                     shape=tuple(a.shape) if a.shape else None, preview=Path(a.preview) if a.preview else None)
+    print(f"wrote synthetic {a.source} dataset to {out}")
+    return 0
+
+
+def _cmd_convert(a: argparse.Namespace) -> int:
+    from nnunet_universal.dataset_conversion.api import convert
+
+    out = convert(a.source, Path(a.input_dir), a.dataset_id, name=a.name, workers=a.workers, skip_bad=a.skip_bad,
+                  label_map=_kv_pairs(a.label_map, "--label-map"), slot_map=_kv_pairs(a.slot_map, "--slot-map"),
+                  spacing=tuple(a.spacing) if a.spacing else None, domain=a.domain)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_merge(a: argparse.Namespace) -> int:
+    from nnunet_universal.dataset_conversion.merge import merge_datasets
+
+    out = merge_datasets(a.dataset_id, a.name, a.datasets, identical=a.identical or [], slots=a.slots,
+                         workers=a.workers, skip_bad=a.skip_bad)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_plan(a: argparse.Namespace) -> int:
+    from nnunet_universal.planners.api import plan_and_preprocess
+
+    plans = plan_and_preprocess(a.dataset_id, configurations=a.configurations, preset=a.preset,
+                                num_processes=a.num_processes, verify=a.verify,
+                                target_spacing=tuple(a.target_spacing) if a.target_spacing else None,
+                                gpu_memory_gb=a.gpu_memory_gb)
+    print(f"wrote plans {plans}")
+    return 0
+
+
+def _cmd_env(a: argparse.Namespace) -> int:
+    from nnunet_universal.trainers.discovery import export_line
+
+    print(export_line())
+    return 0
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from nnunet_universal.trainers.api import train
+
+    train(a.dataset, a.configuration, a.fold, trainer=a.trainer, plans=a.plans, device=a.device,
+          continue_training=a.c, validation_only=a.val)
+    return 0
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from nnunet_universal.inference.api import predict
+
+    predict(model_dir=Path(a.model), output_dir=Path(a.output), input_dir=Path(a.input) if a.input else None,
+            images=_kv_pairs(a.image, "--image"), case_id=a.case_id, folds=a.folds, checkpoint=a.checkpoint,
+            domain=a.domain, save_domain_maps=a.save_domain_maps, device=a.device, step_size=a.step_size,
+            mirroring=not a.disable_tta)
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from nnunet_universal.evaluation.api import evaluate
+
+    evaluate(Path(a.pred_dir), gt_dir=Path(a.gt) if a.gt else None, dataset_id=a.dataset_id,
+             output_dir=Path(a.output) if a.output else None)
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from nnunet_universal.demo import run_demo
+
+    run_demo(Path(a.output), epochs=a.epochs, device=a.device)
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnunet-universal",
+        description="One nnU-Net v2 model from many heterogeneous, partially labelled datasets.",
+        formatter_class=_FMT,
+        epilog="Typical flow: synth/convert -> merge -> plan -> train (or nnUNetv2_train -tr UniversalTrainer) "
+        "-> predict (or nnUNetv2_predict) -> evaluate. Run 'nnunet-universal demo' to see all of it.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
+                              formatter_class=_FMT)
+
+    s = add("synth", "write a synthetic dataset in the native layout of a public dataset",
+            "nnunet-universal synth brats-mets -o /data/synth/brats --cases 3 --preview brats.png")
+    s.add_argument("source", choices=SYNTH_SOURCES)
+    s.add_argument("-o", "--output", required=True, help="output folder (the dataset's top-level folder goes inside)")
+    s.add_argument("--cases", type=int, default=4, help="number of cases (default 4)")
+    s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
+    s.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="volume shape in voxels (default: small, fast shape for tests)")
+    s.add_argument("--preview", help="also write a PNG with one slice per sequence and the label overlaid")
+    s.set_defaults(func=_cmd_synth)
+
+    s = add("convert", "convert a native public dataset to an nnU-Net raw dataset with universal metadata",
+            "nnunet-universal convert brats-mets ASNR-MICCAI-BraTS2023-MET-Challenge-TrainingData -d 501")
+    s.add_argument("source", choices=CONVERT_SOURCES)
+    s.add_argument("input_dir", help="the dataset folder as downloaded")
+    s.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id to write")
+    s.add_argument("-n", "--name", help="dataset name (default: derived from the source)")
+    s.add_argument("-j", "--workers", type=int, default=2, help="parallel workers (default 2)")
+    s.add_argument("--skip-bad", action="store_true", help="skip invalid cases and write a report instead of stopping")
+    s.add_argument("--label-map", nargs="*", metavar="VALUE=CLASS", help="source label value -> class name")
+    s.add_argument("--slot-map", nargs="*", metavar="CHANNEL=SLOT",
+                   help=f"source channel name -> modality slot ({', '.join(SLOTS)})")
+    s.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="voxel spacing in mm where the source has no geometry (BrainMetShare PNG slices)")
+    s.add_argument("--domain", help="domain name in the universal metadata (default: derived from the source)")
+    s.set_defaults(func=_cmd_convert)
+
+    s = add("merge", "merge converted datasets into one partial-label, mixed-modality nnU-Net raw dataset",
+            "nnunet-universal merge -d 600 -n Universal 501 502 503 --identical ucsf_bmsr.ET=brainmetshare.ET")
+    s.add_argument("datasets", nargs="+", help="dataset ids or names of converted datasets in $nnUNet_raw")
+    s.add_argument("-d", "--dataset-id", type=int, required=True)
+    s.add_argument("-n", "--name", required=True)
+    s.add_argument("--identical", nargs="*", metavar="a.cls=b.cls", help="classes that share one union label id")
+    s.add_argument("--slots", nargs="*", help="restrict/extend the merged slot set (canonical order is kept)")
+    s.add_argument("-j", "--workers", type=int, default=2)
+    s.add_argument("--skip-bad", action="store_true")
+    s.set_defaults(func=_cmd_merge)
+
+    s = add("plan", "fingerprint, plan and preprocess a merged dataset (plans: nnUNetUniversalPlans)",
+            "nnunet-universal plan -d 600 -c 3d_fullres --verify")
+    s.add_argument("-d", "--dataset-id", type=int, required=True)
+    s.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"])
+    s.add_argument("--preset", choices=["default", "resenc-m", "resenc-l"], default="default")
+    s.add_argument("-np", "--num-processes", type=int, default=2)
+    s.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check first")
+    s.add_argument("--target-spacing", type=float, nargs="+", help="override nnU-Net's target spacing")
+    s.add_argument("--gpu-memory-gb", type=float, default=None, help="VRAM target for planning (nnU-Net default 8)")
+    s.set_defaults(func=_cmd_plan)
+
+    s = add("env", "print the 'export nnUNet_extTrainer=...' line that lets nnUNetv2_train find our trainers",
+            'eval "$(nnunet-universal env)"')
+    s.set_defaults(func=_cmd_env)
+
+    s = add("train", "train with nnU-Net's training loop (sets nnUNet_extTrainer itself)",
+            "nnunet-universal train 600 3d_fullres 0 -tr UniversalTrainer -device cpu")
+    s.add_argument("dataset")
+    s.add_argument("configuration")
+    s.add_argument("fold")
+    s.add_argument("-tr", "--trainer", default="UniversalTrainer")
+    s.add_argument("-p", "--plans", default="nnUNetUniversalPlans")
+    s.add_argument("-device", "--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    s.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
+    s.add_argument("--val", action="store_true", help="only run the final validation")
+    s.set_defaults(func=_cmd_train)
+
+    s = add("predict", "segment new scans: dataset-free or oracle (--domain), missing modalities by slot name",
+            "nnunet-universal predict -m $nnUNet_results/Dataset600_Universal/UniversalTrainer__nnUNetUniversalPlans"
+            "__3d_fullres --image T1c=a.nii.gz --image FLAIR=b.nii.gz -o out/")
+    s.add_argument("-m", "--model", required=True, help="trained model folder (…/Trainer__Plans__Configuration)")
+    s.add_argument("-o", "--output", required=True)
+    s.add_argument("-i", "--input", help="folder of images in nnU-Net naming (CASE_0000.nii.gz, …)")
+    s.add_argument("--image", action="append", metavar="SLOT=FILE", help="one image per slot for a single case")
+    s.add_argument("--case-id", default="case", help="output name for --image input (default 'case')")
+    s.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all found)")
+    s.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    s.add_argument("--domain", help="oracle mode: the domain is given, the gate is bypassed")
+    s.add_argument("--save-domain-maps", action="store_true", help="also write each domain head's label map")
+    s.add_argument("-device", "--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    s.add_argument("--step-size", type=float, default=0.5)
+    s.add_argument("--disable-tta", action="store_true")
+    s.set_defaults(func=_cmd_predict)
+
+    s = add("evaluate", "per-domain Dice/HD95, BraTS regions, lesion-wise scores, cross-domain false positives",
+            "nnunet-universal evaluate out/ -d 600 --gt $nnUNet_raw/Dataset600_Universal/labelsTs")
+    s.add_argument("pred_dir")
+    s.add_argument("-d", "--dataset-id", type=int, required=True, help="merged dataset id (for the universal block)")
+    s.add_argument("--gt", help="ground-truth folder (default: the dataset's labelsTr)")
+    s.add_argument("-o", "--output", help="report folder (default: PRED_DIR/evaluation)")
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = add("demo", "the whole pipeline on built-in synthetic data: synth, convert, merge, plan, train, predict, "
+            "evaluate", "nnunet-universal demo -o demo_output")
+    s.add_argument("-o", "--output", default="demo_output", help="working folder (default ./demo_output)")
+    s.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's short schedule)")
+    s.add_argument("-device", "--device", default="cpu", choices=["cuda", "cpu", "mps"])
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as e:
+        if os.environ.get("NNUNET_UNIVERSAL_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"nnunet-universal {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
