@@ -51,7 +51,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     from nnunet_universal.dataset_conversion.merge import merge_datasets
 
     out = merge_datasets(a.dataset_id, a.name, a.datasets, identical=a.identical or [], slots=a.slots,
-                         workers=a.workers, skip_bad=a.skip_bad)
+                         workers=a.workers, skip_bad=a.skip_bad, holdout=a.holdout)
     print(f"wrote {out}")
     return 0
 
@@ -95,8 +95,9 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from nnunet_universal.evaluation.api import evaluate
 
-    evaluate(Path(a.pred_dir), gt_dir=Path(a.gt) if a.gt else None, dataset_id=a.dataset_id,
-             output_dir=Path(a.output) if a.output else None)
+    out = Path(a.output) if a.output else Path(a.pred_dir) / "evaluation"
+    evaluate(Path(a.pred_dir), gt_dir=Path(a.gt) if a.gt else None, dataset_id=a.dataset_id, output_dir=out)
+    print(f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} and plots")
     return 0
 
 
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--name", required=True)
     s.add_argument("--identical", nargs="*", metavar="a.cls=b.cls", help="classes that share one union label id")
     s.add_argument("--slots", nargs="*", help="restrict/extend the merged slot set (canonical order is kept)")
+    s.add_argument("--holdout", type=int, default=0,
+                   help="cases per domain held out as a test set (imagesTs + labelsTs), chosen by a fixed rule")
     s.add_argument("-j", "--workers", type=int, default=2)
     s.add_argument("--skip-bad", action="store_true")
     s.set_defaults(func=_cmd_merge)

@@ -63,6 +63,7 @@ class CaseInfo:
     slots: list[str]
     source_id: str = ""
     group: str = ""  # cases of one patient share a group and stay in one fold
+    split: str = "train"  # "train" (imagesTr/labelsTr) or "test" (held out: imagesTs/labelsTs)
 
 
 @dataclass
