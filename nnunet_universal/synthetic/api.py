@@ -1,0 +1,133 @@
+"""``nnunet-universal synth``: synthetic datasets in the native layouts of the public sources.
+
+Usage::
+
+    from nnunet_universal.synthetic.api import synthesize
+    top = synthesize("brats-mets", Path("synth"), cases=3, seed=0)  # -> synth/ASNR-MICCAI-BraTS2023-MET-...
+
+Deterministic: the same (source, cases, seed, shape) gives byte-identical files. Case ``i`` depends only on
+(seed, source, i), so asking for more cases keeps the first ones unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nnunet_universal.registry import SYNTH_SOURCES
+from nnunet_universal.synthetic.anatomy import random_subject
+from nnunet_universal.synthetic.case import CaseData
+from nnunet_universal.synthetic.ct_phantom import make_ct_case
+from nnunet_universal.synthetic.grid import LPS_FLIPS, NO_FLIPS
+from nnunet_universal.synthetic.institutions import MR_SOURCES
+from nnunet_universal.synthetic.mr_case import make_mr_case
+from nnunet_universal.synthetic.writers import WRITERS
+
+logger = logging.getLogger(__name__)
+
+_MIN_SIDE = 16  # smaller grids cannot hold a brain with lesions
+
+
+@dataclass(frozen=True)
+class CasePlan:
+    """Identity of one case: its native id, the person it images (exams of a patient share one) and its index."""
+
+    index: int
+    case_id: str
+    subject_key: int
+
+
+def _source_key(source: str) -> int:
+    return zlib.crc32(source.encode())
+
+
+def plan_cases(source: str, cases: int, seed: int) -> list[CasePlan]:
+    """Native case ids for ``source``, realistic in format and with the gaps real releases have."""
+    rng = np.random.default_rng([seed, _source_key(source), 0xC0DE])
+    if source == "ucsf-bmsr":  # 6-digit patient number + exam letter; some patients have a follow-up exam
+        plans, patient, number = [], 0, 100000 + int(rng.integers(100, 200))
+        while len(plans) < cases:
+            exams = 2 if (patient == 0 and cases >= 2) or rng.random() < 0.3 else 1
+            for e in range(min(exams, cases - len(plans))):
+                plans.append(CasePlan(len(plans), f"{number}{'AB'[e]}", patient))
+            patient, number = patient + 1, number + int(rng.integers(1, 40))
+        return plans
+    if source == "lits":  # volume-0 … volume-N, not zero-padded
+        return [CasePlan(i, str(i), i) for i in range(cases)]
+    if source == "msd-braintumour":
+        return [CasePlan(i, f"BRATS_{i + 1:03d}", i) for i in range(cases)]
+    first = {"brats-mets": 1, "brainmetshare": 5}[source]
+    gaps = 1 + (rng.random(cases - 1) < 0.3) * rng.integers(1, 3, cases - 1)  # ids skip numbers now and then
+    numbers = first + np.concatenate([[0], np.cumsum(gaps)])
+    fmt = {"brats-mets": "BraTS-MET-{:05d}-000", "brainmetshare": "Mets_{:03d}"}[source]
+    return [CasePlan(i, fmt.format(int(n)), i) for i, n in enumerate(numbers)]
+
+
+def make_case(source: str, plan: CasePlan, seed: int, shape: tuple[int, int, int] | None = None) -> CaseData:
+    """Generate one case of ``source`` in memory (RAS voxel order; see ``CaseData``)."""
+    key = _source_key(source)
+    rng = np.random.default_rng([seed, key, plan.index])
+    if source == "lits":
+        # most volumes are stored like DICOM (LPS); some have a flipped z axis or a RAS (positive) diagonal
+        if plan.index == 1:
+            flips = (True, True, True)
+        else:
+            flips = [LPS_FLIPS, (True, True, True), NO_FLIPS][int(rng.choice(3, p=[0.6, 0.25, 0.15]))]
+        case = make_ct_case(plan.case_id, rng, shape, flips)
+        case.extras["seg_dtype"] = "uint8" if plan.index % 4 == 3 else "float32"
+        return case
+    profile = MR_SOURCES[source]
+    subject = random_subject(np.random.default_rng([seed, key, 0x5EB, plan.subject_key]))
+    # UCSF-BMSR ships the subtraction image for most exams only: leave it out of every third exam
+    with_sub = profile.subtraction is not None and plan.index % 3 != 2
+    return make_mr_case(profile, plan.case_id, subject, rng, shape, with_subtraction=with_sub)
+
+
+def _check_args(source: str, cases: int, shape: tuple[int, int, int] | None) -> None:
+    if source not in SYNTH_SOURCES:
+        raise ValueError(f"unknown synthetic source {source!r}; valid sources: {', '.join(SYNTH_SOURCES)}")
+    if cases < 1:
+        raise ValueError(f"--cases must be at least 1, got {cases}")
+    if shape is not None and (len(shape) != 3 or min(shape) < _MIN_SIDE):
+        raise ValueError(f"--shape needs three sizes of at least {_MIN_SIDE} voxels, got {shape}")
+
+
+def synthesize(source: str, out_dir: Path, cases: int = 4, seed: int = 0,
+               shape: tuple[int, int, int] | None = None, preview: Path | None = None) -> Path:
+    """Write ``cases`` synthetic cases of ``source`` in its native layout inside ``out_dir``.
+
+    Args:
+        source: one of ``registry.SYNTH_SOURCES``.
+        shape: voxels per axis (X, Y, Z); default: a small per-source shape (a case in a fraction of a second).
+            The field of view stays the source's, so the spacing follows (e.g. 240 240 155 gives BraTS' 1 mm).
+        preview: if given, also write a PNG with one slice per sequence and the labels overlaid.
+
+    Returns:
+        The dataset's top-level native folder, e.g. ``out_dir/ASNR-MICCAI-BraTS2023-MET-Challenge-TrainingData``,
+        ``out_dir/UCSF-BMSR``, ``out_dir/stanford_release_brainmask``, ``out_dir/LiTS``,
+        ``out_dir/Task01_BrainTumour``. All cases go to the training part (with labels).
+    """
+    _check_args(source, cases, shape)
+    shape = tuple(int(s) for s in shape) if shape is not None else None  # type: ignore[assignment]
+    writer = WRITERS[source]
+    top = Path(out_dir) / writer.top
+    top.mkdir(parents=True, exist_ok=True)
+    kept: list[CaseData] = []
+    for plan in tqdm(plan_cases(source, cases, seed), desc=f"synth {source}", unit="case", disable=None):
+        case = make_case(source, plan, seed, shape)
+        writer.write_case(top, case)
+        if len(kept) < 2:
+            kept.append(case)
+    writer.finish(top, kept)
+    logger.info("wrote %d synthetic %s cases to %s", cases, source, top)
+    if preview is not None:
+        from nnunet_universal.synthetic.preview import write_preview
+
+        write_preview(Path(preview), source, kept, writer)
+        logger.info("wrote preview %s", preview)
+    return top

@@ -1,0 +1,286 @@
+"""Synthetic native-layout datasets: golden layout checks per source (DATASETS.md), determinism, CLI, speed.
+
+The readers here are written independently of ``synthetic/writers.py``: they read the tree the way a user of
+the real dataset would (SimpleITK for geometry, nibabel for on-disk dtypes, Pillow for slice PNGs).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from nnunet_universal.registry import SYNTH_SOURCES
+from nnunet_universal.synthetic.api import synthesize
+
+CASES = 3
+TOPS = {
+    "brats-mets": "ASNR-MICCAI-BraTS2023-MET-Challenge-TrainingData",
+    "ucsf-bmsr": "UCSF-BMSR",
+    "brainmetshare": "stanford_release_brainmask",
+    "lits": "LiTS",
+    "msd-braintumour": "Task01_BrainTumour",
+}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> dict[str, Path]:
+    """Each source written once (3 cases, default shape), shared by the golden tests."""
+    root = tmp_path_factory.mktemp("synth")
+    return {s: synthesize(s, root / s, cases=CASES, seed=7) for s in SYNTH_SOURCES}
+
+
+def _geometry(path: Path) -> tuple:
+    img = sitk.ReadImage(str(path))
+    return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+
+
+def _same_geometry(paths: list[Path]) -> tuple:
+    geoms = [_geometry(p) for p in paths]
+    ref = geoms[0]
+    for p, g in zip(paths, geoms, strict=True):
+        assert g[0] == ref[0], f"{p}: size {g[0]} != {ref[0]}"
+        np.testing.assert_allclose(g[1], ref[1], rtol=1e-5, err_msg=f"spacing of {p}")
+        np.testing.assert_allclose(g[2], ref[2], atol=1e-3, err_msg=f"origin of {p}")
+        np.testing.assert_allclose(g[3], ref[3], atol=1e-6, err_msg=f"direction of {p}")
+    return ref
+
+
+def _disk_dtype(path: Path) -> np.dtype:
+    return nib.load(str(path)).get_data_dtype()
+
+
+def _array(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def _visible(files: list[Path]) -> list[Path]:
+    return [f for f in files if not f.name.startswith(".")]
+
+
+def _contrast(image: np.ndarray, seg: np.ndarray, label: int) -> float:
+    """Mean signal in ``label`` over the median of the non-lesion foreground (how bright a compartment looks)."""
+    fg = (image > 0) & (seg == 0)
+    return float(image[seg == label].mean() / np.median(image[fg]))
+
+
+def test_top_level_folder_names(written):
+    assert {s: p.name for s, p in written.items()} == TOPS
+
+
+def test_brats_mets_layout(written):
+    top = written["brats-mets"]
+    cases = sorted(p for p in top.iterdir())
+    assert len(cases) == CASES and all(re.fullmatch(r"BraTS-MET-\d{5}-\d{3}", p.name) for p in cases)
+    ets, snfh = [], []
+    for case in cases:
+        names = {f"{case.name}-{s}.nii.gz" for s in ("t1n", "t1c", "t2w", "t2f", "seg")}
+        assert {f.name for f in case.iterdir()} == names
+        files = [case / f"{case.name}-{s}.nii.gz" for s in ("t1n", "t1c", "t2w", "t2f", "seg")]
+        size, spacing, origin, direction = _same_geometry(files)
+        assert size == (60, 60, 39)
+        np.testing.assert_allclose(spacing, (4.0, 4.0, 155 / 39), rtol=1e-3)  # the 240x240x155 mm SRI24 box
+        np.testing.assert_allclose(direction, np.eye(3).ravel(), atol=1e-6)  # identity in ITK (LPS)
+        np.testing.assert_allclose(origin, (0.0, -(size[1] - 1) * spacing[1], 0.0), atol=1e-3)
+        assert all(_disk_dtype(f) == np.int16 for f in files[:4]) and _disk_dtype(files[4]) == np.uint8
+        seg = _array(files[4])
+        assert set(np.unique(seg)) <= {0, 1, 2, 3} and seg.max() > 0
+        t1c, t2f = _array(files[1]).astype(float), _array(files[3]).astype(float)
+        assert t1c[0, 0, 0] == 0 and (t1c[seg > 0] > 0).all(), "skull-stripped: zero outside, lesions inside brain"
+        if (seg == 3).any():
+            ets.append(_contrast(t1c, seg, 3))
+        if (seg == 2).any():
+            snfh.append(_contrast(t2f, seg, 2))
+    assert ets and min(ets) > 1.15, f"ET must enhance on t1c: {ets}"
+    assert snfh and min(snfh) > 1.1, f"SNFH must be bright on t2f: {snfh}"
+
+
+def test_ucsf_bmsr_layout(written):
+    train = written["ucsf-bmsr"] / "UCSF_BrainMetastases_TRAIN"
+    assert [p.name for p in written["ucsf-bmsr"].iterdir()] == ["UCSF_BrainMetastases_TRAIN"]
+    cases = sorted(train.iterdir())
+    ids = [p.name for p in cases]
+    assert len(ids) == CASES and all(re.fullmatch(r"\d{6}[A-Z]", i) for i in ids)
+    patients = [i[:6] for i in ids]
+    assert any(patients.count(p) == 2 for p in patients), f"some patient must have a follow-up exam: {ids}"
+    with_sub, spacings = 0, set()
+    for case in cases:
+        required = [case / f"{case.name}_{s}.nii.gz" for s in ("T1pre", "T1post", "FLAIR", "seg")]
+        sub = case / f"{case.name}_subtraction.nii.gz"
+        assert {f.name for f in case.iterdir()} - {sub.name} == {f.name for f in required}
+        files = required + ([sub] if sub.exists() else [])
+        with_sub += sub.exists()
+        size, spacing, _, _ = _same_geometry(files)
+        spacings.add(tuple(round(s, 3) for s in spacing))
+        assert all(_disk_dtype(f) == np.float32 for f in files if "_seg" not in f.name)
+        assert _disk_dtype(required[3]) == np.uint8
+        seg = _array(required[3])
+        assert set(np.unique(seg)) == {0, 1}, "UCSF-BMSR _seg is binary"
+        t1pre = _array(required[0])
+        assert (t1pre > 0).mean() > 0.95, "not skull-stripped: signal (scalp, noise floor) everywhere"
+        assert _contrast(_array(required[1]), seg, 1) > 1.1, "metastases enhance on T1post"
+    assert 0 < with_sub < CASES, "the subtraction image exists for some exams, not all"
+    assert len(spacings) == CASES, "voxel size varies between exams (scanner space, not an atlas)"
+
+
+def _png_stack(folder: Path) -> np.ndarray:
+    names = [p.name for p in folder.iterdir()]
+    assert all(re.fullmatch(r"\d+\.png", n) for n in names), names
+    idx = sorted(int(n[:-4]) for n in names)
+    assert idx == list(range(len(idx))), "slices numbered 0..n-1"
+    slices = []
+    for i in idx:
+        with Image.open(folder / f"{i}.png") as im:
+            assert im.mode == "L", f"{folder}/{i}.png: 8-bit greyscale expected, got {im.mode}"
+            slices.append(np.asarray(im))
+    return np.stack(slices)  # (z, rows, cols)
+
+
+def test_brainmetshare_layout(written):
+    top = written["brainmetshare"]
+    assert [p.name for p in top.iterdir()] == ["mets_stanford_releaseMask_train"]
+    cases = sorted((top / "mets_stanford_releaseMask_train").iterdir())
+    assert len(cases) == CASES and all(re.fullmatch(r"Mets_\d{3}", p.name) for p in cases)
+    for case in cases:
+        assert sorted(p.name for p in case.iterdir()) == ["0", "1", "2", "3", "seg"]
+        vols = {name: _png_stack(case / name) for name in ("0", "1", "2", "3", "seg")}
+        shapes = {v.shape for v in vols.values()}
+        assert shapes == {(40, 64, 64)}, shapes
+        seg = vols["seg"]
+        assert set(np.unique(seg)) == {0, 255}
+        brain = vols["2"] > 0
+        assert not brain[:, 0, 0].any() and brain[seg > 0].all(), "skull-stripped and lesions inside the brain"
+        lesion = seg > 0
+        for name in ("0", "2"):  # both post-contrast T1s show the metastases bright
+            img = vols[name].astype(float)
+            assert img[lesion].mean() > 1.15 * np.median(img[brain & ~lesion]), f"{case.name}/{name}"
+
+
+def test_lits_layout(written):
+    top = written["lits"]
+    names = sorted(p.name for p in top.iterdir())
+    assert names == sorted([f"volume-{i}.nii" for i in range(CASES)] + [f"segmentation-{i}.nii" for i in range(CASES)])
+    flipped_z, spacings = 0, set()
+    for i in range(CASES):
+        vol, seg = top / f"volume-{i}.nii", top / f"segmentation-{i}.nii"
+        for f in (vol, seg):
+            head = f.read_bytes()[:348]
+            assert head[344:348] == b"n+1\x00", f"{f} must be an uncompressed single-file NIfTI"
+        size, spacing, _, direction = _same_geometry([vol, seg])
+        spacings.add(tuple(round(s, 3) for s in spacing))
+        flipped_z += direction[8] < 0
+        assert _disk_dtype(vol) == np.int16 and _disk_dtype(seg) in (np.float32, np.uint8)
+        hu, lab = _array(vol).astype(float), _array(seg)
+        assert set(np.unique(lab)) <= {0.0, 1.0, 2.0} and (lab == 1).any()
+        assert hu.min() >= -1024 and np.median(hu[0, 0, :]) < -900, "air around the body"
+        liver = hu[lab == 1].mean()
+        assert 40 < liver < 160, f"liver HU {liver}"
+        if (lab == 2).any():
+            assert hu[lab == 2].mean() < liver - 10, "tumours are hypodense"
+    assert flipped_z >= 1, "some LiTS volumes have a flipped z direction"
+    assert len(spacings) == CASES, "slice thickness / pixel size vary between volumes"
+
+
+def test_msd_braintumour_layout(written):
+    top = written["msd-braintumour"]
+    assert sorted(p.name for p in top.iterdir()) == ["._dataset.json", "dataset.json", "imagesTr", "imagesTs",
+                                                      "labelsTr"]
+    meta = json.loads((top / "dataset.json").read_text())
+    assert meta["modality"] == {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
+    assert meta["labels"] == {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
+    assert meta["tensorImageSize"] == "4D" and meta["numTraining"] == CASES == len(meta["training"])
+    for folder in ("imagesTr", "labelsTr"):
+        files = sorted((top / folder).iterdir())
+        junk = [f for f in files if f.name.startswith("._")]
+        assert len(junk) == CASES and len(_visible(files)) == CASES
+        for j in junk:  # AppleDouble resource forks: not NIfTI, not even gzip
+            assert j.read_bytes()[:4] == b"\x00\x05\x16\x07"
+            with pytest.raises(OSError), gzip.open(j) as fh:
+                fh.read()
+    for entry in meta["training"]:
+        img, lab = top / entry["image"], top / entry["label"]
+        assert re.fullmatch(r"BRATS_\d{3}\.nii\.gz", img.name) and img.name == lab.name
+        im4, seg = nib.load(str(img)), nib.load(str(lab))
+        assert im4.shape == (60, 60, 39, 4) and seg.shape == im4.shape[:3]
+        assert im4.get_data_dtype() == np.float32 and seg.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(im4.affine, seg.affine)
+        data, s = np.asarray(im4.dataobj), np.asarray(seg.dataobj)
+        assert set(np.unique(s)) <= {0, 1, 2, 3} and (s == 3).any()
+        flair, t1w, t1gd = data[..., 0], data[..., 1], data[..., 2]
+        assert _contrast(flair, s, 1) > 1.1, "channel 0 (FLAIR): oedema bright"
+        assert _contrast(t1gd, s, 3) > 1.15 > _contrast(t1w, s, 3), "channel 2 (t1gd) enhances, channel 1 does not"
+
+
+@pytest.mark.parametrize("source", SYNTH_SOURCES)
+def test_deterministic(tmp_path, source):
+    """Same seed, same bytes; another seed, other bytes; more cases keep the first ones."""
+
+    def digest(top: Path) -> dict[str, str]:
+        return {str(p.relative_to(top)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(top.rglob("*")) if p.is_file()}
+
+    a = digest(synthesize(source, tmp_path / "a", cases=1, seed=3))
+    b = digest(synthesize(source, tmp_path / "b", cases=1, seed=3))
+    c = digest(synthesize(source, tmp_path / "c", cases=1, seed=4))
+    assert a == b
+    data = [h for k, h in a.items() if not k.endswith(".json") and "._" not in k]
+    changed = set(data) - set(c.values())
+    assert len(changed) >= 0.6 * len(data), "another seed must change the data (empty PNG slices may repeat)"
+    if source == "brats-mets":
+        d = digest(synthesize(source, tmp_path / "d", cases=2, seed=3))
+        assert {k: v for k, v in d.items() if k in a} == a
+
+
+def test_custom_shape_keeps_field_of_view(tmp_path):
+    top = synthesize("brats-mets", tmp_path, cases=1, seed=0, shape=(48, 40, 31))
+    f = next(top.rglob("*-t1c.nii.gz"))
+    size, spacing, _, _ = _geometry(f)
+    assert size == (48, 40, 31)
+    np.testing.assert_allclose(np.array(size) * spacing, (240, 240, 155), rtol=1e-3)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="brats-mets.*ucsf-bmsr"):
+        synthesize("brats-gli", tmp_path)
+    with pytest.raises(ValueError, match="cases"):
+        synthesize("lits", tmp_path, cases=0)
+    with pytest.raises(ValueError, match="shape"):
+        synthesize("lits", tmp_path, shape=(8, 64, 64))
+
+
+def test_cli_with_preview(tmp_path):
+    preview = tmp_path / "p.png"
+    exe = Path(sys.executable).with_name("nnunet-universal")
+    r = subprocess.run([str(exe), "synth", "brainmetshare", "-o", str(tmp_path / "out"), "--cases", "2",
+                        "--seed", "1", "--preview", str(preview)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "stanford_release_brainmask" in r.stdout
+    assert len(list((tmp_path / "out" / TOPS["brainmetshare"] / "mets_stanford_releaseMask_train").iterdir())) == 2
+    with Image.open(preview) as im:
+        assert im.format == "PNG" and im.width > 400 and im.height > 400
+        px = np.asarray(im.convert("RGB")).astype(int)
+    reddish = (px[..., 0] > 150) & (px[..., 1] < 140) & (px[..., 2] < 140)
+    assert reddish.sum() > 20, "the label overlay must be visible in the preview"
+    r = subprocess.run([str(exe), "synth", "brainmetshare", "-o", str(tmp_path), "--shape", "4", "4", "4"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "shape" in r.stderr
+
+
+def test_default_case_is_fast(tmp_path):
+    synthesize("brats-mets", tmp_path / "warm", cases=1)  # loads and caches the template
+    for source in SYNTH_SOURCES:
+        t0 = time.perf_counter()
+        synthesize(source, tmp_path / source, cases=2, seed=1)
+        per_case = (time.perf_counter() - t0) / 2
+        assert per_case < 1.0, f"{source}: {per_case:.2f} s per default-size case"
