@@ -1,0 +1,175 @@
+"""``nnunet-universal predict``: segment new scans with a universal model, dataset-free or oracle.
+
+Per case, in this process (no spawn pools: simple, and CPU-friendly): read the given images, zero-fill the
+missing slots, preprocess with the plans' own preprocessor, predict with :class:`UniversalPredictor`
+(case-level routing or a given domain), export with nnU-Net's ``export_prediction_from_logits``, and write
+``{case}.routing.json``::
+
+    {"case": "case", "mode": "dataset-free", "inferred_domain": "mr_a",
+     "routing": {"mr_a": 0.97, "mr_b": 0.03, "ct": 0.0}, "slots": ["T1c", "FLAIR"]}
+
+With ``save_domain_maps`` each domain head's oracle label map (union ids) goes to
+``domain_maps/{domain}/{case}{file_ending}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
+
+from nnunet_universal.inference.inputs import CaseInput, cases_from_folder, cases_from_images, check_geometry, read_case
+from nnunet_universal.metadata import MetadataError, UniversalMeta, atomic_write_json, read_plans_universal
+
+if TYPE_CHECKING:  # torch and nnU-Net's predictor load only once the inputs are checked (fast errors)
+    import torch
+
+    from nnunet_universal.inference.predictor import UniversalPredictor
+
+logger = logging.getLogger(__name__)
+
+_EXPECTED = ("a model folder written by nnUNetv2_train / nnunet-universal train, e.g. "
+             "$nnUNet_results/DatasetXXX_Name/UniversalTrainer__nnUNetUniversalPlans__3d_fullres, holding "
+             "plans.json, dataset.json and fold_X/{checkpoint}")
+
+
+def check_model_folder(model_dir: Path, folds: list[str] | None,
+                       checkpoint: str) -> tuple[list[str], UniversalMeta, dict]:
+    """Check that ``model_dir`` is a trained universal model; return (folds to use, metadata, dataset.json).
+
+    Errors name the folder and say what is expected: missing folder/files, plans without a ``universal``
+    block, or no ``fold_X/{checkpoint}``.
+    """
+    model_dir = Path(model_dir)
+    expected = _EXPECTED.format(checkpoint=checkpoint)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder {model_dir} does not exist; expected {expected}")
+    for name in ("plans.json", "dataset.json"):
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"{model_dir} is not an nnU-Net model folder: no {name}; expected {expected}")
+    with open(model_dir / "plans.json") as f:
+        plans = json.load(f)
+    with open(model_dir / "dataset.json") as f:
+        dataset_json = json.load(f)
+    try:
+        meta, _ = read_plans_universal(plans, where=str(model_dir / "plans.json"))
+    except MetadataError as e:
+        raise MetadataError(f"{model_dir} is not a universal model: {e}") from None
+    if folds is None:
+        folds = sorted((p.parent.name.removeprefix("fold_") for p in model_dir.glob(f"fold_*/{checkpoint}")
+                        if p.parent.name != "fold_all"), key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0))
+        if not folds:
+            raise FileNotFoundError(f"{model_dir} has no fold_X/{checkpoint}: train the model first (or pass "
+                                    "--checkpoint / --folds); expected " + expected)
+    for f in folds:
+        if not (model_dir / f"fold_{f}" / checkpoint).is_file():
+            raise FileNotFoundError(f"{model_dir}: fold {f} has no {checkpoint} (looked for "
+                                    f"{model_dir / f'fold_{f}' / checkpoint})")
+    return [str(f) for f in folds], meta, dataset_json
+
+
+def _device(name: str) -> torch.device:
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available on this machine; run with -device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("MPS is not available on this machine; run with -device cpu")
+    return torch.device(name)
+
+
+def _export(logits: torch.Tensor, properties: dict, predictor: UniversalPredictor, target: Path) -> None:
+    """nnU-Net's export (resample, argmax, uncrop, write) to a temp name, then an atomic rename to ``target``."""
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    ending = predictor.dataset_json["file_ending"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".export_", dir=target.parent))
+    try:
+        stem = target.name[: -len(ending)]
+        export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
+                                      predictor.dataset_json, str(tmp_dir / stem), False)
+        os.replace(tmp_dir / target.name, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _routing_record(case: CaseInput, predictor: UniversalPredictor, domain: str | None) -> dict:
+    """The ``{case}.routing.json`` content (schema in the module docstring; ``inferred_domain`` is None for a
+    network without gate in dataset-free mode)."""
+    routing = predictor.last_routing
+    names = predictor.meta.domain_names
+    if domain is not None:
+        inferred = domain
+    else:  # a network without gate mixes its heads uniformly: it infers no domain
+        inferred = names[int(routing.argmax())] if predictor.gated else None
+    weights = {n: round(float(w), 6) for n, w in zip(names, routing, strict=True)}
+    return {"case": case.case_id, "mode": "oracle" if domain is not None else "dataset-free",
+            "inferred_domain": inferred, "routing": weights, "slots": case.slots(predictor.meta.slots)}
+
+
+def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, images: dict[str, str] | None = None,
+            case_id: str = "case", folds: list[str] | None = None, checkpoint: str = "checkpoint_final.pth",
+            domain: str | None = None, save_domain_maps: bool = False, device: str = "cuda",
+            step_size: float = 0.5, mirroring: bool = True) -> list[Path]:
+    """Segment new scans with a trained universal model; return the written label maps.
+
+    Inputs: ``input_dir`` (nnU-Net naming ``CASE_XXXX{ending}``, missing channel files allowed) or ``images``
+    (``{slot: file}`` for one case named ``case_id``). Missing slots are zero-filled as in training.
+    ``domain`` selects oracle mode (that domain's head, the gate bypassed); otherwise the domain is inferred
+    once per case. Writes ``{case}{ending}`` and ``{case}.routing.json`` into ``output_dir``.
+    """
+    if (input_dir is None) == (not images):
+        raise ValueError("give either an input folder (-i) or --image SLOT=FILE pairs, not both or neither")
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    fold_list, meta, dataset_json = check_model_folder(model_dir, folds, checkpoint)
+    if not 0 < step_size <= 1:
+        raise ValueError(f"--step-size must be in (0, 1], got {step_size}")
+    if domain is not None:
+        meta.domain_index(domain)  # unknown domain: error listing the model's domains
+    num_channels = len(dataset_json["channel_names"])
+    ending = dataset_json["file_ending"]
+    if input_dir is not None:
+        cases = cases_from_folder(Path(input_dir), num_channels, ending)
+    else:
+        cases = cases_from_images(images, meta.slots, case_id)
+    for case in cases:
+        check_geometry(case, meta.slots)
+    dev = _device(device)
+
+    import torch
+
+    from nnunet_universal.inference.predictor import UniversalPredictor
+
+    predictor = UniversalPredictor(tile_step_size=step_size, use_mirroring=mirroring, device=dev,
+                                   perform_everything_on_device=dev.type == "cuda", allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(
+        str(model_dir), [f if f == "all" else int(f) for f in fold_list], checkpoint)
+    predictor.oracle_domain = domain
+
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for case in tqdm(cases, desc="predict", unit="case"):
+        raw, properties = read_case(case, predictor.plans_manager, num_channels)
+        data, _, properties = preprocessor.run_case_npy(raw, None, properties, predictor.plans_manager,
+                                                        predictor.configuration_manager, predictor.dataset_json)
+        data = torch.from_numpy(data)
+        logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
+        target = output_dir / f"{case.case_id}{ending}"
+        _export(logits, properties, predictor, target)
+        record = _routing_record(case, predictor, domain)
+        atomic_write_json(record, output_dir / f"{case.case_id}.routing.json")
+        logger.info("%s: %s domain %s", case.case_id, record["mode"], record["inferred_domain"])
+        written.append(target)
+        if save_domain_maps:
+            for name in meta.domain_names:
+                d_logits = predictor.predict_logits_for_domain(data, name).cpu()
+                _export(d_logits, properties, predictor, output_dir / "domain_maps" / name / target.name)
+    return written

@@ -1,0 +1,146 @@
+"""``UniversalPredictor``: nnU-Net's predictor with case-level routing and oracle mode.
+
+nnU-Net's sliding window calls ``network(x)`` on one tile at a time, so it cannot tell the network which
+domain a case belongs to. This subclass overrides one method, ``predict_sliding_window_return_logits``
+(called once per case and per fold's weights, by the stock ``predict_logits_from_preprocessed_data`` and by
+nnU-Net's own prediction loops): before the stock sliding window runs, it fixes the network's context for
+the whole case - the routing computed from ``phi`` aggregated over the case (dataset-free) or the given domain
+(oracle) - and clears it afterwards. A case therefore never mixes domains across tiles.
+
+Folds: the routing is computed with each fold's own weights (each fold's gate matches its heads); the
+routing reported for the case (:attr:`UniversalPredictor.last_routing`) is the mean over folds.
+
+Networks without a gate (ablation ``gate=False``) mix their heads uniformly in dataset-free mode; union-head
+baselines have no domain heads, so oracle mode restricts their union prediction to the domain's labels
+(unannotated classes merged into background), as the trainer's final validation does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from torch import nn
+
+from nnunet_universal.inference.routing import case_availability, case_routing, unwrap_network
+from nnunet_universal.metadata import MetadataError, NetworkOptions, UniversalMeta, read_plans_universal
+
+logger = logging.getLogger(__name__)
+
+
+class UniversalPredictor(nnUNetPredictor):
+    """nnU-Net predictor for universal models: case-level routing (dataset-free) or a given domain (oracle).
+
+    Set :attr:`oracle_domain` to a domain name for oracle mode, leave it ``None`` for dataset-free mode.
+    After each case, :attr:`last_routing` holds the routing used, (D,) in the order of :attr:`meta` domains.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.meta: UniversalMeta | None = None
+        self.network_options: NetworkOptions | None = None
+        self.oracle_domain: str | None = None
+        self._fold_routings: list[torch.Tensor] = []
+        self.last_availability: torch.Tensor | None = None
+
+    @property
+    def gated(self) -> bool:
+        """Whether the network has a domain gate (dataset-free routing is then inferred, else uniform)."""
+        return getattr(unwrap_network(self.network), "router", None) is not None
+
+    @property
+    def union_head(self) -> bool:
+        """Whether the network has one union head instead of per-domain heads (joint baselines)."""
+        return bool(getattr(unwrap_network(self.network), "union_head", False))
+
+    # ---- initialization ------------------------------------------------------------------------
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
+                                             checkpoint_name: str = "checkpoint_final.pth") -> None:
+        """Stock loading (the trainer class is found through ``nnUNet_extTrainer``), then the universal checks."""
+        from nnunet_universal.trainers.discovery import set_ext_trainer_env
+
+        set_ext_trainer_env()  # our trainer folder first in nnUNet_extTrainer, the user's folders kept
+        super().initialize_from_trained_model_folder(str(model_training_output_dir), use_folds, checkpoint_name)
+        self._read_universal(Path(model_training_output_dir) / "plans.json")
+
+    def manual_initialization(self, network: nn.Module, plans_manager, configuration_manager, parameters,
+                              dataset_json: dict, trainer_name: str, inference_allowed_mirroring_axes) -> None:
+        """Stock manual initialization (used by trainers' final validation), then the universal checks."""
+        super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                      trainer_name, inference_allowed_mirroring_axes)
+        self._read_universal("plans")
+
+    def _read_universal(self, where: str | os.PathLike) -> None:
+        try:
+            self.meta, self.network_options = read_plans_universal(self.plans_manager.plans, where=str(where))
+        except MetadataError as e:
+            raise MetadataError(f"not a universal model: {e}") from None
+        net = unwrap_network(self.network)
+        missing = [m for m in ("set_context", "clear_context", "embed", "route") if not hasattr(net, m)]
+        if missing:
+            raise MetadataError(
+                f"not a universal model: trainer {self.trainer_name} built a {type(net).__name__}, which has no "
+                f"domain routing ({', '.join(missing)} missing). Predict with nnUNetv2_predict instead, or train "
+                "with -tr UniversalTrainer"
+            )
+
+    # ---- per-case context ----------------------------------------------------------------------
+    @property
+    def last_routing(self) -> torch.Tensor | None:
+        """Routing of the last case, (D,): mean over the folds' routings (one-hot in oracle mode)."""
+        if not self._fold_routings:
+            return None
+        return torch.stack(self._fold_routings).mean(0)
+
+    def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
+        """Stock fold ensemble of one case; resets the per-case routing record first. data: (C, *spatial)."""
+        self._fold_routings = []
+        logits = super().predict_logits_from_preprocessed_data(data)
+        if self.oracle_domain is not None and self.union_head:
+            from nnunet_universal.trainers.final_validation import restrict_to_domain
+
+            logits = restrict_to_domain(logits, self.meta.domain_label_ids(self.oracle_domain))
+        return logits
+
+    def predict_logits_for_domain(self, data: torch.Tensor, domain: str) -> torch.Tensor:
+        """Oracle logits of one case for ``domain`` regardless of the current mode (per-domain label maps)."""
+        previous, self.oracle_domain = self.oracle_domain, domain
+        try:
+            return self.predict_logits_from_preprocessed_data(data)
+        finally:
+            self.oracle_domain = previous
+
+    @torch.inference_mode()
+    def predict_sliding_window_return_logits(self, input_image: torch.Tensor) -> torch.Tensor:
+        """Fix the case's routing (or oracle domain) in the network, run the stock sliding window, clear it.
+
+        input_image: (C, *spatial) preprocessed case; returns (n_union, *spatial) logits like the stock method.
+        """
+        if self.meta is None:
+            raise RuntimeError("UniversalPredictor is not initialized; call initialize_from_trained_model_folder")
+        self.network = self.network.to(self.device)
+        net = unwrap_network(self.network)
+        availability = case_availability(input_image)
+        self.last_availability = availability
+        if self.oracle_domain is not None:
+            d = self.meta.domain_index(self.oracle_domain)
+            routing = torch.nn.functional.one_hot(torch.tensor(d), len(self.meta.domains)).float()
+            context = {"domain": d}
+        elif self.gated:
+            routing, _ = case_routing(self.network, input_image, self.configuration_manager.patch_size,
+                                      self.tile_step_size, availability=availability)
+            context = {"routing": routing.to(self.device)}
+        else:
+            n = len(self.meta.domains)
+            routing = torch.full((n,), 1.0 / n)
+            context = {"routing": routing.to(self.device)}
+        self._fold_routings.append(routing)
+        logger.debug("case routing %s, availability %s", routing.tolist(), availability.tolist())
+        net.set_context(availability=availability.to(self.device), **context)
+        try:
+            return super().predict_sliding_window_return_logits(input_image)
+        finally:
+            net.clear_context()

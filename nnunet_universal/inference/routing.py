@@ -1,0 +1,110 @@
+"""Case-level routing: infer a case's domain once, from features aggregated over the whole case.
+
+nnU-Net's sliding window calls ``network(x)`` tile by tile; left alone, the domain gate would route every
+tile on its own and one case could mix domains (a tile of a brain MR voted "CT" paints CT labels into it).
+Here the gate sees the *case*: the bottleneck embedding ``phi`` of every sliding-window tile (the same tiles,
+from nnU-Net's own step computation, that the prediction will visit) is averaged, and the averaged ``phi``
+is routed once. The predictor then fixes that routing for every tile of the case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+
+import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
+from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+from torch import nn
+
+#: Tiles embedded per forward pass while aggregating ``phi`` (instance norms make this batch-size invariant).
+TILE_BATCH = 4
+
+
+def case_availability(data: torch.Tensor) -> torch.Tensor:
+    """Channels holding real data in a preprocessed case.
+
+    data: (C, *spatial). A channel that is constant over the WHOLE case is missing (DESIGN §4.3: a zero-filled
+    MR slot stays 0 after z-scoring, a zero-filled CT slot becomes a constant). Returns (C,) bool.
+    """
+    flat = data.reshape(data.shape[0], -1)
+    return (flat.amax(dim=1) - flat.amin(dim=1)) > 0
+
+
+def sliding_window_slicers(image_size: Sequence[int], patch_size: Sequence[int],
+                           tile_step_size: float) -> list[tuple[slice, ...]]:
+    """Slicers of nnU-Net's sliding window over an image of ``image_size`` (spatial, already padded).
+
+    Same tiles as ``nnUNetPredictor._internal_get_sliding_window_slicers``: steps from nnU-Net's
+    ``compute_steps_for_sliding_window``; a 2D patch on a 3D image walks slice by slice along axis 0.
+    Each slicer indexes a (C, *spatial) tensor.
+    """
+    image_size, patch_size = tuple(image_size), tuple(patch_size)
+    if len(patch_size) == len(image_size) - 1:
+        steps = compute_steps_for_sliding_window(image_size[1:], patch_size, tile_step_size)
+        return [(slice(None), d, *(slice(s, s + p) for s, p in zip(start, patch_size, strict=True)))
+                for d in range(image_size[0]) for start in itertools.product(*steps)]
+    if len(patch_size) != len(image_size):
+        raise ValueError(f"patch size {patch_size} does not fit an image of spatial size {image_size}")
+    steps = compute_steps_for_sliding_window(image_size, patch_size, tile_step_size)
+    return [(slice(None), *(slice(s, s + p) for s, p in zip(start, patch_size, strict=True)))
+            for start in itertools.product(*steps)]
+
+
+def _batches(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The module behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(network, "_orig_mod"):
+            network = network._orig_mod
+        elif isinstance(network, nn.parallel.DistributedDataParallel):
+            network = network.module
+        else:
+            return network
+
+
+@torch.inference_mode()
+def case_routing(network: nn.Module, data: torch.Tensor, patch_size: Sequence[int], tile_step_size: float = 0.5,
+                 availability: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing weights of a whole case, from ``phi`` averaged over its sliding-window tiles.
+
+    Args:
+        network: a ``UniversalUNet`` (``embed(x, availability) -> (B, F)``, ``route(phi) -> (B, D)``), possibly
+            wrapped by DDP or ``torch.compile``. It is put in eval mode for the call and restored afterwards.
+        data: (C, *spatial) preprocessed case (as given to ``predict_sliding_window_return_logits``).
+        patch_size: the configuration's patch size (3D, or 2D for a 2D configuration on a 3D case).
+        tile_step_size: nnU-Net's sliding-window step (fraction of the patch), so that the tiles seen here are
+            exactly the tiles the prediction visits.
+        availability: (C,) bool channels to treat as present; default :func:`case_availability` of ``data``.
+
+    Returns:
+        (routing (D,) float on the CPU, availability (C,) bool on the CPU).
+    """
+    net = unwrap_network(network)
+    device = next(net.parameters()).device
+    if availability is None:
+        availability = case_availability(data)
+    availability = availability.to(dtype=torch.bool, device="cpu")
+    padded, _ = pad_nd_image(data, tuple(patch_size), "constant", {"value": 0}, True, None)
+    slicers = sliding_window_slicers(padded.shape[1:], patch_size, tile_step_size)
+
+    was_training = net.training
+    net.eval()
+    try:
+        phi_sum, n = None, 0
+        with torch.autocast(device.type) if device.type == "cuda" else contextlib.nullcontext():
+            for chunk in _batches(slicers, TILE_BATCH):
+                x = torch.stack([padded[s] for s in chunk]).to(device=device, dtype=torch.float32)  # (B, C, *patch)
+                avail = availability.to(device)[None].expand(len(chunk), -1)  # (B, C)
+                phi = net.embed(x, availability=avail).float()  # (B, F)
+                phi_sum = phi.sum(0) if phi_sum is None else phi_sum + phi.sum(0)
+                n += phi.shape[0]
+            routing = net.route((phi_sum / n)[None]).float()[0]  # (D,)
+    finally:
+        net.train(was_training)
+    return routing.cpu(), availability

@@ -1,0 +1,478 @@
+"""Inference: slot inputs, geometry checks, case-level routing, and both prediction routes through their CLIs.
+
+Unit tests use a toy routed network (``_ToyRoutedNet``) whose gate depends only on a tile's mean intensity,
+so per-tile and case-level routing provably differ. The end-to-end tests train a tiny universal model with the
+real ``nnUNetv2_train`` once per module and drive ``nnUNetv2_predict``, ``nnunet-universal predict`` and the
+model zip export/install through their console scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import nn
+
+from nnunet_universal.inference.api import check_model_folder
+from nnunet_universal.inference.inputs import (
+    CaseInput,
+    cases_from_folder,
+    cases_from_images,
+    check_geometry,
+    read_case,
+)
+from nnunet_universal.inference.predictor import UniversalPredictor
+from nnunet_universal.inference.routing import case_availability, case_routing, sliding_window_slicers
+from nnunet_universal.metadata import PLANS_NAME, DomainInfo, MetadataError, UniversalMeta, plans_universal_block
+from nnunet_universal.trainers.schedule import ENV_VAR as SCHEDULE_ENV
+
+SLOTS = ["T1", "T1c", "T2", "FLAIR", "CT"]
+
+
+def _write(path: Path, arr: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)) -> Path:
+    img = sitk.GetImageFromArray(arr.astype(np.float32))
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+def test_cases_from_images_maps_slots_and_rejects_unknown(tmp_path):
+    a = _write(tmp_path / "a.nii.gz", np.ones((4, 5, 6)))
+    b = _write(tmp_path / "b.nii.gz", np.ones((4, 5, 6)))
+    (case,) = cases_from_images({"flair": str(b), "T1c": str(a)}, SLOTS, "p1")
+    assert case.files == {1: a, 3: b} and case.slots(SLOTS) == ["T1c", "FLAIR"] and case.case_id == "p1"
+    with pytest.raises(ValueError, match=r"unknown slot 'T1ce'.*T1, T1c, T2, FLAIR, CT"):
+        cases_from_images({"T1ce": str(a)}, SLOTS)
+    with pytest.raises(FileNotFoundError, match="slot T2"):
+        cases_from_images({"T2": str(tmp_path / "nope.nii.gz")}, SLOTS)
+
+
+def test_cases_from_folder_allows_missing_channels_and_rejects_bad_names(tmp_path):
+    for name in ("c1_0001", "c1_0003", "c2_0004"):
+        _write(tmp_path / f"{name}.nii.gz", np.ones((3, 3, 3)))
+    (tmp_path / "notes.txt").write_text("ignored: other ending")
+    cases = cases_from_folder(tmp_path, 5, ".nii.gz")
+    assert [(c.case_id, sorted(c.files)) for c in cases] == [("c1", [1, 3]), ("c2", [4])]
+    _write(tmp_path / "c3_0005.nii.gz", np.ones((3, 3, 3)))
+    with pytest.raises(ValueError, match=r"c3_0005.nii.gz names channel 5, but this model has 5 channels"):
+        cases_from_folder(tmp_path, 5, ".nii.gz")
+    (tmp_path / "c3_0005.nii.gz").unlink()
+    _write(tmp_path / "badname.nii.gz", np.ones((3, 3, 3)))
+    with pytest.raises(ValueError, match="does not follow nnU-Net naming"):
+        cases_from_folder(tmp_path, 5, ".nii.gz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images named CASE_XXXX.nii.gz in"):
+        cases_from_folder(tmp_path / "empty", 5, ".nii.gz")
+
+
+@pytest.mark.parametrize("what,kwargs", [("spacing", {"spacing": (1.0, 1.0, 2.0)}),
+                                          ("origin", {"origin": (0.0, 5.0, 0.0)}),
+                                          ("size", {"shape": (4, 5, 7)})])
+def test_check_geometry_names_both_files(tmp_path, what, kwargs):
+    a = _write(tmp_path / "a.nii.gz", np.ones((4, 5, 6)))
+    shape = kwargs.pop("shape", (4, 5, 6))
+    b = _write(tmp_path / "b.nii.gz", np.ones(shape), **kwargs)
+    case = CaseInput("x", {1: a, 3: b})
+    with pytest.raises(ValueError, match=rf"geometry mismatch \({what}\) between .*a.nii.gz .*and .*b.nii.gz"):
+        check_geometry(case, SLOTS)
+    check_geometry(CaseInput("x", {1: a, 3: _write(tmp_path / "c.nii.gz", np.zeros((4, 5, 6)))}), SLOTS)
+
+
+def test_read_case_zero_fills_missing_slots(tmp_path):
+    rng = np.random.default_rng(0)
+    t1c, flair = rng.normal(size=(4, 5, 6)), rng.normal(size=(4, 5, 6))
+    case = CaseInput("x", {1: _write(tmp_path / "a.nii.gz", t1c), 3: _write(tmp_path / "b.nii.gz", flair)})
+    pm = PlansManager({"image_reader_writer": "SimpleITKIO"})
+    data, props = read_case(case, pm, 5)
+    assert data.shape == (5, 4, 5, 6) and data.dtype == np.float32
+    np.testing.assert_allclose(data[1], t1c, rtol=1e-6)
+    np.testing.assert_allclose(data[3], flair, rtol=1e-6)
+    assert not data[[0, 2, 4]].any()
+    assert list(props["spacing"]) == [1.0, 1.0, 1.0]
+
+
+# ---- routing ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("image,patch", [((20, 33, 40), (16, 16, 24)), ((3, 30, 17), (16, 16))])
+def test_slicers_equal_nnunets(image, patch):
+    ours = sliding_window_slicers(image, patch, 0.5)
+    pred = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    pred.configuration_manager = type("CM", (), {"patch_size": list(patch)})()
+    assert ours == pred._internal_get_sliding_window_slicers(image)
+
+
+def test_case_availability_marks_constant_channels_missing():
+    data = torch.zeros(3, 4, 4, 4)
+    data[0, 1, 1, 1] = 1.0
+    data[2] = -0.7  # a zero-filled CT slot after CT normalization: constant but non-zero
+    assert case_availability(data).tolist() == [True, False, False]
+
+
+class _ToyRoutedNet(nn.Module):
+    """Routed network with a transparent gate: phi = mean of channel 0 over the tile (B, 1);
+    hard routing to domain 0 (union label 1) if phi < 0, else domain 1 (union label 2).
+    ``forward(x)`` routes per tile unless a context is set, like ``UniversalUNet``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.router = nn.Identity()  # like UniversalUNet: a gate exists, so dataset-free routing is inferred
+        self.context: dict = {}
+        self.contexts_seen: list[dict] = []
+
+    def embed(self, x, availability=None):
+        return x[:, :1].flatten(2).mean(2) * self.scale  # (B, 1)
+
+    def route(self, phi):
+        return torch.cat([(phi < 0).float(), (phi >= 0).float()], dim=1)  # (B, 2)
+
+    def set_context(self, domain=None, routing=None, availability=None):
+        self.context = {"domain": domain, "routing": routing, "availability": availability}
+        self.contexts_seen.append(self.context)
+
+    def clear_context(self):
+        self.context = {}
+
+    def forward(self, x):
+        if self.context.get("domain") is not None:
+            r = torch.nn.functional.one_hot(torch.tensor([self.context["domain"]]), 2).float().expand(len(x), -1)
+        elif self.context.get("routing") is not None:
+            r = self.context["routing"].reshape(1, -1).expand(len(x), -1)
+        else:
+            r = self.route(self.embed(x))
+        logits = torch.full((x.shape[0], 3, *x.shape[2:]), -5.0)
+        logits[:, 1:] = 10 * r[:, :, None, None, None] - 5  # (B, 3, *patch): the routed domain's label wins
+        return logits
+
+
+def _toy_universal_plans() -> tuple[dict, dict]:
+    meta = UniversalMeta(slots=["T1c", "CT"], domains={
+        "mr": DomainInfo(source="toy", slots=["T1c"], labels={"lesion": 1}),
+        "ct": DomainInfo(source="toy", slots=["CT"], labels={"organ": 2}, modality="CT")})
+    plans = {"configurations": {"3d_fullres": {"patch_size": [16, 16, 16], "architecture": {}}},
+             "image_reader_writer": "SimpleITKIO", "universal": plans_universal_block(meta, {"T1c": "zscore",
+                                                                                            "CT": "CT"})}
+    dataset_json = {"labels": {"background": 0, "mr.lesion": 1, "ct.organ": 2}, "channel_names": {"0": "T1c",
+                                                                                                    "1": "CT"},
+                    "file_ending": ".nii.gz"}
+    return plans, dataset_json
+
+
+def _toy_case() -> torch.Tensor:
+    """(2, 16, 16, 32): channel 0 is -1 on the first half along the last axis, +2 on the second (mean +0.5);
+    channel 1 is a missing (constant) slot. Tiles of step 0.5 start at 0, 8, 16: means -1, +0.5, +2."""
+    data = torch.zeros(2, 16, 16, 32)
+    data[0, ..., :16] = -1.0
+    data[0, ..., 16:] = 2.0
+    data[1] = 0.3
+    return data
+
+
+def _predictor(cls, net: nn.Module, **kwargs) -> nnUNetPredictor:
+    plans, dataset_json = _toy_universal_plans()
+    pm = PlansManager(plans)
+    pred = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=torch.device("cpu"),
+               perform_everything_on_device=False, allow_tqdm=False, **kwargs)
+    pred.manual_initialization(net, pm, pm.get_configuration("3d_fullres"), [net.state_dict()], dataset_json,
+                               "ToyTrainer", None)
+    return pred
+
+
+def test_case_routing_averages_phi_over_the_cases_tiles():
+    net = _ToyRoutedNet()
+    routing, availability = case_routing(net, _toy_case(), (16, 16, 16), 0.5)
+    # tiles: means -1, 0.5, 2 -> mean phi 0.5 -> domain 1; a per-tile gate would route tile 0 to domain 0
+    assert routing.tolist() == [0.0, 1.0] and availability.tolist() == [True, False]
+    assert net.route(net.embed(_toy_case()[None, :, :, :, :16])).tolist() == [[1.0, 0.0]]
+
+
+def test_case_level_routing_never_mixes_domains_within_a_case():
+    """Stock nnU-Net sliding window routes per tile and paints two domains' labels into one case;
+    UniversalPredictor fixes the case's routing, so the case gets one domain's labels only."""
+    case = _toy_case()
+    stock = _predictor(nnUNetPredictor, _ToyRoutedNet())
+    per_tile = stock.predict_logits_from_preprocessed_data(case).argmax(0)
+    assert set(per_tile.unique().tolist()) == {1, 2}  # the mixing this test guards against
+
+    net = _ToyRoutedNet()
+    pred = _predictor(UniversalPredictor, net)
+    case_level = pred.predict_logits_from_preprocessed_data(case).argmax(0)
+    assert set(case_level.unique().tolist()) == {2}
+    assert pred.last_routing.tolist() == [0.0, 1.0]
+    assert net.context == {}  # cleared after the case
+    (ctx,) = net.contexts_seen
+    assert ctx["domain"] is None and ctx["availability"].tolist() == [True, False]
+
+    pred.oracle_domain = "mr"
+    oracle = pred.predict_logits_from_preprocessed_data(case).argmax(0)
+    assert set(oracle.unique().tolist()) == {1} and pred.last_routing.tolist() == [1.0, 0.0]
+    assert set(pred.predict_logits_for_domain(case, "ct").argmax(0).unique().tolist()) == {2}
+    assert pred.oracle_domain == "mr"
+
+
+def test_case_routing_is_computed_per_fold_and_averaged():
+    net = _ToyRoutedNet()
+    pred = _predictor(UniversalPredictor, net)
+    flipped = {"scale": -torch.ones(1)}  # second fold's gate sees the negated phi -> domain 0
+    pred.list_of_parameters = [net.state_dict(), flipped]
+    pred.predict_logits_from_preprocessed_data(_toy_case())
+    assert [c["routing"].tolist() for c in net.contexts_seen] == [[0.0, 1.0], [1.0, 0.0]]
+    assert pred.last_routing.tolist() == [0.5, 0.5]
+
+
+def test_network_without_gate_mixes_heads_uniformly():
+    net = _ToyRoutedNet()
+    net.router = None  # ablation gate=False: nothing to infer the domain with
+    pred = _predictor(UniversalPredictor, net)
+    pred.predict_logits_from_preprocessed_data(_toy_case())
+    assert not pred.gated and pred.last_routing.tolist() == [0.5, 0.5]
+    assert net.contexts_seen[0]["routing"].tolist() == [0.5, 0.5]
+
+
+def test_predictor_rejects_a_network_without_routing():
+    with pytest.raises(MetadataError, match="not a universal model.*built a Conv3d, which has no domain routing"):
+        _predictor(UniversalPredictor, nn.Conv3d(2, 3, 1))
+
+
+# ---- model folder checks ------------------------------------------------------------------------
+
+def test_check_model_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; expected a model folder"):
+        check_model_folder(tmp_path / "missing", None, "checkpoint_final.pth")
+    with pytest.raises(FileNotFoundError, match="not an nnU-Net model folder: no plans.json"):
+        check_model_folder(tmp_path, None, "checkpoint_final.pth")
+    plans, dataset_json = _toy_universal_plans()
+    (tmp_path / "dataset.json").write_text(json.dumps(dataset_json))
+    (tmp_path / "plans.json").write_text(json.dumps({k: v for k, v in plans.items() if k != "universal"}))
+    with pytest.raises(MetadataError, match="is not a universal model.*no 'universal' block"):
+        check_model_folder(tmp_path, None, "checkpoint_final.pth")
+    (tmp_path / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(FileNotFoundError, match="has no fold_X/checkpoint_final.pth"):
+        check_model_folder(tmp_path, None, "checkpoint_final.pth")
+    for f in ("1", "0", "all"):
+        (tmp_path / f"fold_{f}").mkdir()
+        (tmp_path / f"fold_{f}" / "checkpoint_final.pth").write_bytes(b"")
+    folds, meta, _ = check_model_folder(tmp_path, None, "checkpoint_final.pth")
+    assert folds == ["0", "1"] and meta.domain_names == ["mr", "ct"]
+    with pytest.raises(FileNotFoundError, match="fold 3 has no checkpoint_best.pth"):
+        check_model_folder(tmp_path, ["3"], "checkpoint_best.pth")
+
+
+# ---- end to end: a tiny model trained with the real nnUNetv2_train ------------------------------
+
+DATASET_ID = 990
+CASES = ("mr_a_001", "mr_b_001", "ct_001")
+SCHEDULE = "1:3:1"  # epochs : train iterations : val iterations (NNUNET_UNIVERSAL_SCHEDULE)
+TINY_FEATURES = [8, 16, 32]  # the planned 32-64-128 U-Net, narrowed for a 2-core CPU (plans edited before training)
+
+
+def _bin(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else shutil.which(name)
+
+
+def _run(args: list[str], env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _labels(path: Path) -> set[int]:
+    return set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).tolist())
+
+
+def _same_image(a: Path, b: Path) -> None:
+    ia, ib = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
+    assert ia.GetSize() == ib.GetSize() and np.allclose(ia.GetSpacing(), ib.GetSpacing())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ia), sitk.GetArrayFromImage(ib))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """Fixture dataset (2 cases per domain) planned by ``nnunet-universal plan`` and trained for one short epoch
+    by the real ``nnUNetv2_train ... -tr UniversalTrainer`` on the CPU (fold 0). The plans' U-Net is narrowed to
+    ``TINY_FEATURES`` before training so that the module stays fast; everything else is as planned."""
+    from merged_fixture import make_merged_dataset
+
+    from nnunet_universal.planners.fingerprint import SAMPLES_ENV
+    from nnunet_universal.trainers.discovery import ext_trainer_value
+
+    root = tmp_path_factory.mktemp("inference")
+    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for d in dirs.values():
+        d.mkdir()
+    raw = make_merged_dataset(dirs["nnUNet_raw"], DATASET_ID, cases_per_domain=2)
+    base = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    env = {**base, **{k: str(v) for k, v in dirs.items()}, "OMP_NUM_THREADS": "1", "nnUNet_def_n_proc": "1",
+           "nnUNet_compile": "f", SAMPLES_ENV: "20000"}
+    _ok(_run([_bin("nnunet-universal"), "plan", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1"], env))
+    plans_file = dirs["nnUNet_preprocessed"] / raw.name / f"{PLANS_NAME}.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = TINY_FEATURES
+    plans_file.write_text(json.dumps(plans, indent=2))
+    stock_env = {**env, "nnUNet_extTrainer": ext_trainer_value("")}  # what 'eval "$(nnunet-universal env)"' sets
+    _ok(_run([_bin("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", "UniversalTrainer", "-p", PLANS_NAME,
+              "-device", "cpu"], {**stock_env, "nnUNet_n_proc_DA": "0", SCHEDULE_ENV: SCHEDULE}, timeout=600))
+    model_dir = dirs["nnUNet_results"] / raw.name / f"UniversalTrainer__{PLANS_NAME}__3d_fullres"
+    assert (model_dir / "fold_0" / "checkpoint_final.pth").is_file()
+
+    full, partial = root / "inputs_full", root / "inputs_partial"  # all channel files / only the domain's slots
+    full.mkdir()
+    partial.mkdir()
+    meta = json.loads((raw / "dataset.json").read_text())["universal"]
+    for case in CASES:
+        slots = meta["cases"][case]["slots"]
+        for ch, slot in enumerate(SLOTS):
+            src = raw / "imagesTr" / f"{case}_{ch:04d}.nii.gz"
+            shutil.copy(src, full / src.name)
+            if slot in slots:
+                shutil.copy(src, partial / src.name)
+    return {"root": root, "raw": raw, "env": env, "stock_env": stock_env, "model_dir": model_dir, "full": full,
+            "partial": partial, "meta": meta}
+
+
+@pytest.fixture(scope="module")
+def free_run(model):
+    """``nnunet-universal predict`` (subprocess, no nnUNet_extTrainer set) on a folder whose cases lack the slots
+    their domain does not have; dataset-free, with per-domain maps."""
+    out = model["root"] / "pred_free"
+    proc = _run([_bin("nnunet-universal"), "predict", "-m", str(model["model_dir"]), "-i", str(model["partial"]),
+                 "-o", str(out), "-device", "cpu", "--save-domain-maps", "--disable-tta"], model["env"])
+    _ok(proc)
+    return out
+
+
+def _domain_ids(meta: dict, domain: str) -> set[int]:
+    return set(meta["domains"][domain]["labels"].values())
+
+
+def test_stock_nnunetv2_predict_writes_union_label_maps(model):
+    out = model["root"] / "pred_stock"
+    _ok(_run([_bin("nnUNetv2_predict"), "-i", str(model["full"]), "-o", str(out), "-d", str(DATASET_ID), "-c",
+              "3d_fullres", "-f", "0", "-tr", "UniversalTrainer", "-p", PLANS_NAME, "-device", "cpu", "-npp", "0",
+              "-nps", "0", "--disable_tta"], model["stock_env"]))
+    for case in CASES:
+        pred = out / f"{case}.nii.gz"
+        ref = sitk.ReadImage(str(model["full"] / f"{case}_0000.nii.gz"))
+        img = sitk.ReadImage(str(pred))
+        assert img.GetSize() == ref.GetSize() and np.allclose(img.GetSpacing(), ref.GetSpacing())
+        assert _labels(pred) <= set(range(7))  # union ids of the fixture: 0..6
+
+
+def test_universal_predict_dataset_free_routing_json_and_domain_maps(model, free_run):
+    meta = model["meta"]
+    for case in CASES:
+        pred = free_run / f"{case}.nii.gz"
+        ref = sitk.ReadImage(str(model["full"] / f"{case}_0000.nii.gz"))
+        assert sitk.ReadImage(str(pred)).GetSize() == ref.GetSize()
+        rec = json.loads((free_run / f"{case}.routing.json").read_text())
+        assert set(rec) == {"case", "mode", "inferred_domain", "routing", "slots"}
+        assert rec["case"] == case and rec["mode"] == "dataset-free"
+        assert rec["slots"] == meta["cases"][case]["slots"]  # the slots given, not the zero-filled ones
+        assert list(rec["routing"]) == ["mr_a", "mr_b", "ct"]
+        assert sum(rec["routing"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert rec["inferred_domain"] == max(rec["routing"], key=rec["routing"].get)
+        for domain in meta["domains"]:  # each head's oracle map holds only that domain's union ids
+            assert _labels(free_run / "domain_maps" / domain / f"{case}.nii.gz") <= {0} | _domain_ids(meta, domain)
+    assert not list(free_run.glob(".export_*"))  # temp folders of the atomic export are gone
+
+
+def test_universal_predict_slot_images_oracle_equals_domain_map(model, free_run):
+    """``--image SLOT=FILE`` with missing slots + ``--domain``: the same zero-filled input as the folder run,
+    so the oracle map equals that run's ``domain_maps/mr_a`` map exactly."""
+    out = model["root"] / "pred_oracle"
+    img = model["raw"] / "imagesTr"
+    _ok(_run([_bin("nnunet-universal"), "predict", "-m", str(model["model_dir"]), "--image",
+              f"FLAIR={img / 'mr_a_001_0003.nii.gz'}", "--image", f"T1c={img / 'mr_a_001_0001.nii.gz'}",
+              "--domain", "mr_a", "--case-id", "p1", "-o", str(out), "-device", "cpu", "--disable-tta"],
+             model["env"]))
+    rec = json.loads((out / "p1.routing.json").read_text())
+    assert rec == {"case": "p1", "mode": "oracle", "inferred_domain": "mr_a",
+                   "routing": {"mr_a": 1.0, "mr_b": 0.0, "ct": 0.0}, "slots": ["T1c", "FLAIR"]}
+    _same_image(out / "p1.nii.gz", free_run / "domain_maps" / "mr_a" / "mr_a_001.nii.gz")
+
+
+@pytest.mark.xfail(strict=True, reason="nnUNetv2_export_model_to_zip zips fold_X/validation/summary.json, which "
+                   "UniversalTrainer's final validation does not write yet (see the inference report)")
+def test_export_zip_round_trip_predicts_identically(model, free_run, monkeypatch):
+    from nnunet_universal.inference.api import predict
+
+    archive = model["root"] / "model.zip"
+    _ok(_run([_bin("nnUNetv2_export_model_to_zip"), "-d", str(DATASET_ID), "-o", str(archive), "-c", "3d_fullres",
+              "-tr", "UniversalTrainer", "-p", PLANS_NAME, "-f", "0"], model["env"]))
+    installed_root = model["root"] / "installed_results"
+    installed_root.mkdir()
+    _ok(_run([_bin("nnUNetv2_install_pretrained_model_from_zip"), str(archive)],
+             {**model["env"], "nnUNet_results": str(installed_root)}))
+    installed = installed_root / model["model_dir"].relative_to(model["model_dir"].parents[1])
+    monkeypatch.setenv("nnUNet_extTrainer", "")  # restored afterwards; predict() adds our folder itself
+    out = model["root"] / "pred_installed"
+    written = predict(installed, out, input_dir=model["partial"], device="cpu", mirroring=False)
+    assert sorted(p.name for p in written) == sorted(f"{c}.nii.gz" for c in CASES)
+    for case in CASES:
+        _same_image(out / f"{case}.nii.gz", free_run / f"{case}.nii.gz")
+        assert (json.loads((out / f"{case}.routing.json").read_text())
+                == json.loads((free_run / f"{case}.routing.json").read_text()))
+
+
+def test_hard_case_level_routing_gives_each_case_one_domain(model, monkeypatch):
+    """The trained model with ``routing: hard`` in its plans: dataset-free, every case's label map holds the
+    union ids of exactly the domain its JSON names (plus background), never a mix."""
+    from nnunet_universal.inference.api import predict
+
+    hard = model["root"] / "model_hard"
+    shutil.copytree(model["model_dir"], hard)
+    plans = json.loads((hard / "plans.json").read_text())
+    plans["universal"]["modules"]["routing"] = "hard"
+    (hard / "plans.json").write_text(json.dumps(plans))
+    monkeypatch.setenv("nnUNet_extTrainer", "")
+    out = model["root"] / "pred_hard"
+    predict(hard, out, input_dir=model["partial"], device="cpu", mirroring=False)
+    meta = model["meta"]
+    for case in CASES:
+        rec = json.loads((out / f"{case}.routing.json").read_text())
+        assert sorted(rec["routing"].values()) == [0.0, 0.0, 1.0]
+        assert _labels(out / f"{case}.nii.gz") <= {0} | _domain_ids(meta, rec["inferred_domain"])
+
+
+def test_cli_errors_exit_2_with_clear_messages(model, tmp_path):
+    cli, m, env = _bin("nnunet-universal"), str(model["model_dir"]), model["env"]
+    img = model["raw"] / "imagesTr"
+    proc = _run([cli, "predict", "-m", m, "--image", f"T1ce={img / 'mr_a_001_0001.nii.gz'}", "-o", str(tmp_path),
+                 "-device", "cpu"], env)
+    assert proc.returncode == 2 and "unknown slot 'T1ce'" in proc.stderr and "T1, T1c, T2, FLAIR, CT" in proc.stderr
+
+    _write(tmp_path / "flair_2mm.nii.gz", np.ones((10, 12, 12)), spacing=(2.0, 2.0, 2.0))
+    proc = _run([cli, "predict", "-m", m, "--image", f"T1c={img / 'mr_a_001_0001.nii.gz'}", "--image",
+                 f"FLAIR={tmp_path / 'flair_2mm.nii.gz'}", "-o", str(tmp_path), "-device", "cpu"], env)
+    assert proc.returncode == 2 and "geometry mismatch (size)" in proc.stderr
+    assert "mr_a_001_0001.nii.gz" in proc.stderr and "flair_2mm.nii.gz" in proc.stderr
+
+    plain = tmp_path / "plain_model"
+    plain.mkdir()
+    plans = json.loads((model["model_dir"] / "plans.json").read_text())
+    plans.pop("universal")
+    (plain / "plans.json").write_text(json.dumps(plans))
+    shutil.copy(model["model_dir"] / "dataset.json", plain / "dataset.json")
+    proc = _run([cli, "predict", "-m", str(plain), "-i", str(model["partial"]), "-o", str(tmp_path), "-device",
+                 "cpu"], env)
+    assert proc.returncode == 2 and f"{plain} is not a universal model" in proc.stderr
+
+    proc = _run([cli, "predict", "-m", m, "-i", str(model["partial"]), "--domain", "brats", "-o", str(tmp_path),
+                 "-device", "cpu"], env)
+    assert proc.returncode == 2 and "unknown domain 'brats'" in proc.stderr and "mr_a" in proc.stderr
