@@ -407,8 +407,6 @@ def test_universal_predict_slot_images_oracle_equals_domain_map(model, free_run)
     _same_image(out / "p1.nii.gz", free_run / "domain_maps" / "mr_a" / "mr_a_001.nii.gz")
 
 
-@pytest.mark.xfail(strict=True, reason="nnUNetv2_export_model_to_zip zips fold_X/validation/summary.json, which "
-                   "UniversalTrainer's final validation does not write yet (see the inference report)")
 def test_export_zip_round_trip_predicts_identically(model, free_run, monkeypatch):
     from nnunet_universal.inference.api import predict
 

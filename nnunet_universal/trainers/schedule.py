@@ -1,0 +1,40 @@
+"""Short training schedules without new class names: the ``NNUNET_UNIVERSAL_SCHEDULE`` environment variable.
+
+``NNUNET_UNIVERSAL_SCHEDULE="EPOCHS:ITERATIONS:VAL_ITERATIONS"`` (e.g. ``"2:3:1"``) overrides nnU-Net's
+``num_epochs`` (1000), ``num_iterations_per_epoch`` (250) and ``num_val_iterations_per_epoch`` (50) of every
+universal trainer, for tests, the demo and quick checks: ``NNUNET_UNIVERSAL_SCHEDULE=2:3:1 nnUNetv2_train …``.
+Unset or empty: nnU-Net's schedule. The values used are written to the training log.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+ENV_VAR = "NNUNET_UNIVERSAL_SCHEDULE"
+
+
+class Schedule(NamedTuple):
+    num_epochs: int
+    num_iterations_per_epoch: int
+    num_val_iterations_per_epoch: int
+
+
+def parse_schedule(value: str) -> Schedule:
+    """Parse ``"EPOCHS:ITERATIONS:VAL_ITERATIONS"``; raise ValueError with the expected format otherwise."""
+    parts = value.strip().split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"{ENV_VAR}={value!r} is not 'EPOCHS:ITERATIONS:VAL_ITERATIONS' (e.g. '2:3:1')") from None
+    if min(numbers) < 1:  # nnU-Net's epoch-end logging needs at least one validation iteration
+        raise ValueError(f"{ENV_VAR}={value!r}: every number must be >= 1")
+    return Schedule(*numbers)
+
+
+def schedule_from_env() -> Schedule | None:
+    """The schedule requested through ``NNUNET_UNIVERSAL_SCHEDULE``, or None when it is unset or empty."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    return parse_schedule(value) if value else None
