@@ -1,0 +1,126 @@
+"""BrainMetShare (Stanford) reader: the original PNG-slice release and the NIfTI re-release (auto-detected).
+
+PNG release (DATASETS.md): ``stanford_release_brainmask/mets_stanford_releaseMask_train/Mets_005/{0,1,2,3,seg}/*.png``.
+Slices are stacked along z in numeric order of their file names (``10.png`` after ``9.png``); PNG has no
+geometry, so spacing comes from ``--spacing X Y Z`` (default 0.94 x 0.94 x 1.0 mm, recorded in provenance), with
+identity direction and zero origin. Folders: 0 BRAVO (gradient-echo T1 post) -> ``T1c_GRE``, 1 T1 spin-echo pre ->
+``T1``, 2 T1 spin-echo post -> ``T1c``, 3 FLAIR -> ``FLAIR`` (registry comment: no channel is dropped).
+NIfTI re-release: ``train/Mets_XXX/{bravo,t1_pre,t1_gd,flair,seg}.nii.gz`` (geometry from the files).
+Label: any non-zero value is a metastasis, written as class ``ET`` = 1 (the U-Harmony paper evaluates it as ET).
+The test folders have no labels and are not read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from nnunet_universal.dataset_conversion.common import ConversionError, find_nifti, inside, is_hidden
+from nnunet_universal.dataset_conversion.spec import CaseSpec, ImageRef, LabelTable, SourceSpec, parse_label_map
+from nnunet_universal.registry import SOURCES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SPACING = (0.94, 0.94, 1.0)
+PNG_FOLDERS: dict[str, str] = {"0": "T1c_GRE", "1": "T1", "2": "T1c", "3": "FLAIR"}
+NIFTI_FILES: dict[str, str] = {"bravo": "T1c_GRE", "t1_pre": "T1", "t1_gd": "T1c", "flair": "FLAIR"}
+SLOTS = ["T1", "T1c", "T1c_GRE", "FLAIR"]
+_PNG_RE = re.compile(r"^(\d+)\.png$", re.IGNORECASE)
+
+
+def _subdirs(p: Path) -> list[Path]:
+    return [d for d in sorted(p.iterdir()) if d.is_dir() and not is_hidden(d.name)] if p.is_dir() else []
+
+
+def _find_layout(input_dir: Path) -> tuple[str, Path]:
+    """Return ("png" | "nifti", folder holding the training case folders)."""
+    candidates = [input_dir / "mets_stanford_releaseMask_train",
+                  input_dir / "stanford_release_brainmask" / "mets_stanford_releaseMask_train",
+                  input_dir / "train", input_dir]
+    for root in candidates:
+        for d in _subdirs(root):
+            if (d / "0").is_dir() and (d / "seg").is_dir():
+                return "png", root
+            if find_nifti(d, "bravo") or find_nifti(d, "t1_gd"):
+                return "nifti", root
+    raise ConversionError(
+        f"{input_dir} holds neither the PNG release (Mets_XXX/0..3/seg) nor the NIfTI re-release "
+        "(train/Mets_XXX/bravo.nii.gz, …)", file=input_dir,
+        fix="point the converter at stanford_release_brainmask (or its mets_stanford_releaseMask_train folder)")
+
+
+def _png_slices(folder: Path, case: str) -> list[Path]:
+    files = [f for f in folder.iterdir() if f.is_file() and not is_hidden(f.name)]
+    bad = [f.name for f in files if not _PNG_RE.match(f.name)]
+    if bad:
+        raise ConversionError(f"unexpected files {bad[:5]} (slices must be named by index, e.g. 12.png)",
+                              case=case, file=folder, fix="remove the stray files or rename the slices")
+    return sorted(files, key=lambda f: int(_PNG_RE.match(f.name).group(1)))
+
+
+def _png_case(d: Path, input_dir: Path, spacing: tuple[float, float, float]) -> CaseSpec:
+    cid = d.name
+    missing = [f"{k}/" for k in [*PNG_FOLDERS, "seg"] if not (d / k).is_dir()]
+    if missing:
+        raise ConversionError(f"missing sequence/label folder(s) {missing}", case=cid, file=d,
+                              fix="restore them or remove the case folder")
+    refs: dict[str, ImageRef] = {}
+    index_sets = {}
+    for k in [*PNG_FOLDERS, "seg"]:
+        slices = _png_slices(d / k, cid)
+        if not slices:
+            raise ConversionError("has no PNG slices", case=cid, file=d / k,
+                                  fix="restore the slices or remove the case")
+        outside = [f for f in slices if not inside(f, input_dir)]
+        if outside:
+            raise ConversionError("is a symlink pointing outside the input folder", case=cid, file=outside[0],
+                                  fix="copy the real file into the dataset folder")
+        index_sets[k] = [int(_PNG_RE.match(f.name).group(1)) for f in slices]
+        refs[k] = ImageRef("png", str(d / k), spacing=spacing, files=tuple(str(f) for f in slices))
+    if any(v != index_sets["seg"] for v in index_sets.values()):
+        counts = {k: len(v) for k, v in index_sets.items()}
+        raise ConversionError(f"the slice folders hold different slice indices (counts {counts})", case=cid,
+                              file=d, fix="restore the missing slices so every folder has the same indices")
+    return CaseSpec(case_id=cid, source_id=cid, group=cid,
+                    images={PNG_FOLDERS[k]: refs[k] for k in PNG_FOLDERS}, label=refs["seg"])
+
+
+def _nifti_case(d: Path, input_dir: Path) -> CaseSpec:
+    cid = d.name
+    files = {stem: find_nifti(d, stem) for stem in [*NIFTI_FILES, "seg"]}
+    missing = [f"{k}.nii.gz" for k, f in files.items() if f is None]
+    if missing:
+        raise ConversionError(f"missing sequence/label file(s) {missing}", case=cid, file=d,
+                              fix="restore them or remove the case folder")
+    outside = [f for f in files.values() if not inside(f, input_dir)]
+    if outside:
+        raise ConversionError("is a symlink pointing outside the input folder", case=cid, file=outside[0],
+                              fix="copy the real file into the dataset folder")
+    return CaseSpec(case_id=cid, source_id=cid, group=cid,
+                    images={slot: ImageRef("file", str(files[k])) for k, slot in NIFTI_FILES.items()},
+                    label=ImageRef("file", str(files["seg"])))
+
+
+def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = None,
+             spacing: tuple[float, float, float] | None = None, **_: object) -> SourceSpec:
+    """List the training cases of either BrainMetShare release."""
+    layout, root = _find_layout(input_dir)
+    given = spacing is not None
+    if layout == "nifti" and spacing:
+        logger.warning("--spacing is ignored for the NIfTI re-release of BrainMetShare (the files carry geometry)")
+    spacing = tuple(float(s) for s in (spacing or DEFAULT_SPACING)) if layout == "png" else None
+    table = parse_label_map(label_map, LabelTable.from_pairs([(1, "ET")], binary=True), str(input_dir))
+    spec = SourceSpec(source=source, title=SOURCES[source].title, domain="brainmetshare",
+                      default_name="BrainMetShare", slots=list(SLOTS), required=list(SLOTS), labels=table,
+                      input_dir=input_dir, lesion_wise=True,
+                      options={"layout": layout, **({"spacing_mm": list(spacing), "spacing_source":
+                               "option --spacing" if given else "default (PNG has no geometry)"} if spacing else {})})
+    spec.options["direction"] = "identity" if layout == "png" else "from files"
+    for d in _subdirs(root):
+        try:
+            spec.add_case(_png_case(d, input_dir, spacing) if layout == "png" else _nifti_case(d, input_dir))
+        except ConversionError as e:
+            spec.bad.append(e)
+    spec.finalize()
+    return spec

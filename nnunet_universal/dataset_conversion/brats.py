@@ -1,0 +1,88 @@
+"""BraTS 2023 readers (METS, GLI, MEN, PED, SSA share one naming; DATASETS.md "BraTS 2023").
+
+``BraTS-{MET|GLI|MEN|PED|SSA}-NNNNN-TTT/BraTS-…-TTT-{t1n,t1c,t2w,t2f,seg}.nii.gz`` (``.nii`` accepted too).
+Labels 1 NETC, 2 SNFH, 3 ET (2023 numbering; BraTS <= 2021 used 4 for ET: pass ``--label-map 1=NETC 2=SNFH 4=ET``;
+BraTS-PED 2024 uses other classes: map them with ``--label-map``). Regions ET = {ET}, TC = {NETC, ET},
+WT = {NETC, SNFH, ET}. Time points of one patient (``-TTT``) form one group (same fold).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nnunet_universal.dataset_conversion.common import ConversionError, find_nifti, inside, is_hidden
+from nnunet_universal.dataset_conversion.spec import CaseSpec, ImageRef, LabelTable, SourceSpec, parse_label_map
+from nnunet_universal.registry import SOURCES
+
+#: source key -> (challenge tag in case ids, default dataset name)
+CHALLENGES: dict[str, tuple[str, str]] = {
+    "brats-mets": ("MET", "BraTSMETS"),
+    "brats-gli": ("GLI", "BraTSGLI"),
+    "brats-men": ("MEN", "BraTSMEN"),
+    "brats-ped": ("PED", "BraTSPED"),
+    "brats-ssa": ("SSA", "BraTSSSA"),
+}
+#: file suffix -> modality slot
+SEQUENCES: dict[str, str] = {"t1n": "T1", "t1c": "T1c", "t2w": "T2", "t2f": "FLAIR"}
+LABELS = [(1, "NETC"), (2, "SNFH"), (3, "ET")]
+REGIONS = {"ET": ["ET"], "TC": ["NETC", "ET"], "WT": ["NETC", "SNFH", "ET"]}
+_CASE_RE = re.compile(r"^BraTS-([A-Za-z]+)-(\d+)-(\d+)$")
+
+
+def _case_dirs(root: Path) -> list[Path]:
+    dirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not is_hidden(p.name) and _CASE_RE.match(p.name)]
+    if not dirs:  # the user may have pointed at the folder above the release folder
+        subs = [p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)]
+        if len(subs) == 1:
+            return _case_dirs(subs[0])
+    return dirs
+
+
+def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = None, **_: object) -> SourceSpec:
+    """List the cases of a BraTS 2023 training release (no voxel is read here)."""
+    tag, default_name = CHALLENGES[source]
+    spec = SourceSpec(source=source, title=SOURCES[source].title, domain=source.replace("-", "_"),
+                      default_name=default_name, slots=["T1", "T1c", "T2", "FLAIR"],
+                      required=["T1", "T1c", "T2", "FLAIR"],
+                      labels=parse_label_map(label_map, LabelTable.from_pairs(LABELS), str(input_dir)),
+                      input_dir=input_dir, regions=dict(REGIONS), lesion_wise=SOURCES[source].metastasis)
+    dirs = _case_dirs(input_dir)
+    other = sorted({_CASE_RE.match(d.name).group(1).upper() for d in dirs} - {tag})
+    if other:
+        guess = [k for k, (t, _) in CHALLENGES.items() if t in other]
+        raise ConversionError(
+            f"found BraTS-{other[0]} case folders in {input_dir}, but source {source!r} expects BraTS-{tag}-…",
+            file=input_dir, fix=f"use source {guess[0] if guess else 'brats-…'} for these cases, or keep one "
+                                "challenge per input folder")
+    labelled = [d for d in dirs if find_nifti(d, f"{d.name}-seg")]
+    if dirs and not labelled:
+        raise ConversionError(f"no case in {input_dir} has a '-seg' label file: this looks like a validation or "
+                              "test release", file=input_dir, fix="convert the training release (with labels)")
+    for d in dirs:
+        cid = d.name
+        m = _CASE_RE.match(cid)
+        images: dict[str, ImageRef] = {}
+        missing = []
+        for suffix, slot in SEQUENCES.items():
+            f = find_nifti(d, f"{cid}-{suffix}")
+            if f is None:
+                missing.append(f"{cid}-{suffix}.nii.gz")
+            elif not inside(f, input_dir):
+                spec.bad.append(ConversionError("is a symlink pointing outside the input folder", case=cid, file=f,
+                                                fix="copy the real file into the dataset folder"))
+                break
+            else:
+                images[slot] = ImageRef("file", str(f))
+        else:
+            seg = find_nifti(d, f"{cid}-seg")
+            if seg is None:
+                missing.append(f"{cid}-seg.nii.gz")
+            if missing:
+                spec.bad.append(ConversionError(f"missing sequence/label file(s) {missing}", case=cid, file=d,
+                                                fix="restore the missing file(s) or remove the case folder"))
+                continue
+            spec.add_case(CaseSpec(case_id=cid, source_id=cid, group=f"BraTS-{m.group(1)}-{m.group(2)}",
+                                   images=images, label=ImageRef("file", str(seg))))
+    spec.finalize()
+    return spec

@@ -1,0 +1,280 @@
+"""Shared plumbing of ``convert`` and ``merge``: errors, atomic file writes, fingerprints, output folders.
+
+Every output file is first written under the dataset's hidden state folder (``.nnunet_universal/tmp``, same
+file system) and then moved into place with :func:`os.replace`, so a reader never sees a half-written file
+and nnU-Net's file listing (which would pick up any ``*.nii.gz`` in ``imagesTr``) never sees a temp file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+logger = logging.getLogger(__name__)
+
+#: Hidden folder inside an output dataset with resume markers, temp files and zero-filled templates.
+STATE_DIR = ".nnunet_universal"
+FILE_ENDING = ".nii.gz"
+#: nnU-Net case identifiers we write: no path separators, no leading dot, nothing a shell or nnU-Net chokes on.
+_CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+HIDDEN_PREFIXES = ("._", ".")
+
+
+class ConversionError(ValueError):
+    """One invalid input. The message names the case, the file, the problem and what to do about it."""
+
+    def __init__(self, problem: str, case: str = "", file: str | os.PathLike = "", fix: str = "") -> None:
+        self.case, self.file, self.problem, self.fix = case, str(file), problem, fix
+        parts = []
+        if case:
+            parts.append(f"case {case!r}")
+        if file:
+            parts.append(f"file {self.file}")
+        head = ": ".join(parts)
+        msg = f"{head}: {problem}" if head else problem
+        if fix:
+            msg += f". What to do: {fix}"
+        super().__init__(msg)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across worker processes
+        return (self.__class__, (self.problem, self.case, self.file, self.fix))
+
+    def as_dict(self) -> dict[str, str]:
+        return {"case": self.case, "file": self.file, "problem": self.problem, "fix": self.fix,
+                "message": str(self)}
+
+
+SKIP_HINT = "or rerun with --skip-bad to skip such cases and get a report listing all of them"
+
+
+def check_case_id(case_id: str, where: str | os.PathLike = "") -> str:
+    """Return ``case_id`` if it is a safe nnU-Net identifier, else raise: it must not escape the output folder."""
+    if not isinstance(case_id, str) or not _CASE_ID_RE.match(case_id) or ".." in case_id:
+        raise ConversionError(
+            f"case id {case_id!r} is not a safe file name (it could escape the output folder or break nnU-Net's "
+            "file naming); allowed are letters, digits, '.', '_' and '-', not starting with '.' and without '..'",
+            case=str(case_id), file=where, fix="rename the case in the source (or its dataset.json) and rerun")
+    return case_id
+
+
+def is_hidden(name: str) -> bool:
+    """macOS resource forks (``._x``), ``.DS_Store`` and other dot files are never data."""
+    return name.startswith(HIDDEN_PREFIXES)
+
+
+def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether ``path``, symlinks resolved, lies inside ``root`` (resolved).
+
+    Fast path for the usual case of a path built by listing ``root``: lexically below it, without ``..`` and
+    without a symlink on the way (a few ``lstat`` calls instead of two full ``realpath`` resolutions).
+    """
+    path, root = Path(path), Path(root)
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        rel = None
+    if rel is not None and ".." not in rel.parts:
+        p = root
+        for part in rel.parts:
+            p = p / part
+            if p.is_symlink():
+                break
+        else:
+            return True
+    try:
+        Path(os.path.realpath(path)).relative_to(os.path.realpath(root))
+        return True
+    except ValueError:
+        return False
+
+
+def strip_nifti_ending(name: str) -> str | None:
+    """``'x.nii.gz'`` / ``'x.nii'`` -> ``'x'``; anything else -> None."""
+    for ending in (".nii.gz", ".nii"):
+        if name.endswith(ending):
+            return name[: -len(ending)]
+    return None
+
+
+def find_nifti(folder: Path, stem: str) -> Path | None:
+    """The file ``stem.nii.gz`` or ``stem.nii`` in ``folder`` (both accepted, gz preferred), or None."""
+    for ending in (".nii.gz", ".nii"):
+        p = folder / f"{stem}{ending}"
+        if p.is_file():
+            return p
+    return None
+
+
+# ---- fingerprints -----------------------------------------------------------------------------------
+
+def stat_fingerprint(path: str | os.PathLike) -> list[int]:
+    """[size, mtime_ns]: a cheap staleness key for resume."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest(obj: Any) -> str:
+    """Short stable hash of a JSON-able object (options, fingerprints)."""
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---- output folders ---------------------------------------------------------------------------------
+
+def raw_root() -> Path:
+    """``$nnUNet_raw``, read at call time (nnunetv2.paths reads it once at import)."""
+    raw = os.environ.get("nnUNet_raw")
+    if not raw:
+        raise ConversionError("the environment variable nnUNet_raw is not set",
+                              fix="export nnUNet_raw=/path/to/nnUNet_raw (nnU-Net's raw data folder)")
+    return Path(raw)
+
+
+def dataset_folder(dataset_id: int, name: str) -> Path:
+    """``$nnUNet_raw/Dataset{id:03d}_{name}``; refuse an id already taken by another name (nnU-Net would too)."""
+    if not 0 < int(dataset_id) < 10000:
+        raise ConversionError(f"dataset id {dataset_id} is out of range", fix="pick an id between 1 and 9999")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$", name):
+        raise ConversionError(f"dataset name {name!r} must be letters, digits, '_' or '-'", fix="pass another -n")
+    root = raw_root()
+    folder = root / f"Dataset{int(dataset_id):03d}_{name}"
+    if root.is_dir():
+        taken = [p.name for p in root.glob(f"Dataset{int(dataset_id):03d}_*") if p.is_dir() and p != folder]
+        if taken:
+            raise ConversionError(
+                f"dataset id {dataset_id} is already used by {taken[0]} in {root}",
+                fix=f"choose another -d, or delete {root / taken[0]} if it is an old copy")
+    return folder
+
+
+@dataclass
+class Layout:
+    """Where a dataset's state lives: resume markers, temp files, zero-filled templates."""
+
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / STATE_DIR
+
+    @property
+    def tmp(self) -> Path:
+        return self.state / "tmp"
+
+    @property
+    def markers(self) -> Path:
+        return self.state / "cases"
+
+    @property
+    def zeros(self) -> Path:
+        return self.state / "zeros"
+
+    def marker(self, case_id: str) -> Path:
+        return self.markers / f"{case_id}.json"
+
+    def prepare(self) -> None:
+        """Create the folders and drop temp files of an interrupted run."""
+        for sub in ("imagesTr", "labelsTr"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for d in (self.markers, self.zeros):
+            d.mkdir(parents=True, exist_ok=True)
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+
+    def finish(self) -> None:
+        """Drop the (empty) temp folder at the end of a successful run."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---- atomic writes ----------------------------------------------------------------------------------
+
+def _tmp_name(tmp_dir: Path, final: Path) -> Path:
+    return tmp_dir / f"{uuid.uuid4().hex}_{final.name}"
+
+
+def atomic_write_image(img: sitk.Image, final: Path, tmp_dir: Path) -> None:
+    """Write ``img`` compressed to ``final`` through a temp file in ``tmp_dir`` (same file system)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(tmp_dir, final)
+    try:
+        sitk.WriteImage(img, str(tmp), True)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_copy(src: Path, final: Path, tmp_dir: Path) -> None:
+    """Copy the bytes of ``src`` to ``final`` atomically (source untouched, metadata not copied)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(tmp_dir, final)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_link_or_copy(src: Path, final: Path, tmp_dir: Path) -> str:
+    """Hard-link ``src`` to ``final`` (atomic: link a temp name, then rename); copy where linking fails.
+
+    Returns ``"hardlink"`` or ``"copy"``.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(tmp_dir, final)
+    try:
+        try:
+            os.link(src, tmp)
+            how = "hardlink"
+        except OSError:  # other file system, or links not permitted
+            shutil.copyfile(src, tmp)
+            how = "copy"
+        os.replace(tmp, final)
+        return how
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def zeros_like(ref: sitk.Image) -> sitk.Image:
+    """A uint8 all-zero image with ``ref``'s size, spacing, origin and direction (a missing slot)."""
+    z = sitk.Image(ref.GetSize(), sitk.sitkUInt8)
+    z.CopyInformation(ref)
+    return z
+
+
+def zero_template(ref: sitk.Image, layout: Layout) -> Path:
+    """A cached zero-filled file for ``ref``'s geometry (one per geometry; cases hard-link it)."""
+    key = digest([list(ref.GetSize()), list(ref.GetSpacing()), list(ref.GetOrigin()), list(ref.GetDirection())])
+    path = layout.zeros / f"zeros_{key}{FILE_ENDING}"
+    if not path.exists():
+        atomic_write_image(zeros_like(ref), path, layout.tmp)
+    return path
+
+
+def array_to_image(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
+    """Wrap a (z, y, x) array into an image with ``ref``'s geometry."""
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(ref)
+    return img
