@@ -1,0 +1,188 @@
+"""U-Harmony's two stages (paper 000, §2.1): HarmonyNorm (Eq. 1-2) and HarmonyRestore (Eq. 3).
+
+The arithmetic lives in memory-lean custom autograd functions (``harmony_functions.py``) that recompute
+the polynomial terms in backward instead of saving them.
+
+Deviations from the paper's equations, all measured (``scripts/benchmark_network.py --quality``, results in
+``benchmarks/results/network_micro.json``: a 2D two-domain joint-training proxy with nnU-Net's SGD, mean
+Dice over 3 seeds; plain InstanceNorm 0.79, these defaults with J = 3 0.82, the paper's literal form 0.11):
+
+* polynomial basis: the terms are ``lambda_j B_j(u)`` with ``B_j = He_j / sqrt(j!)`` (orthonormal Hermite
+  polynomials) instead of ``u^j``. Together with ``w, b`` they span the same functions; raw powers get
+  gradients orders of magnitude apart and trained unstably (J = 3: 0.35, seeds 0.09-0.73).
+* the restoration denominator's polynomial ``R`` enters squashed, ``rho tanh(R / rho)`` (``rho = 0.5``):
+  the literal rational function diverged in every seed (0.16; weights and activations blow up through
+  the pole).
+* J is limited to 1..3 in practice (``STABLE_MAX_ORDER``): J = 4, 5 diverged (0.28, 0.08); J = 1, 2, 3 gave
+  0.81, 0.81, 0.82.
+
+Numerical guards (no NaN/Inf for any finite input and parameters of sane magnitude, fp32/bf16/fp16):
+
+* the polynomial terms see their input clamped to ``[-poly_limit, poly_limit]`` (default 8): standardized
+  features are only bounded by ``sqrt(N)`` (hundreds in a 3D patch), and ``x^3`` of such outliers overflows
+  fp16 after the next convolution's cast. The linear term is never clamped.
+* the restoration denominator ``d = w + eps + R_b`` can cross zero (``w`` is learned): its magnitude is
+  floored, sign kept, ``copysign(max(|d|, m), d)`` (``m = min_denominator``); its gradient is passed
+  straight through the floor so that parameters caught there still learn.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from nnunet_universal.nn.harmony_functions import HarmonyNormFunction, HarmonyRestoreFunction
+
+#: Default polynomial order J of the affine (Eq. 2) and the restoration (Eq. 3); see NetworkOptions.
+DEFAULT_ORDER = 3
+#: Largest J the modules accept: B_5 on the clamped input stays far inside fp16's range (He_5(8)/sqrt(5!) ~ 2.5e3).
+MAX_ORDER = 5
+#: Largest J that trained stably in the measured proxy (scripts/benchmark_network.py --quality: J = 4 and 5
+#: diverged, J = 1..3 all beat plain InstanceNorm, J = 3 best). UniversalUNet warns above it.
+STABLE_MAX_ORDER = 3
+#: Clamp applied to the input of the polynomial terms (not to the linear term).
+POLY_LIMIT = 8.0
+#: Smallest magnitude of the restoration denominator.
+MIN_DENOMINATOR = 1e-2
+#: The restoration denominator's polynomial R enters squashed, DENOMINATOR_BOUND * tanh(R / DENOMINATOR_BOUND)
+#: (<= 0: as is), so that it moves the denominator by less than DENOMINATOR_BOUND.
+DENOMINATOR_BOUND = 0.5
+#: Basis of the polynomial terms (see basis_matrix).
+DEFAULT_BASIS = "hermite"
+def basis_matrix(orders: list[int], kind: str) -> Tensor:
+    """Monomial coefficients (rows: orders 0..max) of the basis polynomials ``B_j``, ``j in orders`` (columns).
+
+    ``"power"``: ``B_j(u) = u^j`` (the paper's Eq. 2-3 literally). ``"hermite"``: ``B_j = He_j / sqrt(j!)``,
+    the probabilists' Hermite polynomials, orthonormal under N(0, 1): together with ``w, b`` they span the
+    same polynomials, but their coefficients get gradients of comparable size (see ``scripts/benchmark_network.py``).
+    """
+    top = max(orders)
+    if kind == "power":
+        mono = torch.eye(top + 1, dtype=torch.float64)
+    elif kind == "hermite":  # He_0 = 1, He_1 = u, He_{n+1} = u He_n - n He_{n-1}
+        mono = torch.zeros(top + 1, top + 1, dtype=torch.float64)
+        mono[0, 0] = 1.0
+        if top >= 1:
+            mono[1, 1] = 1.0
+        for n_ in range(1, top):
+            mono[:, n_ + 1] = torch.roll(mono[:, n_], 1) - n_ * mono[:, n_ - 1]
+        mono /= torch.tensor([float(math.factorial(j)) for j in range(top + 1)], dtype=torch.float64).sqrt()
+    else:
+        raise ValueError(f"polynomial basis must be 'hermite' or 'power', got {kind!r}")
+    return mono[:, orders]  # float64: cast where used, after any module.to(dtype)
+
+
+class HarmonyNorm(nn.Module):
+    """U-Harmony first stage (paper Eq. 1-2): instance standardization + polynomial affine.
+
+    ``y = w_c * xhat + b_c + sum_{j=2..J} lambda_{c,j} * B_j(clamp(xhat))`` with ``xhat`` the per-sample,
+    per-channel standardized input and ``B_j`` the basis (module docstring; ``basis="power"``: ``u^j`` as in
+    the paper). The paper's ``j = 1`` term duplicates ``w_c`` (the output depends only on
+    ``w_c + lambda_{c,1}``), so it is folded into ``w_c``; the function class is that of Eq. 2.
+    The paper puts ``eps`` outside the square root; here it is inside, as in ``nn.InstanceNorm``, so
+    that with all ``lambda = 0`` this module *is* nnU-Net's ``InstanceNorm{2,3}d(C, eps, affine=True)``.
+
+    A drop-in for ``norm_op`` of dynamic-network-architectures: ``HarmonyNorm(num_channels, **norm_op_kwargs)``.
+    With ``keep_stats`` set, the last forward's statistics ``(mean, sigma)``, each ``(B, C)`` and detached,
+    are kept in ``last_stats`` for the matching :class:`HarmonyRestore`.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, order: int = DEFAULT_ORDER,
+                 polynomial: bool = True, poly_limit: float = POLY_LIMIT, basis: str = DEFAULT_BASIS,
+                 **_: Any) -> None:
+        super().__init__()
+        if not affine:
+            raise ValueError("HarmonyNorm needs affine=True: U-Harmony's affine transform is learnable (Eq. 2)")
+        if not 1 <= order <= MAX_ORDER:
+            raise ValueError(f"harmony order J must be in 1..{MAX_ORDER}, got {order}")
+        self.num_channels = num_channels
+        self.eps = float(eps)
+        self.order = int(order)
+        self.poly_limit = float(poly_limit)
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        use_poly = polynomial and order >= 2
+        # (C, J-1): coefficients of B_2 .. B_J; zero so that training starts from InstanceNorm
+        self.poly_weight = nn.Parameter(torch.zeros(num_channels, order - 1)) if use_poly else None
+        self.basis = basis
+        self.register_buffer("basis_coef", basis_matrix(list(range(2, order + 1)), basis) if use_poly else None,
+                             persistent=False)
+        self.keep_stats = False
+        self.last_stats: tuple[Tensor, Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        poly = f"{self.basis} basis" if self.poly_weight is not None else "off"
+        return f"{self.num_channels}, eps={self.eps}, order={self.order}, polynomial={poly}"
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, C, *spatial)
+        if x.ndim < 3:
+            raise ValueError(f"HarmonyNorm expects (B, C, *spatial), got shape {tuple(x.shape)}")
+        out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if out_dtype == torch.float32 and x.dtype == torch.float64:
+            out_dtype = torch.float64
+        coef = None if self.poly_weight is None else self.poly_weight @ self.basis_coef.T.to(self.poly_weight.dtype)
+        out, mean, rstd = HarmonyNormFunction.apply(x, self.weight, self.bias, coef, self.eps, self.poly_limit,
+                                                     out_dtype)
+        if self.keep_stats:
+            b, c = x.shape[:2]
+            self.last_stats = (mean.view(b, c), rstd.view(b, c).reciprocal())
+        return out
+
+
+class HarmonyRestore(nn.Module):
+    """U-Harmony second stage (paper Eq. 3), placed after a decoder stage.
+
+    ``y = sigma * (x - b_c - Q(u)) / (w_c + eps + R_b(u)) + mu``, ``Q = sum_{j=1..J} gamma_{c,j} B_j``,
+    ``R = sum_{j=1..J} delta_{c,j} B_j``, ``R_b = rho tanh(R / rho)``, ``u = clamp(x)`` (module docstring;
+    ``basis="power", denominator_bound=0`` is the paper's equation literally), with ``(mu, sigma)``, each
+    ``(B, C)``, kept by the last HarmonyNorm of the matching encoder stage.
+    ``w_c, b_c`` are this layer's own parameters (initialized to 1, 0), not the encoder norm's: the decoder
+    features are not that norm's output, and ResEnc U-Nets zero-initialize the last norm of every residual
+    block, which would put the denominator at ``eps``. The statistics are detached (as in RevIN).
+    The denominator's magnitude is floored at ``min_denominator`` (module docstring).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, order: int = DEFAULT_ORDER, polynomial: bool = True,
+                 poly_limit: float = POLY_LIMIT, min_denominator: float = MIN_DENOMINATOR,
+                 basis: str = DEFAULT_BASIS, denominator_bound: float = DENOMINATOR_BOUND) -> None:
+        super().__init__()
+        if min_denominator <= 0:
+            raise ValueError("min_denominator must be > 0")
+        if not 1 <= order <= MAX_ORDER:
+            raise ValueError(f"harmony order J must be in 1..{MAX_ORDER}, got {order}")
+        self.num_channels = num_channels
+        self.eps = float(eps)
+        self.order = int(order)
+        self.poly_limit = float(poly_limit)
+        self.min_denominator = float(min_denominator)
+        self.denominator_bound = float(denominator_bound)
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        use_poly = polynomial and order >= 1
+        self.gamma = nn.Parameter(torch.zeros(num_channels, order)) if use_poly else None
+        self.delta = nn.Parameter(torch.zeros(num_channels, order)) if use_poly else None
+        self.basis = basis
+        self.register_buffer("basis_coef", basis_matrix(list(range(1, order + 1)), basis) if use_poly else None,
+                             persistent=False)
+
+    def extra_repr(self) -> str:
+        poly = f"{self.basis} basis" if self.gamma is not None else "off"
+        return f"{self.num_channels}, eps={self.eps}, order={self.order}, polynomial={poly}"
+
+    def forward(self, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+        """x: (B, C, *spatial); mu, sigma: (B, C) statistics of the matching encoder stage."""
+        if mu.shape != x.shape[:2] or sigma.shape != x.shape[:2]:
+            raise ValueError(f"HarmonyRestore: statistics {tuple(mu.shape)} do not match features {tuple(x.shape)}")
+        out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if out_dtype == torch.float32 and x.dtype == torch.float64:
+            out_dtype = torch.float64
+        qcoef = rcoef = None
+        if self.gamma is not None:
+            basis = self.basis_coef.T.to(self.gamma.dtype)
+            qcoef, rcoef = self.gamma @ basis, self.delta @ basis
+        return HarmonyRestoreFunction.apply(x, mu.detach(), sigma.detach(), self.weight, self.bias, qcoef, rcoef,
+                                             self.eps, self.poly_limit, self.min_denominator, out_dtype,
+                                             self.denominator_bound)

@@ -1,0 +1,294 @@
+"""Autograd functions of U-Harmony's layers (see ``harmony.py`` for the equations and the guards).
+
+They save only their input (plus per-(sample, channel) statistics) and recompute the polynomial terms in
+backward: plain autograd would keep every power of every activation alive until backward, ``J`` extra
+activation tensors per layer. All arithmetic runs in fp32 (fp64 for fp64 inputs) whatever the autocast
+state, as ``instance_norm`` does under autocast. The work is done on chunks of rows (one row = one
+(sample, channel) pair): on CPU small, cache-resident chunks (a fresh activation-sized buffer costs more,
+in page faults, than the arithmetic); on GPU larger chunks that bound the temporaries, so that peak memory
+stays near the plain network's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: Elements per chunk of rows: on CPU 1 MiB of fp32 (cache-resident temporaries); on GPU 64 MiB, which keeps
+#: kernel launches few and bounds the temporaries of a 3D full-resolution layer to a fraction of its size.
+CPU_CHUNK_ELEMS = 1 << 18
+GPU_CHUNK_ELEMS = 1 << 24
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunks(rows: int, n: int, device: torch.device) -> list[slice]:
+    step = max(1, (CPU_CHUNK_ELEMS if device.type == "cpu" else GPU_CHUNK_ELEMS) // max(n, 1))
+    return [slice(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _per_row(p: Tensor, batch: int, cd: torch.dtype) -> Tensor:
+    """Per-channel parameters (C,) or (C, K) -> per-row (B*C, 1) or (B*C, K) in the compute dtype."""
+    p = p.to(cd)
+    return p.repeat(batch).unsqueeze(1) if p.ndim == 1 else p.repeat(batch, 1)
+
+
+def _rows_of(x: Tensor) -> tuple[Tensor, int, int]:
+    """(B, C, *spatial) -> contiguous (B*C, N) view, B, N."""
+    b, c = x.shape[:2]
+    return x.contiguous().view(b * c, -1), b, x[0, 0].numel()
+
+
+def _horner(u: Tensor, coeffs: Tensor) -> Tensor:
+    """sum_k coeffs[:, k] * u^k for rows u (r, N) and coeffs (r, K), lowest order first; a fresh tensor."""
+    k = coeffs.shape[1]
+    if k == 1:
+        return coeffs[:, :1].expand_as(u).clone()
+    acc = u * coeffs[:, k - 1:k]
+    for i in range(k - 2, -1, -1):
+        acc.add_(coeffs[:, i:i + 1])
+        if i > 0:
+            acc.mul_(u)
+    return acc
+
+
+def _clamped(t: Tensor, limit: float) -> tuple[Tensor, bool]:
+    """(clamp(t, -limit, limit), whether the clamp may bind). On CPU the check is exact and the common
+    no-clamp case returns ``t`` itself; on GPU it always clamps (no host sync)."""
+    if t.device.type == "cpu":
+        lo, hi = torch.aminmax(t)
+        if -limit < float(lo) and float(hi) < limit:
+            return t, False
+    return t.clamp(-limit, limit), True
+
+
+def _guard(den: Tensor, min_den: float) -> Tensor:
+    """Sign-preserving floor of |den|: copysign(max(|den|, m), den); a fresh tensor."""
+    return den.abs().clamp_min_(min_den).copysign_(den)
+
+
+class HarmonyNormFunction(torch.autograd.Function):
+    """y = w * xhat + b + P(clamp(xhat)),  xhat = (x - mean) / sqrt(var + eps),  P(u) = sum_k coef_k u^k.
+
+    ``coef`` (C, J+1) holds monomial coefficients of orders 0..J (the module maps its basis onto them).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, coef: Tensor | None, eps: float,
+                limit: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            cd = _compute_dtype(x)
+            x2, batch, n = _rows_of(x)
+            rows = x2.shape[0]
+            w, b = _per_row(weight, batch, cd), _per_row(bias, batch, cd)
+            c = _per_row(coef, batch, cd) if coef is not None else None  # (R, J+1)
+            out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+            out2 = out.view(rows, n)
+            mean = torch.empty((rows, 1), dtype=cd, device=x.device)
+            rstd = torch.empty_like(mean)
+            for sl in _chunks(rows, n, x.device):
+                xc = x2[sl].to(cd)
+                m = xc.mean(1, keepdim=True)
+                oc = out2[sl] if out_dtype == cd else torch.empty_like(xc)
+                torch.sub(xc, m, out=oc)
+                r = torch.rsqrt(torch.linalg.vecdot(oc, oc).unsqueeze(1).div_(n).add_(eps))
+                oc.mul_(r)  # xhat
+                acc = _horner(_clamped(oc, limit)[0], c[sl]) if c is not None else None
+                oc.mul_(w[sl]).add_(b[sl])
+                if acc is not None:
+                    oc.add_(acc)
+                if out_dtype != cd:
+                    out2[sl].copy_(oc)
+                mean[sl], rstd[sl] = m, r
+        ctx.save_for_backward(x, mean, rstd, weight, coef)
+        ctx.limit = limit
+        ctx.mark_non_differentiable(mean, rstd)
+        return out, mean, rstd
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, _gm: Tensor | None, _gr: Tensor | None):  # type: ignore[override]
+        x, mean, rstd, weight, coef = ctx.saved_tensors
+        limit = ctx.limit
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            cd = _compute_dtype(x)
+            x2, batch, n = _rows_of(x)
+            g2 = grad_out.contiguous().view(x2.shape)
+            rows = x2.shape[0]
+            w = _per_row(weight, batch, cd)
+            dcoef, order = None, 0
+            if coef is not None:  # P'(u) = sum_k k coef_k u^(k-1)
+                order = coef.shape[1] - 1
+                dcoef = _per_row(coef[:, 1:], batch, cd) * torch.arange(1, order + 1, dtype=cd, device=x.device)
+            grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            gx2 = grad_x.view(x2.shape)
+            gw = torch.empty(rows, dtype=cd, device=x.device)
+            gb = torch.empty_like(gw)
+            gc_acc = torch.empty((rows, order + 1), dtype=cd, device=x.device) if coef is not None else None
+            for sl in _chunks(rows, n, x.device):
+                xh = torch.sub(x2[sl].to(cd), mean[sl]).mul_(rstd[sl])
+                gc = g2[sl].to(cd)
+                gb[sl] = gc.sum(1)
+                gw[sl] = torch.linalg.vecdot(gc, xh)
+                if dcoef is not None:
+                    u, clamped = _clamped(xh, limit)
+                    gc_acc[sl, 0] = gb[sl]
+                    if order >= 1:
+                        gc_acc[sl, 1] = torch.linalg.vecdot(gc, u) if clamped else gw[sl]
+                    if order >= 2:
+                        t = gc * u
+                        for k in range(2, order + 1):  # sum g u^k
+                            gc_acc[sl, k] = torch.linalg.vecdot(t, u)
+                            if k < order:
+                                t.mul_(u)
+                    gxc = _horner(u, dcoef[sl])  # P'(u)
+                    if clamped:
+                        gxc.masked_fill_(xh.abs() >= limit, 0.0)  # the clamp has no slope outside
+                    gxc.add_(w[sl]).mul_(gc)  # dL/dxhat
+                else:
+                    gxc = gc * w[sl]
+                m1 = gxc.mean(1, keepdim=True)
+                m2 = torch.linalg.vecdot(gxc, xh).unsqueeze(1).div_(-n)
+                # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dL/dxhat
+                gxc.sub_(m1).addcmul_(xh, m2)
+                if gx2.dtype == cd:
+                    torch.mul(gxc, rstd[sl], out=gx2[sl])
+                else:
+                    gx2[sl] = gxc.mul_(rstd[sl])
+            grad_w = gw.view(batch, -1).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            grad_b = gb.view(batch, -1).sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
+            grad_c = None
+            if coef is not None and ctx.needs_input_grad[3]:
+                grad_c = gc_acc.view(batch, -1, order + 1).sum(0).to(coef.dtype)
+        return grad_x, grad_w, grad_b, grad_c, None, None, None
+
+
+class HarmonyRestoreFunction(torch.autograd.Function):
+    """y = sigma * (x - b - Q(u)) / guard(w + eps + R(u)) + mu,  u = clamp(x),  Q, R polynomials.
+
+    ``qcoef``, ``rcoef`` (C, J+1) hold the monomial coefficients of Q and R, orders 0..J.
+    """
+
+    @staticmethod
+    def _params(weight: Tensor, bias: Tensor, gamma: Tensor | None, delta: Tensor | None, eps: float,
+                batch: int, cd: torch.dtype, min_den: float, bound: float) -> dict[str, Tensor]:
+        p = {"w_eps": _per_row(weight, batch, cd) + eps, "b": _per_row(bias, batch, cd)}
+        p["far"] = p["w_eps"].abs() > bound + min_den
+        if gamma is not None and delta is not None:
+            p["gamma"], p["delta"] = _per_row(gamma, batch, cd), _per_row(delta, batch, cd)
+        return p
+
+    @staticmethod
+    def _terms(xc: Tensor, sl: slice, p: dict[str, Tensor], limit: float, min_den: float, bound: float,
+               keep_t: bool = False):
+        """(u, clamped, num, dsafe, t) for one chunk: num = x - b - Q(u), dsafe = guard(w + eps + R_b(u)) with
+        R_b = bound * tanh(R / bound) (R itself when bound <= 0); t = tanh(R / bound) when ``keep_t``."""
+        if "gamma" not in p:
+            return None, False, xc - p["b"][sl], _guard(p["w_eps"][sl], min_den), None  # dsafe: (r, 1)
+        u, clamped = _clamped(xc, limit)
+        num = _horner(u, p["gamma"][sl]).sub_(xc).add_(p["b"][sl]).neg_()
+        den = _horner(u, p["delta"][sl])
+        t = None
+        if bound > 0:  # tanh(z) = 2 sigmoid(2z) - 1: several times faster than tanh on CPU
+            den.mul_(2.0 / bound).sigmoid_().mul_(2.0).sub_(1.0)
+            if keep_t:
+                t, den = den, den * bound
+            else:
+                den.mul_(bound)
+        den.add_(p["w_eps"][sl])
+        # with |R_b| < bound, rows whose |w + eps| exceeds bound + min_den cannot come near zero (CPU: checked)
+        if bound > 0 and xc.device.type == "cpu" and bool(p["far"][sl].all()):
+            return u, clamped, num, den, t
+        return u, clamped, num, _guard(den, min_den), t
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, mu: Tensor, sigma: Tensor, weight: Tensor, bias: Tensor,
+                gamma: Tensor | None, delta: Tensor | None, eps: float, limit: float, min_den: float,
+                out_dtype: torch.dtype, bound: float) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            cd = _compute_dtype(x)
+            x2, batch, n = _rows_of(x)
+            p = HarmonyRestoreFunction._params(weight, bias, gamma, delta, eps, batch, cd, min_den, bound)
+            s, m = sigma.to(cd).reshape(-1, 1), mu.to(cd).reshape(-1, 1)
+            out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+            out2 = out.view(x2.shape)
+            for sl in _chunks(x2.shape[0], n, x.device):
+                _, _, num, dsafe, _ = HarmonyRestoreFunction._terms(x2[sl].to(cd), sl, p, limit, min_den, bound)
+                if out_dtype == cd:
+                    torch.div(num, dsafe, out=out2[sl]).mul_(s[sl]).add_(m[sl])
+                else:
+                    out2[sl] = num.div_(dsafe).mul_(s[sl]).add_(m[sl])
+        ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta)
+        ctx.consts = (eps, limit, min_den, bound)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
+        x, mu, sigma, weight, bias, gamma, delta = ctx.saved_tensors
+        eps, limit, min_den, bound = ctx.consts
+        need = ctx.needs_input_grad
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            cd = _compute_dtype(x)
+            x2, batch, n = _rows_of(x)
+            g2 = grad_out.contiguous().view(x2.shape)
+            rows = x2.shape[0]
+            p = HarmonyRestoreFunction._params(weight, bias, gamma, delta, eps, batch, cd, min_den, bound)
+            s = sigma.to(cd).reshape(-1, 1)
+            poly = "gamma" in p
+            order = gamma.shape[1] - 1 if poly else 0
+            if poly:
+                orders = torch.arange(1, order + 1, dtype=cd, device=x.device)
+                dq_coef, dr_coef = p["gamma"][:, 1:] * orders, p["delta"][:, 1:] * orders  # Q'(u), R'(u)
+            grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            gx2 = grad_x.view(x2.shape)
+            acc = {k: torch.empty(rows, dtype=cd, device=x.device) for k in ("mu", "sigma", "w", "b")}
+            if poly:
+                acc["gamma"] = torch.empty((rows, order + 1), dtype=cd, device=x.device)
+                acc["delta"] = torch.empty_like(acc["gamma"])
+            for sl in _chunks(rows, n, x.device):
+                xc = x2[sl].to(cd)
+                u, clamped, num, dsafe, t = HarmonyRestoreFunction._terms(xc, sl, p, limit, min_den, bound,
+                                                                           keep_t=True)
+                gc = g2[sl].to(cd)
+                e = torch.div(gc, dsafe).mul_(s[sl])  # dL/dnum
+                ratio = num.div_(dsafe)
+                f = (e * ratio).neg_()  # dL/dden (straight through the floor)
+                acc["mu"][sl] = gc.sum(1)
+                acc["sigma"][sl] = torch.linalg.vecdot(gc, ratio)
+                acc["w"][sl] = f.sum(1)
+                acc["b"][sl] = e.sum(1).neg_()
+                if not poly:
+                    gx2[sl] = e
+                    continue
+                if t is not None:  # dL/dR = dL/dden * (1 - tanh^2)
+                    f.mul_(t.square_().neg_().add_(1.0))
+                acc["gamma"][sl, 0] = acc["b"][sl]  # dL/dq_k = -sum e u^k,  dL/dr_k = sum f u^k
+                acc["delta"][sl, 0] = f.sum(1)
+                te, tf = e * u, f * u
+                for k in range(1, order + 1):
+                    acc["gamma"][sl, k] = (te.sum(1) if k == 1 else torch.linalg.vecdot(te, u)).neg_()
+                    acc["delta"][sl, k] = tf.sum(1) if k == 1 else torch.linalg.vecdot(tf, u)
+                    if 2 <= k < order:
+                        te.mul_(u)
+                        tf.mul_(u)
+                # dy/dx = e * (1 - Q'(u)) + dL/dR * R'(u), the polynomial slopes being 0 where x is clamped
+                slope = _horner(u, dr_coef[sl]).mul_(f).sub_(_horner(u, dq_coef[sl]).mul_(e))
+                if clamped:
+                    slope.masked_fill_(xc.abs() >= limit, 0.0)
+                if gx2.dtype == cd:
+                    torch.add(slope, e, out=gx2[sl])
+                else:
+                    gx2[sl] = slope.add_(e)
+            grads: list[Tensor | None] = [None] * 12
+            grads[0] = grad_x if need[0] else None
+            grads[1] = acc["mu"].view(mu.shape).to(mu.dtype) if need[1] else None
+            grads[2] = acc["sigma"].view(sigma.shape).to(sigma.dtype) if need[2] else None
+            grads[3] = acc["w"].view(batch, -1).sum(0).to(weight.dtype) if need[3] else None
+            grads[4] = acc["b"].view(batch, -1).sum(0).to(bias.dtype) if need[4] else None
+            if poly:
+                grads[5] = acc["gamma"].view(batch, -1, order + 1).sum(0).to(gamma.dtype) if need[5] else None
+                grads[6] = acc["delta"].view(batch, -1, order + 1).sum(0).to(delta.dtype) if need[6] else None
+        return tuple(grads)

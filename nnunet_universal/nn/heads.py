@@ -1,0 +1,76 @@
+"""Per-domain segmentation heads and their mixture into the union label space (U-Harmony §2.2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+#: Probability floor of the union mixture: classes no routed head predicts get log(1e-8) ~ -18.4, a finite
+#: logit, so that nnU-Net's softmax/argmax and fp16 accumulators never see -inf.
+MIN_PROBABILITY = 1e-8
+
+
+def validate_domains(domains: list[list[int]], num_union_labels: int) -> list[list[int]]:
+    """Check that each domain lists distinct union ids in 1..num_union_labels-1; return them as ints."""
+    if not domains:
+        raise ValueError("the universal network needs at least one domain")
+    out = []
+    for d, ids in enumerate(domains):
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError(f"domain {d} has no labels; every domain needs at least one foreground class")
+        bad = [i for i in ids if not 0 < i < num_union_labels]
+        if bad or len(set(ids)) != len(ids):
+            raise ValueError(f"domain {d}: union label ids {ids} must be distinct and in 1..{num_union_labels - 1}")
+        out.append(ids)
+    return out
+
+
+class DomainHeads(nn.Module):
+    """One light 1x1 head per domain and per deep-supervision scale (domain ``d``: background + its K_d classes).
+
+    The heads of one scale are stored as one convolution with ``sum_d (1 + K_d)`` output channels: one pass
+    over the features, and every head takes part in every step's graph (DDP needs no
+    ``find_unused_parameters``). ``domains[d][k]`` is the union id of head channel ``k + 1`` of domain ``d``.
+    """
+
+    def __init__(self, conv_op: type[nn.Module], scale_channels: list[int], domains: list[list[int]],
+                 num_union_labels: int) -> None:
+        super().__init__()
+        self.domains = validate_domains(domains, num_union_labels)
+        self.sizes = [1 + len(ids) for ids in self.domains]
+        total = sum(self.sizes)
+        self.heads = nn.ModuleList([conv_op(c, total, 1, 1, 0, bias=True) for c in scale_channels])
+        union_map = torch.zeros(num_union_labels, total)
+        channel_domain = torch.zeros(total, dtype=torch.long)
+        offset = 0
+        for d, ids in enumerate(self.domains):
+            union_map[0, offset] = 1.0
+            for k, uid in enumerate(ids):
+                union_map[uid, offset + 1 + k] = 1.0
+            channel_domain[offset:offset + self.sizes[d]] = d
+            offset += self.sizes[d]
+        # derived from the constructor arguments: not part of the state dict
+        self.register_buffer("union_map", union_map, persistent=False)
+        self.register_buffer("channel_domain", channel_domain, persistent=False)
+
+    def logits(self, feat: Tensor, scale: int) -> Tensor:
+        """feat: (B, C_s, *s) decoder features of DS scale ``scale`` (0 = highest resolution) -> (B, sum(1+K_d), *s)."""
+        return self.heads[scale](feat)
+
+    def split(self, logits: Tensor) -> list[Tensor]:
+        """(B, sum(1+K_d), *s) -> per domain (B, 1+K_d, *s) logits."""
+        return list(torch.split(logits, self.sizes, dim=1))
+
+    def mix(self, logits: Tensor, weights: Tensor) -> Tensor:
+        """Union-space log-probabilities (B, U, *s) of the heads' mixture with weights (B, D).
+
+        ``p[0] = sum_d r_d p_d[0]``; ``p[id] = sum_{d: id in d} r_d p_d[k]``; returns ``log(max(p, 1e-8))``.
+        Computed in fp32 (also under autocast).
+        """
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            probs = torch.cat([torch.softmax(part.float(), dim=1) for part in self.split(logits)], dim=1)
+            w = weights.float()[:, self.channel_domain]  # (B, S)
+            probs.mul_(w.view(*w.shape, *([1] * (logits.ndim - 2))))
+            union = torch.matmul(self.union_map, probs.flatten(2))  # (U, S) @ (B, S, N) -> (B, U, N)
+            return union.clamp_min_(MIN_PROBABILITY).log_().view(logits.shape[0], -1, *logits.shape[2:])

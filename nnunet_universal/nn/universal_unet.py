@@ -1,0 +1,343 @@
+"""UniversalUNet: nnU-Net's planned U-Net with U-Harmony, prompts and the domain-gated head (DESIGN §5).
+
+The planned network (PlainConvUNet or ResidualEncoderUNet from dynamic-network-architectures, 2D or 3D,
+as ``get_network_from_plans`` builds it) is used as is: its ``encoder`` and ``decoder`` become this
+module's ``encoder`` and ``decoder`` (so state-dict keys and ``decoder.deep_supervision`` stay nnU-Net's),
+its InstanceNorms are swapped for HarmonyNorm, HarmonyRestore runs as a forward hook after each decoder
+stage, and (domain heads) the decoder's ``seg_layers`` become identities so that the decoder returns its
+features, which the per-domain heads turn into union-space log-probabilities.
+
+Forward contract::
+
+    net(x)                                  # union log-probs (B, U, *patch), or a list (deep supervision)
+    net(x, domain=d, availability=a)        # oracle: that domain's head mapped to union space
+    net(x, routing=r)                       # fixed (case-level) routing weights (B, D)
+    net.forward_train(x, domain, availability) -> TrainOutput
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+from nnunet_universal.metadata import NetworkOptions, read_plans_universal
+from nnunet_universal.nn.gating import DomainRouter, uniform_routing
+from nnunet_universal.nn.harmony import MAX_ORDER, STABLE_MAX_ORDER, HarmonyNorm, HarmonyRestore
+from nnunet_universal.nn.heads import DomainHeads, validate_domains
+from nnunet_universal.nn.injection import inject_harmony
+from nnunet_universal.nn.prompts import ModalityPrompt, TaskPrompt, derive_availability
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutput:
+    """What :meth:`UniversalUNet.forward_train` returns to the trainer's loss."""
+
+    heads: list[dict[int, Tensor]]  # per DS scale (highest res first): domain -> (n_d, 1+K_d, *spatial_s) logits
+    samples: dict[int, Tensor]  # domain -> (n_d,) long indices of the batch samples of that domain
+    gate_logits: Tensor | None  # (B, D), None without gate
+    embedding: Tensor  # (B, F) pooled bottleneck features phi
+    union: list[Tensor] | None  # per-scale union logits (head == "union"; heads is empty then)
+
+
+def _check_options(options: NetworkOptions) -> None:
+    if options.head not in ("domain", "union"):
+        raise ValueError(f"NetworkOptions.head must be 'domain' or 'union', got {options.head!r}")
+    if options.routing not in ("soft", "hard"):
+        raise ValueError(f"NetworkOptions.routing must be 'soft' or 'hard', got {options.routing!r}")
+    if options.harmony_stages not in ("all", "first"):
+        raise ValueError(f"NetworkOptions.harmony_stages must be 'all' or 'first', got {options.harmony_stages!r}")
+    if not 1 <= options.harmony_order <= MAX_ORDER:
+        raise ValueError(f"NetworkOptions.harmony_order must be in 1..{MAX_ORDER}, got {options.harmony_order}")
+    if options.prompt_channels < 1:
+        raise ValueError(f"NetworkOptions.prompt_channels must be >= 1, got {options.prompt_channels}")
+    if options.harmony and options.polynomial and options.harmony_order > STABLE_MAX_ORDER:
+        logger.warning("harmony_order=%d is above %d, the largest order that trained stably in the measured proxy "
+                       "(scripts/benchmark_network.py --quality); expect divergence", options.harmony_order,
+                       STABLE_MAX_ORDER)
+
+
+class UniversalUNet(nn.Module):
+    """One segmentation network for many partially labelled domains, wrapped around a planned nnU-Net U-Net.
+
+    Args:
+        backbone: the planned PlainConvUNet/ResidualEncoderUNet, built with ``num_classes = num_union_labels``.
+        domains: ``domains[d]`` = union label ids of domain ``d``'s classes in head-channel order
+            (head channel ``k + 1`` -> ``domains[d][k]``; channel 0 is background).
+        num_union_labels: U, union labels including background.
+        num_slots: C, input channels (modality slots).
+        options: which modules are on (ablations switch them off one by one).
+        harmony_kwargs: extra HarmonyNorm/HarmonyRestore settings for experiments (``basis``, ``poly_limit``;
+            ``denominator_bound``, ``min_denominator`` go to HarmonyRestore only); defaults are the measured ones.
+    """
+
+    def __init__(self, backbone: nn.Module, domains: list[list[int]], num_union_labels: int, num_slots: int,
+                 options: NetworkOptions, harmony_kwargs: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        _check_options(options)
+        encoder, decoder = getattr(backbone, "encoder", None), getattr(backbone, "decoder", None)
+        if encoder is None or decoder is None or not hasattr(decoder, "seg_layers"):
+            raise TypeError(f"UniversalUNet wraps dynamic-network-architectures U-Nets (PlainConvUNet, "
+                            f"ResidualEncoderUNet); got {type(backbone).__name__}")
+        first_conv = next(m for m in encoder.modules() if isinstance(m, _ConvNd))
+        if first_conv.in_channels != num_slots:
+            raise ValueError(f"the planned network takes {first_conv.in_channels} input channels but the plans "
+                             f"list {num_slots} modality slots")
+        if decoder.seg_layers[0].out_channels != num_union_labels:
+            raise ValueError(f"the planned network predicts {decoder.seg_layers[0].out_channels} classes; build it "
+                             f"with num_classes = num_union_labels = {num_union_labels}")
+        self.options = options
+        self.domains = validate_domains(domains, num_union_labels)
+        self.num_domains = len(self.domains)
+        self.num_union_labels = num_union_labels
+        self.num_slots = num_slots
+        self.union_head = options.head == "union"
+        self.encoder = encoder
+        self.decoder = decoder
+        conv_op = encoder.conv_op
+        ndim = convert_conv_op_to_dim(conv_op)
+        n_stages = len(encoder.output_channels)
+
+        # U-Harmony: HarmonyNorm everywhere (or in stage 0), HarmonyRestore after the matching decoder stages
+        hk = dict(harmony_kwargs or {})
+        restore_only = {k: hk.pop(k) for k in ("denominator_bound", "min_denominator") if k in hk}
+        self._stat_norms: list[HarmonyNorm | None] = [None] * n_stages
+        if options.harmony:
+            self._stat_norms = inject_harmony(encoder, decoder, options.harmony_stages, options.harmony_order,
+                                              options.polynomial, **hk)
+        elif options.restore:
+            logger.info("harmony is off: HarmonyRestore needs HarmonyNorm's statistics and is off too")
+        self.restores = nn.ModuleDict()
+        if options.harmony and options.restore:
+            for s in range(len(decoder.stages)):
+                k = n_stages - 2 - s  # decoder stage s merges the skip of encoder stage k
+                if self._stat_norms[k] is not None:
+                    self.restores[str(s)] = HarmonyRestore(encoder.output_channels[k], order=options.harmony_order,
+                                                           polynomial=options.polynomial, **hk, **restore_only)
+                    decoder.stages[s].register_forward_hook(functools.partial(self._restore_hook, s, k))
+
+        self.modality_prompt = ModalityPrompt(num_slots, ndim) if options.modality_prompt else None
+        self.heads: DomainHeads | None = None
+        self.router: DomainRouter | None = None
+        self.task_prompt: TaskPrompt | None = None
+        if self.union_head:
+            if options.gate or options.task_prompt:
+                logger.info("head='union': one plain head on the union labels, no gate and no task prompt")
+        else:
+            decoder.seg_layers = nn.ModuleList([nn.Identity() for _ in decoder.seg_layers])
+            self.heads = DomainHeads(conv_op, list(encoder.output_channels[:-1]), self.domains, num_union_labels)
+            if options.gate:
+                self.router = DomainRouter(encoder.output_channels[-1], self.num_domains,
+                                           options.routing_temperature, options.prototype_momentum)
+            if options.task_prompt:
+                self.task_prompt = TaskPrompt(conv_op, encoder.output_channels[-1], self.num_domains,
+                                              options.prompt_channels, encoder.nonlin or nn.LeakyReLU,
+                                              encoder.nonlin_kwargs)
+            self.heads.apply(InitWeights_He(1e-2))
+        self._context: dict[str, Any] = {}
+
+    # ---- nnU-Net integration ---------------------------------------------------------------------------
+    @staticmethod
+    def initialize(module: nn.Module) -> None:
+        """nnU-Net-style init (``net.apply(net.initialize)``): He for convs, zero last norm of residual blocks."""
+        InitWeights_He(1e-2)(module)
+        init_last_bn_before_add_to_0(module)
+        if isinstance(module, TaskPrompt):
+            module.reset_injection()
+
+    def _restore_hook(self, stage: int, enc_stage: int, module: nn.Module, args: Any, output: Tensor) -> Tensor:
+        stats = self._stat_norms[enc_stage].last_stats
+        if stats is None or stats[0].shape[0] != output.shape[0]:
+            raise RuntimeError("HarmonyRestore found no encoder statistics for this batch; call the decoder "
+                               "through UniversalUNet.forward / forward_train")
+        return self.restores[str(stage)](output, *stats)
+
+    def _clear_stats(self) -> None:
+        for norm in self._stat_norms:
+            if norm is not None:
+                norm.last_stats = None
+
+    # ---- context for nnU-Net's predictor, which calls network(x) -------------------------------------
+    def set_context(self, domain: int | None = None, routing: Tensor | None = None,
+                    availability: Tensor | None = None) -> None:
+        """Fix the domain (oracle), routing weights (D,) or (B, D), and/or availability (C,) or (B, C) for the
+        following ``forward(x)`` calls (nnU-Net's sliding window calls ``network(x)`` with nothing else)."""
+        if domain is not None and routing is not None:
+            raise ValueError("set_context: give either a domain (oracle) or routing weights, not both")
+        if domain is not None and not 0 <= int(domain) < self.num_domains:
+            raise ValueError(f"set_context: domain {domain} out of range (this network has {self.num_domains})")
+        if routing is not None and routing.shape[-1] != self.num_domains:
+            raise ValueError(f"set_context: routing has {routing.shape[-1]} weights, expected {self.num_domains}")
+        if availability is not None and availability.shape[-1] != self.num_slots:
+            raise ValueError(f"set_context: availability has {availability.shape[-1]} slots, "
+                             f"expected {self.num_slots}")
+        self._context = {"domain": None if domain is None else int(domain), "routing": routing,
+                         "availability": availability}
+
+    def clear_context(self) -> None:
+        """Back to dataset-free inference with availability derived from the input."""
+        self._context = {}
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return dict(self._context)
+
+    def _resolve(self, x: Tensor, domain: Tensor | None, routing: Tensor | None,
+                 availability: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        b = x.shape[0]
+        if domain is not None and routing is not None:
+            raise ValueError("forward: give either domain (oracle) or routing, not both")
+        if domain is None and routing is None:
+            if self._context.get("domain") is not None:
+                domain = torch.full((b,), self._context["domain"], dtype=torch.long, device=x.device)
+            elif self._context.get("routing") is not None:
+                routing = self._context["routing"]
+        if routing is not None:
+            routing = routing.to(device=x.device, dtype=torch.float32).reshape(-1, self.num_domains).expand(b, -1)
+        if domain is not None:
+            domain = torch.as_tensor(domain, device=x.device).long().reshape(-1).expand(b)
+        if availability is None:
+            availability = self._context.get("availability")
+        if availability is None:
+            availability = derive_availability(x)
+        availability = availability.to(device=x.device, dtype=torch.bool).reshape(-1, self.num_slots).expand(b, -1)
+        return domain, routing, availability
+
+    # ---- building blocks -----------------------------------------------------------------------------
+    def _encode(self, x: Tensor, availability: Tensor) -> tuple[list[Tensor], Tensor]:
+        """x: (B, C, *spatial) -> encoder skips (bottleneck last) and phi (B, F)."""
+        mask = availability.to(x.dtype).view(*availability.shape, *([1] * (x.ndim - 2)))
+        x = x * mask  # missing slots are zero inside the network, whatever preprocessing made of them
+        if self.modality_prompt is not None:
+            x = self.modality_prompt(x, availability)
+        skips = list(self.encoder(x))
+        phi = skips[-1].float().mean(dim=tuple(range(2, x.ndim)))
+        return skips, phi
+
+    def _decode(self, skips: list[Tensor]) -> list[Tensor]:
+        """Decoder outputs as a list, highest resolution first (one entry when deep supervision is off)."""
+        try:
+            out = self.decoder(skips)
+        finally:
+            self._clear_stats()
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def _weights(self, phi: Tensor, domain: Tensor | None, routing: Tensor | None) -> Tensor:
+        """(B, D) head weights: one-hot of the known domain, given routing, the gate's routing, or uniform."""
+        if domain is not None:
+            return F.one_hot(domain, self.num_domains).float()
+        if routing is not None:
+            return routing
+        if self.router is None:  # no gate (ablation): mix all heads equally
+            return uniform_routing(phi.shape[0], self.num_domains, phi.device)
+        return self.router.route(phi, hard=self.options.routing == "hard")
+
+    # ---- public API ----------------------------------------------------------------------------------
+    def embed(self, x: Tensor, availability: Tensor | None = None) -> Tensor:
+        """(B, F) pooled bottleneck features phi (after zeroing missing slots and the modality prompt)."""
+        _, _, availability = self._resolve(x, None, None, availability)
+        try:
+            _, phi = self._encode(x, availability)
+        finally:
+            self._clear_stats()
+        return phi
+
+    def route(self, phi: Tensor) -> Tensor:
+        """(B, F) -> (B, D) routing weights (rows sum to 1; one-hot with routing='hard'; uniform without gate)."""
+        return self._weights(phi, None, None)
+
+    def forward(self, x: Tensor, domain: Tensor | None = None, availability: Tensor | None = None,
+                routing: Tensor | None = None, *, train: bool = False) -> Tensor | list[Tensor] | TrainOutput:
+        """x: (B, C, *spatial) -> union-space logits (log-probabilities of the heads' mixture) (B, U, *spatial),
+        or a list highest-resolution-first when ``decoder.deep_supervision`` is True.
+
+        domain: (B,) long, oracle; routing: (B, D) fixed weights; availability: (B, C) bool (None: derived,
+        a channel constant over the patch is missing). Without domain/routing the context
+        (:meth:`set_context`) applies, else the gate routes (uniform mixture without gate).
+        ``train=True`` returns :meth:`forward_train`'s TrainOutput instead (``domain`` required): the way to
+        train through a DDP or compile wrapper, which only wrap ``forward``.
+        """
+        if train:
+            if domain is None:
+                raise ValueError("forward(train=True) needs the true domain of every sample")
+            return self._forward_train(x, domain, availability)
+        domain, routing, availability = self._resolve(x, domain, routing, availability)
+        skips, phi = self._encode(x, availability)
+        if self.union_head:
+            out = self._decode(skips)
+            return out if self.decoder.deep_supervision else out[0]
+        weights = self._weights(phi, domain, routing)
+        if self.task_prompt is not None:
+            skips[-1] = self.task_prompt(skips[-1], weights)
+        feats = self._decode(skips)
+        outs = [self.heads.mix(self.heads.logits(f, i), weights) for i, f in enumerate(feats)]
+        return outs if self.decoder.deep_supervision else outs[0]
+
+    def forward_train(self, x: Tensor, domain: Tensor, availability: Tensor | None) -> TrainOutput:
+        """Training forward with the true domains (B,): each sample through its own domain's heads.
+
+        Also updates the prototypes (no grad, DDP-synchronized) when ``self.training``. Under DDP call
+        ``network(x, domain=..., availability=..., train=True)`` instead: DDP synchronizes gradients only for
+        what runs through its ``forward``.
+        """
+        return self._forward_train(x, domain, availability)
+
+    def _forward_train(self, x: Tensor, domain: Tensor, availability: Tensor | None) -> TrainOutput:
+        domain = domain.to(x.device).long().reshape(-1)
+        _, _, availability = self._resolve(x, domain, None, availability)
+        skips, phi = self._encode(x, availability)
+        samples = {int(d): torch.nonzero(domain == d).flatten() for d in torch.unique(domain).tolist()}
+        if self.union_head:
+            return TrainOutput(heads=[], samples=samples, gate_logits=None, embedding=phi,
+                               union=self._decode(skips))
+        gate_logits = None
+        if self.router is not None:
+            gate_logits = self.router.gate_logits(phi)
+            if self.training:
+                self.router.update_prototypes(phi, domain)
+        if self.task_prompt is not None:
+            skips[-1] = self.task_prompt(skips[-1], F.one_hot(domain, self.num_domains).float())
+        heads = []
+        for i, feat in enumerate(self._decode(skips)):
+            per_domain = self.heads.split(self.heads.logits(feat, i))
+            heads.append({d: per_domain[d][idx] for d, idx in samples.items()})
+        return TrainOutput(heads=heads, samples=samples, gate_logits=gate_logits, embedding=phi, union=None)
+
+
+def build_universal_network(plans_manager: Any, configuration_manager: Any, num_input_channels: int,
+                            num_output_channels: int, enable_deep_supervision: bool = True,
+                            options: NetworkOptions | None = None) -> UniversalUNet:
+    """Build nnU-Net's planned U-Net for ``configuration_manager`` and wrap it in a :class:`UniversalUNet`.
+
+    Domains and slots come from the plans' ``universal`` block (``read_plans_universal``); ``options``
+    defaults to that block's modules and, when given, replaces them (trainer variants).
+    """
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    where = f"plans {getattr(plans_manager, 'plans_name', '')!r}"
+    meta, planned = read_plans_universal(plans_manager.plans, where=where)
+    options = options or planned
+    domains = [meta.domain_label_ids(name) for name in meta.domain_names]
+    num_union = meta.num_union_labels()
+    if num_output_channels != num_union:
+        raise ValueError(f"{where}: nnU-Net asks for {num_output_channels} output channels but the universal block's "
+                         f"domains span {num_union} union labels (background included); the dataset.json 'labels' "
+                         "and the plans' universal block disagree: re-plan the dataset with 'nnunet-universal plan'")
+    if num_input_channels != len(meta.slots):
+        raise ValueError(f"{where}: {num_input_channels} input channels but {len(meta.slots)} slots {meta.slots} "
+                         "in the universal block; re-plan the dataset with 'nnunet-universal plan'")
+    backbone = get_network_from_plans(
+        configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+        configuration_manager.network_arch_init_kwargs_req_import, num_input_channels, num_output_channels,
+        allow_init=True, deep_supervision=enable_deep_supervision)
+    return UniversalUNet(backbone, domains, num_union, len(meta.slots), options)

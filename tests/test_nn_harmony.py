@@ -1,0 +1,297 @@
+"""HarmonyNorm / HarmonyRestore (U-Harmony Eq. 1-3): InstanceNorm equivalence, exact gradients, guards."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from torch.autograd import gradcheck
+
+from nnunet_universal.nn.harmony import MAX_ORDER, POLY_LIMIT, HarmonyNorm, HarmonyRestore, basis_matrix
+from nnunet_universal.nn.harmony_functions import HarmonyNormFunction, HarmonyRestoreFunction
+from nnunet_universal.nn.injection import inject_harmony
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 9, 7), (2, 3, 5, 6, 4)])
+def test_harmony_norm_with_zero_polynomial_is_instance_norm(shape):
+    torch.manual_seed(0)
+    norm_cls = torch.nn.InstanceNorm2d if len(shape) == 4 else torch.nn.InstanceNorm3d
+    ref = norm_cls(shape[1], eps=1e-5, affine=True)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 2.0)
+        ref.bias.normal_()
+    hn = HarmonyNorm(shape[1], eps=1e-5, affine=True, order=3)
+    hn.load_state_dict({**ref.state_dict(), "poly_weight": torch.zeros(shape[1], 2)})
+    x = torch.randn(*shape) * 3 + 2
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = hn(x1), ref(x2)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hn.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hn.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-4)
+    assert hn.poly_weight.grad is not None and hn.poly_weight.grad.abs().sum() > 0  # the polynomial can learn
+
+
+def _small_unet(kind: str, conv=torch.nn.Conv2d, norm=torch.nn.InstanceNorm2d):
+    common = dict(input_channels=2, n_stages=3, features_per_stage=[4, 8, 16], conv_op=conv, kernel_sizes=3,
+                  strides=[1, 2, 2], num_classes=3, n_conv_per_stage_decoder=1, conv_bias=True, norm_op=norm,
+                  norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                  nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    if kind == "plain":
+        return PlainConvUNet(n_conv_per_stage=2, **common)
+    return ResidualEncoderUNet(n_blocks_per_stage=[1, 2, 2], **common)
+
+
+@pytest.mark.parametrize("kind", ["plain", "resenc"])
+def test_injected_network_computes_the_planned_network(kind):
+    """Injection swaps every InstanceNorm (both references of each) and copies the affine, so with zero
+    polynomial terms the harmonized network is the planned one; the kept norm is the stage's last."""
+    torch.manual_seed(0)
+    net = _small_unet(kind)
+    net.apply(net.initialize)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.InstanceNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    harmonized = copy.deepcopy(net)
+    kept = inject_harmony(harmonized.encoder, harmonized.decoder, "all", order=3, polynomial=True)
+    assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in harmonized.modules())
+    assert all(isinstance(k, HarmonyNorm) and k.keep_stats for k in kept)
+    names = {id(m): n for n, m in harmonized.named_modules()}
+    last = names[id(kept[1])]
+    assert last.endswith("convs.1.norm") if kind == "plain" else last.endswith("blocks.1.conv2.norm")
+    x = torch.randn(2, 2, 16, 16)
+    for a, b in zip(net(x), harmonized(x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    mu, sigma = kept[0].last_stats
+    assert mu.shape == sigma.shape == (2, 4) and bool((sigma > 0).all())
+
+
+def test_first_stage_only_harmonizes_stage_zero():
+    net = _small_unet("resenc")
+    kept = inject_harmony(net.encoder, net.decoder, "first", order=2, polynomial=True)
+    assert kept[0] is not None and kept[1] is None and kept[2] is None
+    harmony = [n for n, m in net.named_modules() if isinstance(m, HarmonyNorm)]
+    assert harmony and all(n.startswith(("encoder.stem", "encoder.stages.0")) for n in harmony)
+    assert any(isinstance(m, torch.nn.InstanceNorm2d) for m in net.decoder.stages.modules())
+
+
+def test_gradients_are_exact_float64():
+    torch.manual_seed(1)
+    x = (torch.randn(2, 3, 4, 5, dtype=F64) * 2).requires_grad_()
+    with torch.no_grad():
+        x[0, 0, 0, 0] = 40.0  # beyond the polynomial clamp after standardization
+    w = (torch.rand(3, dtype=F64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=F64, requires_grad=True)
+    coef = torch.randn(3, 4, dtype=F64, requires_grad=True)  # monomial coefficients, orders 0..3
+
+    def norm(x, w, b, coef):
+        return HarmonyNormFunction.apply(x, w, b, coef, 1e-5, 2.5, F64)[0]
+
+    assert gradcheck(norm, (x, w, b, coef), eps=1e-6, atol=1e-5)
+    xr = (torch.randn(2, 3, 4, 5, dtype=F64) * 2).requires_grad_()
+    with torch.no_grad():
+        xr[1, 2, 0, 0] = 9.0  # clamped polynomial input
+    mu = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    sigma = (torch.rand(2, 3, dtype=F64) + 0.5).requires_grad_()
+    q = (torch.randn(3, 4, dtype=F64) * 0.1).requires_grad_()
+    r = (torch.randn(3, 4, dtype=F64) * 0.02).requires_grad_()
+    for bound in (0.0, 0.5):
+        def restore(x, mu, sigma, w, b, q, r, bound=bound):
+            return HarmonyRestoreFunction.apply(x, mu, sigma, w, b, q, r, 1e-5, 3.0, 0.05, F64, bound)
+
+        assert gradcheck(restore, (xr, mu, sigma, w, b, q, r), eps=1e-6, atol=1e-5)
+    # and through the modules' basis maps, norm feeding restoration
+    hn, hr = HarmonyNorm(3).double(), HarmonyRestore(3).double()
+    with torch.no_grad():
+        hn.poly_weight.normal_(0, 0.3)
+        hr.gamma.normal_(0, 0.1)
+        hr.delta.normal_(0, 0.3)
+    xs = torch.randn(2, 3, 5, 5, dtype=F64, requires_grad=True)
+    assert gradcheck(lambda t: hr(hn(t), mu.detach(), sigma.detach()), (xs,), eps=1e-6, atol=1e-5)
+
+
+def _hermite(u: torch.Tensor, j: int) -> torch.Tensor:
+    """He_j(u) / sqrt(j!) written out."""
+    he = {1: u, 2: u**2 - 1, 3: u**3 - 3 * u, 4: u**4 - 6 * u**2 + 3}[j]
+    return he / math.sqrt(math.factorial(j))
+
+
+def test_polynomial_affine_is_equation_2_in_either_basis():
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 7, 7, dtype=F64) * 3 + 1
+    with torch.no_grad():
+        x[0, 1, 0, 0] = 80.0  # standardized beyond the clamp
+    xhat = (x - x.mean((2, 3), keepdim=True)) / (x.var((2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+    u = xhat.clamp(-POLY_LIMIT, POLY_LIMIT)
+    for basis, b_j in (("power", lambda t, j: t**j), ("hermite", _hermite)):
+        hn = HarmonyNorm(3, order=4, basis=basis).double()
+        with torch.no_grad():
+            hn.weight.uniform_(0.5, 1.5)
+            hn.bias.normal_()
+            hn.poly_weight.normal_(0, 0.2)
+        expected = hn.weight.view(1, 3, 1, 1) * xhat + hn.bias.view(1, 3, 1, 1)
+        expected = expected + sum(hn.poly_weight[:, j - 2].view(1, 3, 1, 1) * b_j(u, j) for j in range(2, 5))
+        torch.testing.assert_close(hn(x), expected, rtol=1e-10, atol=1e-9)
+    assert torch.equal(basis_matrix([1, 2, 3], "power"), torch.eye(4, dtype=F64)[:, 1:])
+
+
+@pytest.mark.parametrize(("basis", "bound"), [("power", 0.0), ("hermite", 0.5)])
+def test_restore_is_equation_3_with_a_guarded_denominator(basis, bound):
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 6, 6, dtype=F64) * 4
+    mu, sigma = torch.randn(2, 3, dtype=F64), torch.rand(2, 3, dtype=F64) + 0.1
+    r = HarmonyRestore(3, order=2, basis=basis, denominator_bound=bound).double()
+    with torch.no_grad():
+        r.weight.copy_(torch.tensor([1.5, -1e-5, -0.3]))  # channel 1: w + eps = 0 exactly at delta = 0
+        r.bias.normal_()
+        r.gamma.normal_(0, 0.1)
+        r.delta.normal_(0, 0.05)
+        r.delta[1].zero_()
+    b_j = (lambda t, j: t**j) if basis == "power" else _hermite
+    u = x.clamp(-POLY_LIMIT, POLY_LIMIT)
+    per = dict(w=r.weight.view(1, 3, 1, 1), b=r.bias.view(1, 3, 1, 1))
+    num = x - per["b"] - sum(r.gamma[:, j - 1].view(1, 3, 1, 1) * b_j(u, j) for j in (1, 2))
+    rpoly = sum(r.delta[:, j - 1].view(1, 3, 1, 1) * b_j(u, j) for j in (1, 2))
+    if bound > 0:
+        rpoly = bound * torch.tanh(rpoly / bound)
+    den = per["w"] + 1e-5 + rpoly
+    den = torch.copysign(den.abs().clamp_min(r.min_denominator), den)
+    expected = sigma.view(2, 3, 1, 1) * num / den + mu.view(2, 3, 1, 1)
+    got = r(x, mu, sigma)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-9)
+    assert torch.isfinite(got).all()
+    assert got[:, 1].abs().max() <= (sigma[:, 1].max() * num[:, 1].abs().max() / r.min_denominator
+                                     + mu[:, 1].abs().max()) + 1e-6
+
+
+def _log_uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
+    return 10 ** (torch.rand(n, generator=gen) * (hi - lo) + lo)
+
+
+def _signed(t: torch.Tensor, gen: torch.Generator, zero_frac: float = 0.1) -> torch.Tensor:
+    sign = torch.where(torch.rand(t.shape, generator=gen) < 0.5, -1.0, 1.0)
+    return torch.where(torch.rand(t.shape, generator=gen) < zero_frac, 0.0, t * sign)
+
+
+def _extreme_activations(draws: int, gen: torch.Generator) -> torch.Tensor:
+    """(2, draws, 8, 8): one draw per channel; scales 1e-8..1e8, offsets up to 1e8, constant channels,
+    single spikes, heavy tails, exact zeros."""
+    z = torch.randn(2, draws, 8, 8, generator=gen)
+    kind = torch.randint(0, 5, (draws,), generator=gen)
+    z[:, kind == 1] = 0.0  # constant channel
+    spike = kind == 2
+    z[:, spike] = 0.0
+    z[:, spike, 3, 4] = 1e4  # one outlier voxel
+    heavy = kind == 3
+    z[:, heavy] = torch.tan((torch.rand(2, int(heavy.sum()), 8, 8, generator=gen) - 0.5) * 3.1)  # Cauchy-like
+    scale = _log_uniform(draws, -8, 8, gen).view(1, -1, 1, 1)
+    offset = _signed(_log_uniform(draws, -8, 8, gen), gen).view(1, -1, 1, 1)
+    x = offset + scale * z
+    x[:, kind == 4] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_ten_thousand_extreme_draws_stay_finite(autocast):
+    """10^4 random draws of extreme activations and parameters (one per channel): no NaN/Inf anywhere."""
+    draws = 10_000
+    gen = torch.Generator().manual_seed(3)
+    x = _extreme_activations(draws, gen)
+    norm = HarmonyNorm(draws, order=3)
+    restore = HarmonyRestore(draws, order=3)
+    with torch.no_grad():
+        norm.weight.copy_(_signed(_log_uniform(draws, -6, 3, gen), gen))
+        norm.bias.copy_(_signed(_log_uniform(draws, -6, 3, gen), gen))
+        norm.poly_weight.copy_(_signed(_log_uniform(2 * draws, -6, 3, gen), gen).view(draws, 2))
+        w = _signed(_log_uniform(draws, -6, 3, gen), gen)
+        near_pole = torch.rand(draws, generator=gen) < 0.2  # w + eps ~ 0: the denominator crosses zero
+        jitter = 1e-9 * torch.randn(draws, generator=gen)
+        pole = torch.where(torch.rand(draws, generator=gen) < 0.5, -1e-5, -1e-5 + jitter)  # exactly 0 or tiny
+        restore.weight.copy_(torch.where(near_pole, pole, w))
+        restore.bias.copy_(_signed(_log_uniform(draws, -6, 3, gen), gen))
+        restore.gamma.copy_(_signed(_log_uniform(3 * draws, -6, 3, gen), gen).view(draws, 3))
+        restore.delta.copy_(_signed(_log_uniform(3 * draws, -6, 3, gen), gen).view(draws, 3))
+    mu = _signed(_log_uniform(2 * draws, -8, 8, gen), gen).view(2, draws)
+    sigma = _log_uniform(2 * draws, -2.5, 8, gen).view(2, draws)
+    xr = _extreme_activations(draws, gen)
+    if autocast:
+        x, xr = x.bfloat16(), xr.bfloat16()
+    x.requires_grad_()
+    xr.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = norm(x)
+        z = restore(xr, mu, sigma)
+    for out in (y, z):
+        assert out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+    torch.autograd.backward([y, z], [torch.randn(y.shape, generator=gen), torch.randn(z.shape, generator=gen)])
+    grads = [x.grad, xr.grad] + [p.grad for p in (*norm.parameters(), *restore.parameters())]
+    for g in grads:
+        assert g is not None and torch.isfinite(g).all()
+
+
+def test_norm_keeps_statistics_only_when_asked():
+    hn = HarmonyNorm(3)
+    x = torch.randn(2, 3, 5, 5) * 2 + 1
+    hn(x)
+    assert hn.last_stats is None
+    hn.keep_stats = True
+    hn(x)
+    mu, sigma = hn.last_stats
+    torch.testing.assert_close(mu, x.mean(dim=(2, 3)))
+    torch.testing.assert_close(sigma, (x.var(dim=(2, 3), unbiased=False) + 1e-5).sqrt())
+    assert not mu.requires_grad
+
+
+def test_norm_rejects_non_affine_and_bad_order():
+    with pytest.raises(ValueError, match="affine"):
+        HarmonyNorm(4, affine=False)
+    with pytest.raises(ValueError, match="order"):
+        HarmonyNorm(4, order=0)
+    with pytest.raises(ValueError, match="order"):
+        HarmonyRestore(4, order=MAX_ORDER + 1)
+    with pytest.raises(ValueError, match="basis"):
+        HarmonyNorm(4, basis="legendre")
+    assert HarmonyNorm(4, polynomial=False).poly_weight is None
+    assert HarmonyRestore(4, polynomial=False).gamma is None
+
+
+def test_chunked_evaluation_equals_one_chunk(monkeypatch):
+    """The CPU path works on chunks of (sample, channel) rows; any chunking gives the same values and grads."""
+    from nnunet_universal.nn import harmony_functions
+
+    torch.manual_seed(5)
+    hn, hr = HarmonyNorm(3), HarmonyRestore(3)
+    with torch.no_grad():
+        hn.poly_weight.normal_(0, 0.2)
+        hr.gamma.normal_(0, 0.1)
+        hr.delta.normal_(0, 0.3)
+    x = torch.randn(2, 3, 6, 5)
+    x[1, 2, 0, 0] = 50.0  # one chunk clamps, the others do not
+    mu, sigma = torch.randn(2, 3), torch.rand(2, 3) + 0.5
+
+    def run():
+        xi = x.clone().requires_grad_()
+        y = hr(hn(xi), mu, sigma)
+        y.backward(torch.ones_like(y))
+        grads = [xi.grad] + [p.grad.clone() for p in (*hn.parameters(), *hr.parameters())]
+        hn.zero_grad()
+        hr.zero_grad()
+        return y.detach(), grads
+
+    y_one, g_one = run()
+    monkeypatch.setattr(harmony_functions, "CPU_CHUNK_ELEMS", 1)  # one row per chunk
+    y_rows, g_rows = run()
+    torch.testing.assert_close(y_rows, y_one)
+    for a, b in zip(g_rows, g_one, strict=True):
+        torch.testing.assert_close(a, b)
