@@ -13,9 +13,15 @@ import nnunetv2
 import pytest
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_universal.trainers.discovery import all_trainers, export_line, ext_trainer_path, ext_trainer_value
+from nnunet_universal.trainers.discovery import (
+    all_trainers,
+    baseline_trainers,
+    export_line,
+    ext_trainer_path,
+    ext_trainer_value,
+)
 
-TRAINERS = all_trainers()
+TRAINERS = all_trainers() + baseline_trainers()
 NAMES = [t.__name__ for t in TRAINERS]
 
 
@@ -23,6 +29,26 @@ NAMES = [t.__name__ for t in TRAINERS]
 def test_init_signature_matches_nnunet(trainer):
     assert inspect.signature(trainer.__init__) == inspect.signature(nnUNetTrainer.__init__)
     assert "__init__" not in vars(trainer) or trainer.__name__ == "UniversalTrainer"  # only the base has one
+
+
+def test_scheduled_stock_trainer_obeys_the_schedule(monkeypatch):
+    from nnunet_universal.trainers.scheduled import nnUNetTrainerScheduled
+
+    assert nnUNetTrainerScheduled.__mro__[1] is nnUNetTrainer
+    assert {k for k in vars(nnUNetTrainerScheduled) if not k.startswith("__")} == {"initialize"}
+    monkeypatch.setenv("NNUNET_UNIVERSAL_SCHEDULE", "3:4:2")
+
+    class Probe(nnUNetTrainerScheduled):
+        def __init__(self):  # no plans needed: only the schedule part of initialize() is exercised
+            self.logged = []
+
+        def print_to_log_file(self, *args, **kwargs):
+            self.logged.append(args)
+
+    probe = Probe()
+    with pytest.raises(AttributeError, match="was_initialized"):  # nnU-Net's own initialize needs a real trainer
+        probe.initialize()
+    assert (probe.num_epochs, probe.num_iterations_per_epoch, probe.num_val_iterations_per_epoch) == (3, 4, 2)
 
 
 def test_no_trainer_name_is_shadowed_by_a_builtin():

@@ -254,6 +254,18 @@ def test_schedule_parsing():
             parse_schedule(bad)
 
 
+def test_validation_mirroring_switch(monkeypatch):
+    from nnunet_universal.trainers.schedule import validation_mirroring_from_env
+
+    monkeypatch.delenv("NNUNET_UNIVERSAL_VAL_MIRRORING", raising=False)
+    assert validation_mirroring_from_env() is True
+    monkeypatch.setenv("NNUNET_UNIVERSAL_VAL_MIRRORING", "0")
+    assert validation_mirroring_from_env() is False
+    monkeypatch.setenv("NNUNET_UNIVERSAL_VAL_MIRRORING", "maybe")
+    with pytest.raises(ValueError, match="NNUNET_UNIVERSAL_VAL_MIRRORING"):
+        validation_mirroring_from_env()
+
+
 # ---- variants ---------------------------------------------------------------------------------------
 
 def test_each_variant_is_one_class_attribute_away_from_the_base():

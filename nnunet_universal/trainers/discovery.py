@@ -51,3 +51,10 @@ def all_trainers() -> list[type]:
     from nnunet_universal.trainers.variants import VARIANTS
 
     return [UniversalTrainer, *VARIANTS]
+
+
+def baseline_trainers() -> list[type]:
+    """Stock-nnU-Net baselines that obey the short schedule (benchmarks); found through the same shim."""
+    from nnunet_universal.trainers.scheduled import nnUNetTrainerScheduled
+
+    return [nnUNetTrainerScheduled]

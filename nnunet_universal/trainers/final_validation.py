@@ -34,6 +34,7 @@ from tqdm import tqdm
 from nnunet_universal.metadata import atomic_write_json
 from nnunet_universal.trainers.ddp import unwrap
 from nnunet_universal.trainers.losses import marginal_logits
+from nnunet_universal.trainers.schedule import validation_mirroring_from_env
 
 #: (mode, output folder inside the fold folder)
 MODES = (("oracle", "validation_oracle"), ("dataset_free", "validation"))
@@ -76,7 +77,7 @@ class _CasePredictor:
         self.options = trainer.network_options(trainer.plans_manager.plans)
         self.union_head = self.options.head == "union"
         cls = nnUNetPredictor if self.union_head else UniversalPredictor
-        self.predictor = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+        self.predictor = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=validation_mirroring_from_env(),
                              perform_everything_on_device=True, device=trainer.device, verbose=False,
                              verbose_preprocessing=False, allow_tqdm=False)
         # the network's own state dict as the single "fold": loading it is a no-op copy

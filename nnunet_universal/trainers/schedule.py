@@ -4,6 +4,10 @@
 ``num_epochs`` (1000), ``num_iterations_per_epoch`` (250) and ``num_val_iterations_per_epoch`` (50) of every
 universal trainer, for tests, the demo and quick checks: ``NNUNET_UNIVERSAL_SCHEDULE=2:3:1 nnUNetv2_train …``.
 Unset or empty: nnU-Net's schedule. The values used are written to the training log.
+
+``NNUNET_UNIVERSAL_VAL_MIRRORING=0`` turns off test-time mirroring in the final validation only (8x fewer
+forward passes in 3D; training augmentation and the model's saved mirroring axes are unchanged), for quick runs
+on a CPU such as the demo's.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 from typing import NamedTuple
 
 ENV_VAR = "NNUNET_UNIVERSAL_SCHEDULE"
+VAL_MIRRORING_ENV_VAR = "NNUNET_UNIVERSAL_VAL_MIRRORING"
 
 
 class Schedule(NamedTuple):
@@ -38,3 +43,11 @@ def schedule_from_env() -> Schedule | None:
     """The schedule requested through ``NNUNET_UNIVERSAL_SCHEDULE``, or None when it is unset or empty."""
     value = os.environ.get(ENV_VAR, "").strip()
     return parse_schedule(value) if value else None
+
+
+def validation_mirroring_from_env() -> bool:
+    """Whether the final validation mirrors (default True; ``NNUNET_UNIVERSAL_VAL_MIRRORING=0`` turns it off)."""
+    value = os.environ.get(VAL_MIRRORING_ENV_VAR, "1").strip().lower()
+    if value not in ("0", "1", "true", "false", "t", "f", ""):
+        raise ValueError(f"{VAL_MIRRORING_ENV_VAR}={value!r}: use 0 or 1")
+    return value not in ("0", "false", "f")
