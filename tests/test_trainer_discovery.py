@@ -41,6 +41,7 @@ def test_scheduled_stock_trainer_obeys_the_schedule(monkeypatch):
     class Probe(nnUNetTrainerScheduled):
         def __init__(self):  # no plans needed: only the schedule part of initialize() is exercised
             self.logged = []
+            self.save_every = 50
 
         def print_to_log_file(self, *args, **kwargs):
             self.logged.append(args)
@@ -49,6 +50,7 @@ def test_scheduled_stock_trainer_obeys_the_schedule(monkeypatch):
     with pytest.raises(AttributeError, match="was_initialized"):  # nnU-Net's own initialize needs a real trainer
         probe.initialize()
     assert (probe.num_epochs, probe.num_iterations_per_epoch, probe.num_val_iterations_per_epoch) == (3, 4, 2)
+    assert probe.save_every == 1  # short runs checkpoint often enough to resume
 
 
 def test_no_trainer_name_is_shadowed_by_a_builtin():

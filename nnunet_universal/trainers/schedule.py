@@ -13,7 +13,7 @@ on a CPU such as the demo's.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 ENV_VAR = "NNUNET_UNIVERSAL_SCHEDULE"
 VAL_MIRRORING_ENV_VAR = "NNUNET_UNIVERSAL_VAL_MIRRORING"
@@ -43,6 +43,23 @@ def schedule_from_env() -> Schedule | None:
     """The schedule requested through ``NNUNET_UNIVERSAL_SCHEDULE``, or None when it is unset or empty."""
     value = os.environ.get(ENV_VAR, "").strip()
     return parse_schedule(value) if value else None
+
+
+def apply_schedule(trainer: Any) -> Schedule | None:
+    """Apply the environment's schedule to an nnU-Net trainer (before ``initialize`` builds the LR scheduler).
+
+    Also checkpoints every ``num_epochs // 5`` epochs (at most nnU-Net's 50), so that an interrupted short run
+    resumes with ``--c`` instead of starting over. Returns the schedule, or None (nnU-Net's own) when unset.
+    """
+    schedule = schedule_from_env()
+    if schedule is None:
+        return None
+    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = schedule
+    trainer.save_every = max(1, min(trainer.save_every, schedule.num_epochs // 5))
+    trainer.print_to_log_file(f"{ENV_VAR}: {schedule.num_epochs} epochs x {schedule.num_iterations_per_epoch} "
+                              f"iterations, {schedule.num_val_iterations_per_epoch} validation iterations, "
+                              f"checkpoint every {trainer.save_every} epochs")
+    return schedule
 
 
 def validation_mirroring_from_env() -> bool:

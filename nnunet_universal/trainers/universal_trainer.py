@@ -44,8 +44,7 @@ from nnunet_universal.trainers.online_eval import (
 )
 from nnunet_universal.trainers.progress import UniversalLocalLogger
 from nnunet_universal.trainers.sampling import DEFAULT_DOMAIN_ALPHA, domain_probabilities, domain_sampling_probabilities
-from nnunet_universal.trainers.schedule import ENV_VAR as SCHEDULE_ENV_VAR
-from nnunet_universal.trainers.schedule import schedule_from_env
+from nnunet_universal.trainers.schedule import apply_schedule
 
 #: Network options implied by each objective: the joint baselines have one union head and nothing that is
 #: conditioned on the domain (a naive joint model has no notion of domain).
@@ -114,12 +113,7 @@ class UniversalTrainer(nnUNetTrainer):
         self.layout = DomainLayout(tuple(self.domain_names),
                                    tuple(len(meta.domain_label_ids(d)) for d in self.domain_names))
         self.logger.local_logger = UniversalLocalLogger(self.domain_names)
-        schedule = schedule_from_env()
-        if schedule is not None:
-            self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = schedule
-            self.print_to_log_file(f"{SCHEDULE_ENV_VAR}: {schedule.num_epochs} epochs x "
-                                   f"{schedule.num_iterations_per_epoch} iterations, "
-                                   f"{schedule.num_val_iterations_per_epoch} validation iterations")
+        apply_schedule(self)
 
     # ---- network ---------------------------------------------------------------------------------
     @classmethod
