@@ -28,7 +28,7 @@ DEMO_SOURCES: tuple[tuple[str, str, int, int], ...] = (
 )
 DEMO_DATASET_ID = 700
 DEMO_HOLDOUT = 2
-#: Short schedule: epochs, iterations per epoch, validation iterations per epoch (about 6 minutes on 2 CPU cores).
+#: Short schedule: epochs, iterations per epoch, validation iterations per epoch (about 9 minutes on 2 CPU cores).
 DEMO_SCHEDULE = (18, 12, 1)
 
 
