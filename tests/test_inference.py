@@ -392,6 +392,17 @@ def test_universal_predict_dataset_free_routing_json_and_domain_maps(model, free
     assert not list(free_run.glob(".export_*"))  # temp folders of the atomic export are gone
 
 
+def test_routing_report_lists_only_slots_with_data(model):
+    """A folder with every channel file (zero-filled ones included, like a merged imagesTs): the report's slots
+    are the case's real slots, not the zero-filled channels."""
+    out = model["root"] / "pred_full"
+    _ok(_run([_bin("nnunet-universal"), "predict", "-m", str(model["model_dir"]), "-i", str(model["full"]),
+              "-o", str(out), "-device", "cpu", "--disable-tta"], model["env"]))
+    for case in CASES:
+        rec = json.loads((out / f"{case}.routing.json").read_text())
+        assert rec["slots"] == model["meta"]["cases"][case]["slots"]
+
+
 def test_universal_predict_slot_images_oracle_equals_domain_map(model, free_run):
     """``--image SLOT=FILE`` with missing slots + ``--domain``: the same zero-filled input as the folder run,
     so the oracle map equals that run's ``domain_maps/mr_a`` map exactly."""

@@ -110,8 +110,13 @@ def _routing_record(case: CaseInput, predictor: UniversalPredictor, domain: str 
     else:  # a network without gate mixes its heads uniformly: it infers no domain
         inferred = names[int(routing.argmax())] if predictor.gated else None
     weights = {n: round(float(w), 6) for n, w in zip(names, routing, strict=True)}
+    # slots used: given as a file and holding data (a zero-filled file, e.g. in a merged imagesTs, is missing)
+    slots = case.slots(predictor.meta.slots)
+    available = predictor.last_availability
+    if available is not None:
+        slots = [s for s in slots if bool(available[predictor.meta.slots.index(s)])]
     return {"case": case.case_id, "mode": "oracle" if domain is not None else "dataset-free",
-            "inferred_domain": inferred, "routing": weights, "slots": case.slots(predictor.meta.slots)}
+            "inferred_domain": inferred, "routing": weights, "slots": slots}
 
 
 def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, images: dict[str, str] | None = None,
