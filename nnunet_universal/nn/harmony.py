@@ -75,6 +75,18 @@ def basis_matrix(orders: list[int], kind: str) -> Tensor:
     return mono[:, orders]  # float64: cast where used, after any module.to(dtype)
 
 
+def _output_dtype(x: Tensor) -> torch.dtype:
+    """fp32 under autocast (as ``instance_norm``), else the input's dtype; fp64 inputs stay fp64."""
+    if x.dtype == torch.float64:
+        return torch.float64
+    return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _check_order(order: int) -> None:
+    if not 1 <= order <= MAX_ORDER:
+        raise ValueError(f"harmony order J must be in 1..{MAX_ORDER}, got {order}")
+
+
 class HarmonyNorm(nn.Module):
     """U-Harmony first stage (paper Eq. 1-2): instance standardization + polynomial affine.
 
@@ -96,8 +108,7 @@ class HarmonyNorm(nn.Module):
         super().__init__()
         if not affine:
             raise ValueError("HarmonyNorm needs affine=True: U-Harmony's affine transform is learnable (Eq. 2)")
-        if not 1 <= order <= MAX_ORDER:
-            raise ValueError(f"harmony order J must be in 1..{MAX_ORDER}, got {order}")
+        _check_order(order)
         self.num_channels = num_channels
         self.eps = float(eps)
         self.order = int(order)
@@ -120,9 +131,7 @@ class HarmonyNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: (B, C, *spatial)
         if x.ndim < 3:
             raise ValueError(f"HarmonyNorm expects (B, C, *spatial), got shape {tuple(x.shape)}")
-        out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if out_dtype == torch.float32 and x.dtype == torch.float64:
-            out_dtype = torch.float64
+        out_dtype = _output_dtype(x)
         coef = None if self.poly_weight is None else self.poly_weight @ self.basis_coef.T.to(self.poly_weight.dtype)
         out, mean, rstd = HarmonyNormFunction.apply(x, self.weight, self.bias, coef, self.eps, self.poly_limit,
                                                      out_dtype)
@@ -151,8 +160,7 @@ class HarmonyRestore(nn.Module):
         super().__init__()
         if min_denominator <= 0:
             raise ValueError("min_denominator must be > 0")
-        if not 1 <= order <= MAX_ORDER:
-            raise ValueError(f"harmony order J must be in 1..{MAX_ORDER}, got {order}")
+        _check_order(order)
         self.num_channels = num_channels
         self.eps = float(eps)
         self.order = int(order)
@@ -176,9 +184,7 @@ class HarmonyRestore(nn.Module):
         """x: (B, C, *spatial); mu, sigma: (B, C) statistics of the matching encoder stage."""
         if mu.shape != x.shape[:2] or sigma.shape != x.shape[:2]:
             raise ValueError(f"HarmonyRestore: statistics {tuple(mu.shape)} do not match features {tuple(x.shape)}")
-        out_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
-        if out_dtype == torch.float32 and x.dtype == torch.float64:
-            out_dtype = torch.float64
+        out_dtype = _output_dtype(x)
         qcoef = rcoef = None
         if self.gamma is not None:
             basis = self.basis_coef.T.to(self.gamma.dtype)
