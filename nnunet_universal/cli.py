@@ -32,7 +32,8 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     from nnunet_universal.synthetic.api import synthesize
 
     out = synthesize(a.source, Path(a.output), cases=a.cases, seed=a.seed,
-                     shape=tuple(a.shape) if a.shape else None, preview=Path(a.preview) if a.preview else None)
+                     shape=tuple(a.shape) if a.shape else None, preview=Path(a.preview) if a.preview else None,
+                     lesion_scale=a.lesion_scale)
     print(f"wrote synthetic {a.source} dataset to {out}")
     return 0
 
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="volume shape in voxels (default: small, fast shape for tests)")
     s.add_argument("--preview", help="also write a PNG with one slice per sequence and the label overlaid")
+    s.add_argument("--lesion-scale", type=float, default=1.0,
+                   help="multiply lesion radii (default 1; 2 makes lesions span several voxels at small shapes)")
     s.set_defaults(func=_cmd_synth)
 
     s = add("convert", "convert a native public dataset to an nnU-Net raw dataset with universal metadata",

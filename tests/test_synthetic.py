@@ -250,6 +250,19 @@ def test_custom_shape_keeps_field_of_view(tmp_path):
     np.testing.assert_allclose(np.array(size) * spacing, (240, 240, 155), rtol=1e-3)
 
 
+@pytest.mark.parametrize("source", ["ucsf-bmsr", "lits"])
+def test_lesion_scale_grows_lesions(tmp_path, source):
+    """--lesion-scale multiplies the radius range: same seed, more lesion voxels (MR metastases, CT tumours)."""
+    def lesion_voxels(scale: float) -> int:
+        top = synthesize(source, tmp_path / str(scale), cases=2, seed=1, lesion_scale=scale)
+        segs = [f for f in top.rglob("*") if f.is_file() and ("seg" in f.name.lower()) and ".nii" in f.name]
+        assert len(segs) == 2
+        lesion = 2 if source == "lits" else 1  # LiTS: 1 liver, 2 tumour; UCSF: 1 enhancing tumour
+        return sum(int((np.rint(np.asarray(nib.load(f).dataobj)) == lesion).sum()) for f in segs)
+
+    assert lesion_voxels(2.5) > 2 * lesion_voxels(1.0) > 0
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="brats-mets.*ucsf-bmsr"):
         synthesize("brats-gli", tmp_path)
@@ -257,6 +270,8 @@ def test_bad_arguments(tmp_path):
         synthesize("lits", tmp_path, cases=0)
     with pytest.raises(ValueError, match="shape"):
         synthesize("lits", tmp_path, shape=(8, 64, 64))
+    with pytest.raises(ValueError, match="lesion-scale"):
+        synthesize("lits", tmp_path, lesion_scale=10)
 
 
 def test_cli_with_preview(tmp_path):

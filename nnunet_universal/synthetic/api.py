@@ -68,7 +68,8 @@ def plan_cases(source: str, cases: int, seed: int) -> list[CasePlan]:
     return [CasePlan(i, fmt.format(int(n)), i) for i, n in enumerate(numbers)]
 
 
-def make_case(source: str, plan: CasePlan, seed: int, shape: tuple[int, int, int] | None = None) -> CaseData:
+def make_case(source: str, plan: CasePlan, seed: int, shape: tuple[int, int, int] | None = None,
+              lesion_scale: float = 1.0) -> CaseData:
     """Generate one case of ``source`` in memory (RAS voxel order; see ``CaseData``)."""
     key = _source_key(source)
     rng = np.random.default_rng([seed, key, plan.index])
@@ -78,27 +79,31 @@ def make_case(source: str, plan: CasePlan, seed: int, shape: tuple[int, int, int
             flips = (True, True, True)
         else:
             flips = [LPS_FLIPS, (True, True, True), NO_FLIPS][int(rng.choice(3, p=[0.6, 0.25, 0.15]))]
-        case = make_ct_case(plan.case_id, rng, shape, flips)
+        case = make_ct_case(plan.case_id, rng, shape, flips, lesion_scale)
         case.extras["seg_dtype"] = "uint8" if plan.index % 4 == 3 else "float32"
         return case
     profile = MR_SOURCES[source]
     subject = random_subject(np.random.default_rng([seed, key, 0x5EB, plan.subject_key]))
     # UCSF-BMSR ships the subtraction image for most exams only: leave it out of every third exam
     with_sub = profile.subtraction is not None and plan.index % 3 != 2
-    return make_mr_case(profile, plan.case_id, subject, rng, shape, with_subtraction=with_sub)
+    return make_mr_case(profile, plan.case_id, subject, rng, shape, with_subtraction=with_sub,
+                        lesion_scale=lesion_scale)
 
 
-def _check_args(source: str, cases: int, shape: tuple[int, int, int] | None) -> None:
+def _check_args(source: str, cases: int, shape: tuple[int, int, int] | None, lesion_scale: float = 1.0) -> None:
     if source not in SYNTH_SOURCES:
         raise ValueError(f"unknown synthetic source {source!r}; valid sources: {', '.join(SYNTH_SOURCES)}")
     if cases < 1:
         raise ValueError(f"--cases must be at least 1, got {cases}")
     if shape is not None and (len(shape) != 3 or min(shape) < _MIN_SIDE):
         raise ValueError(f"--shape needs three sizes of at least {_MIN_SIDE} voxels, got {shape}")
+    if not 0.25 <= lesion_scale <= 4.0:
+        raise ValueError(f"--lesion-scale must be between 0.25 and 4, got {lesion_scale}")
 
 
 def synthesize(source: str, out_dir: Path, cases: int = 4, seed: int = 0,
-               shape: tuple[int, int, int] | None = None, preview: Path | None = None) -> Path:
+               shape: tuple[int, int, int] | None = None, preview: Path | None = None,
+               lesion_scale: float = 1.0) -> Path:
     """Write ``cases`` synthetic cases of ``source`` in its native layout inside ``out_dir``.
 
     Args:
@@ -106,20 +111,22 @@ def synthesize(source: str, out_dir: Path, cases: int = 4, seed: int = 0,
         shape: voxels per axis (X, Y, Z); default: a small per-source shape (a case in a fraction of a second).
             The field of view stays the source's, so the spacing follows (e.g. 240 240 155 gives BraTS' 1 mm).
         preview: if given, also write a PNG with one slice per sequence and the labels overlaid.
+        lesion_scale: multiplies every lesion radius range (default 1: the source's lesion population). The
+            accuracy benchmark uses 2 so that lesions span several voxels at the small default shapes.
 
     Returns:
         The dataset's top-level native folder, e.g. ``out_dir/ASNR-MICCAI-BraTS2023-MET-Challenge-TrainingData``,
         ``out_dir/UCSF-BMSR``, ``out_dir/stanford_release_brainmask``, ``out_dir/LiTS``,
         ``out_dir/Task01_BrainTumour``. All cases go to the training part (with labels).
     """
-    _check_args(source, cases, shape)
+    _check_args(source, cases, shape, lesion_scale)
     shape = tuple(int(s) for s in shape) if shape is not None else None  # type: ignore[assignment]
     writer = WRITERS[source]
     top = Path(out_dir) / writer.top
     top.mkdir(parents=True, exist_ok=True)
     kept: list[CaseData] = []
     for plan in tqdm(plan_cases(source, cases, seed), desc=f"synth {source}", unit="case", disable=None):
-        case = make_case(source, plan, seed, shape)
+        case = make_case(source, plan, seed, shape, lesion_scale)
         writer.write_case(top, case)
         if len(kept) < 2:
             kept.append(case)

@@ -70,8 +70,8 @@ def ct_grid(rng: np.random.Generator, shape: tuple[int, int, int] | None) -> Gri
 
 
 def make_ct_case(case_id: str, rng: np.random.Generator, shape: tuple[int, int, int] | None,
-                 flips: Flips) -> CaseData:
-    """One contrast-enhanced abdominal CT (HU, float32) with liver/tumour labels."""
+                 flips: Flips, lesion_scale: float = 1.0) -> CaseData:
+    """One contrast-enhanced abdominal CT (HU, float32) with liver/tumour labels (tumour radii × ``lesion_scale``)."""
     grid = ct_grid(rng, shape)
     cv = _Canvas(grid)
     x, y, z = (cv.axes[0][:, None, None], cv.axes[1][None, :, None], cv.axes[2][None, None, :])
@@ -115,7 +115,7 @@ def make_ct_case(case_id: str, rng: np.random.Generator, shape: tuple[int, int, 
     for _ in range(int(rng.integers(5, 10))):  # bowel loops: gas, fluid or oral contrast
         c = np.array([rng.uniform(-90, 90), rng.uniform(-20, ay_ * 0.6), zc - rng.uniform(40, 110)])
         cv.paint(*cv.ellipsoid(c, rng.uniform(10, 22, 3)), float(rng.choice([-900.0, 20.0, 220.0])))
-    liver, tumour = _liver(cv, rng, zc, cavity * (1 - lung), hu_liver)
+    liver, tumour = _liver(cv, rng, zc, cavity * (1 - lung), hu_liver, lesion_scale)
     hu = ndimage.gaussian_filter(cv.hu, [0.5, 0.5, 0.35], mode="nearest")
     hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(rng.uniform(6.0, 25.0))
     labels = np.where(liver > 0.5, LIVER, 0).astype(np.uint8)
@@ -137,8 +137,8 @@ def _spine(cv: _Canvas, x: np.ndarray, y: np.ndarray, z: np.ndarray, ys: float, 
     cv.paint((slice(None),) * 3, _disk(cv, x, y, 0.0, ys - 30, 8.0) * ones, 20.0)
 
 
-def _liver(cv: _Canvas, rng: np.random.Generator, zc: float, room: np.ndarray, hu_liver: float
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _liver(cv: _Canvas, rng: np.random.Generator, zc: float, room: np.ndarray, hu_liver: float,
+           lesion_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Paint liver (two lobes), hepatic vessels and hypodense tumours; return full-size liver/tumour occupancy."""
     shape = cv.grid.shape
     liver = np.zeros(shape, np.float32)
@@ -161,7 +161,8 @@ def _liver(cv: _Canvas, rng: np.random.Generator, zc: float, room: np.ndarray, h
     r_min = 0.9 * max(cv.grid.spacing)
     for _ in range(n if inside.size else 0):
         c = np.array([cv.axes[a][i] for a, i in enumerate(np.unravel_index(rng.choice(inside), shape))])
-        r = float(np.exp(rng.uniform(np.log(max(4.0, r_min)), np.log(max(30.0, 1.5 * r_min)))))
+        lo = max(4.0 * lesion_scale, r_min)
+        r = float(np.exp(rng.uniform(np.log(lo), np.log(max(30.0 * lesion_scale, 1.5 * lo)))))
         sl, occ = cv.ellipsoid(c, r * rng.uniform(0.85, 1.15, 3), rough=0.15, rng=rng)
         occ = occ * liver[sl]
         hu_t = hu_liver - float(rng.uniform(30.0, 70.0))

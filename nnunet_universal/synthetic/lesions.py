@@ -56,12 +56,14 @@ def _occupancy(rho: np.ndarray, radius_mm: float, edge_mm: float) -> np.ndarray:
 
 
 def place_lesions(rng: np.random.Generator, tissues: np.ndarray, spacing: tuple[float, float, float],
-                  profile: LesionProfile) -> LesionMaps:
+                  profile: LesionProfile, radius_scale: float = 1.0) -> LesionMaps:
     """Draw and paint lesions into brain tissue.
 
     Args:
         tissues: (5, X, Y, Z) fractions in :data:`TISSUES` order (from ``anatomy.sample_tissues``).
         spacing: voxel size in mm; tumours are never smaller than about one voxel so that each is labelled.
+        radius_scale: multiplies the profile's radius range (``synth --lesion-scale``: larger lesions make a
+            task learnable within a short CPU training budget; 1 keeps the source's population).
     """
     gm, wm = tissues[TISSUES.index("gm")], tissues[TISSUES.index("wm")]
     brain = np.clip(gm + wm + tissues[TISSUES.index("csf")] * (gm + wm > 0.2), 0, 1)
@@ -81,8 +83,8 @@ def place_lesions(rng: np.random.Generator, tissues: np.ndarray, spacing: tuple[
         raise RuntimeError(f"no brain tissue to place lesions in a grid of shape {shape}; use a larger --shape")
     prob = weight.ravel()[cand] / weight.ravel()[cand].sum()
     n = int(rng.integers(profile.count[0], profile.count[1] + 1))
-    r_min = max(profile.radius_mm[0], 0.9 * float(sp.max()))
-    r_max = max(profile.radius_mm[1], r_min * 1.5)
+    r_min = max(profile.radius_mm[0] * radius_scale, 0.9 * float(sp.max()))
+    r_max = max(profile.radius_mm[1] * radius_scale, r_min * 1.5)
     centers: list[tuple[np.ndarray, float]] = []
     for _ in range(n):
         r = float(np.exp(rng.uniform(np.log(r_min), np.log(r_max))))

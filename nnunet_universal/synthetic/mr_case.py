@@ -32,16 +32,17 @@ def mr_grid(profile: MRSourceProfile, rng: np.random.Generator, shape: tuple[int
 
 
 def make_mr_case(profile: MRSourceProfile, case_id: str, subject: Subject, rng: np.random.Generator,
-                 shape: tuple[int, int, int] | None = None, with_subtraction: bool = False) -> CaseData:
+                 shape: tuple[int, int, int] | None = None, with_subtraction: bool = False,
+                 lesion_scale: float = 1.0) -> CaseData:
     """Generate one case: ``subject``'s anatomy in a random pose, lesions, each sequence of ``profile``.
 
     ``with_subtraction`` adds the source's T1post − T1pre image (intensity-matched on white matter), which
-    UCSF-BMSR ships for most but not all exams.
+    UCSF-BMSR ships for most but not all exams. ``lesion_scale`` multiplies the lesion radius range.
     """
     grid = mr_grid(profile, rng, shape)
     pose = random_pose(rng, profile.max_rot_deg, profile.max_shift_mm)
     tissues = sample_tissues(grid, subject, pose, np.asarray(profile.center_offset_mm))
-    lesions = place_lesions(rng, tissues, grid.spacing, profile.lesions)
+    lesions = place_lesions(rng, tissues, grid.spacing, profile.lesions, lesion_scale)
     comp = compartments(tissues, lesions)
     mask = None
     if profile.skull_stripped:
