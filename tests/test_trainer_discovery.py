@@ -35,7 +35,8 @@ def test_scheduled_stock_trainer_obeys_the_schedule(monkeypatch):
     from nnunet_universal.trainers.scheduled import nnUNetTrainerScheduled
 
     assert nnUNetTrainerScheduled.__mro__[1] is nnUNetTrainer
-    assert {k for k in vars(nnUNetTrainerScheduled) if not k.startswith("__")} == {"initialize"}
+    assert {k for k in vars(nnUNetTrainerScheduled) if not k.startswith("__")} == {"initialize",
+                                                                                  "perform_actual_validation"}
     monkeypatch.setenv("NNUNET_UNIVERSAL_SCHEDULE", "3:4:2")
 
     class Probe(nnUNetTrainerScheduled):
@@ -51,6 +52,25 @@ def test_scheduled_stock_trainer_obeys_the_schedule(monkeypatch):
         probe.initialize()
     assert (probe.num_epochs, probe.num_iterations_per_epoch, probe.num_val_iterations_per_epoch) == (3, 4, 2)
     assert probe.save_every == 1  # short runs checkpoint often enough to resume
+
+
+@pytest.mark.parametrize("env, expected", [("0", None), ("1", (0, 1, 2)), (None, (0, 1, 2))])
+def test_scheduled_stock_trainer_final_validation_mirroring(monkeypatch, env, expected):
+    """NNUNET_UNIVERSAL_VAL_MIRRORING=0 hides the mirroring axes from nnU-Net's validation only (restored after)."""
+    from nnunet_universal.trainers.scheduled import nnUNetTrainerScheduled
+
+    if env is None:
+        monkeypatch.delenv("NNUNET_UNIVERSAL_VAL_MIRRORING", raising=False)
+    else:
+        monkeypatch.setenv("NNUNET_UNIVERSAL_VAL_MIRRORING", env)
+    seen = []
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation",
+                        lambda self, save_probabilities=False: seen.append(self.inference_allowed_mirroring_axes))
+    probe = object.__new__(nnUNetTrainerScheduled)
+    probe.inference_allowed_mirroring_axes = (0, 1, 2)
+    probe.perform_actual_validation()
+    assert seen == [expected]
+    assert probe.inference_allowed_mirroring_axes == (0, 1, 2)  # the checkpoint keeps the model's axes
 
 
 def test_no_trainer_name_is_shadowed_by_a_builtin():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_universal.trainers.schedule import apply_schedule
+from nnunet_universal.trainers.schedule import apply_schedule, validation_mirroring_from_env
 
 
 class nnUNetTrainerScheduled(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming)
@@ -18,3 +18,13 @@ class nnUNetTrainerScheduled(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming)
     def initialize(self) -> None:
         apply_schedule(self)  # before super(): the poly LR scheduler is built from num_epochs
         super().initialize()
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """nnU-Net's final validation; without test-time mirroring when the environment asks for it."""
+        axes = self.inference_allowed_mirroring_axes
+        if not validation_mirroring_from_env():
+            self.inference_allowed_mirroring_axes = None  # nnU-Net's predictor then runs no mirrored passes
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.inference_allowed_mirroring_axes = axes
