@@ -33,7 +33,15 @@ from nnunet_universal.inference.inputs import (
 )
 from nnunet_universal.inference.predictor import UniversalPredictor
 from nnunet_universal.inference.routing import case_availability, case_routing, sliding_window_slicers
-from nnunet_universal.metadata import PLANS_NAME, DomainInfo, MetadataError, UniversalMeta, plans_universal_block
+from nnunet_universal.metadata import (
+    PLANS_NAME,
+    DomainInfo,
+    MetadataError,
+    NetworkOptions,
+    UniversalMeta,
+    plans_universal_block,
+)
+from nnunet_universal.nn.universal_unet import UniversalUNet
 from nnunet_universal.trainers.schedule import ENV_VAR as SCHEDULE_ENV
 
 SLOTS = ["T1", "T1c", "T2", "FLAIR", "CT"]
@@ -240,6 +248,39 @@ def test_network_without_gate_mixes_heads_uniformly():
     pred.predict_logits_from_preprocessed_data(_toy_case())
     assert not pred.gated and pred.last_routing.tolist() == [0.5, 0.5]
     assert net.contexts_seen[0]["routing"].tolist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("mirroring", [False, True])
+def test_dataset_free_prediction_reuses_the_routing_pass_encodings(mirroring):
+    """The routing pass's encoder outputs serve the prediction pass: each unmirrored tile is encoded once, and
+    the logits are bit-identical to encoding every tile twice (cache off)."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(0)
+    backbone = PlainConvUNet(2, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 1, 3, 1, True, nn.InstanceNorm3d,
+                             {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+                             deep_supervision=False)
+    backbone.apply(backbone.initialize)
+    net = UniversalUNet(backbone, [[1], [2]], 3, 2, NetworkOptions())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    encoded = []
+    net.encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    case = _toy_case()
+    case[0] += 0.3 * torch.randn(case.shape[1:])
+    pred = _predictor(UniversalPredictor, net)
+    pred.use_mirroring, pred.allowed_mirroring_axes = mirroring, (0, 1, 2)
+    passes = 1 + 7 * mirroring  # network calls per tile in the prediction pass
+
+    cached = pred.predict_logits_from_preprocessed_data(case)
+    assert encoded == [1] * (3 + 3 * (passes - 1))  # 3 tiles: routing pass, then mirrored passes only
+    encoded.clear()
+    pred.encoding_cache_mb = 0
+    plain = pred.predict_logits_from_preprocessed_data(case)
+    assert len(encoded) == 3 + 3 * passes
+    assert torch.equal(cached, plain)
+    assert net._encoding_cache is None  # released after the case
 
 
 def test_predictor_rejects_a_network_without_routing():

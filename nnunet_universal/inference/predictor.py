@@ -17,6 +17,7 @@ baselines have no domain heads, so oracle mode restricts their union prediction 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import nn
 
 from nnunet_universal.inference.routing import case_availability, case_routing, unwrap_network
 from nnunet_universal.metadata import MetadataError, NetworkOptions, UniversalMeta, read_plans_universal
+from nnunet_universal.nn.encoding_cache import DEFAULT_CACHE_MB
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ class UniversalPredictor(nnUNetPredictor):
         self.oracle_domain: str | None = None
         self._fold_routings: list[torch.Tensor] = []
         self.last_availability: torch.Tensor | None = None
+        #: memory for encoder outputs shared by the routing and prediction passes (dataset-free mode);
+        #: 0 turns the sharing off (every tile is then encoded twice)
+        self.encoding_cache_mb = int(os.environ.get("NNUNET_UNIVERSAL_ENCODING_CACHE_MB", DEFAULT_CACHE_MB))
 
     @property
     def gated(self) -> bool:
@@ -125,22 +130,23 @@ class UniversalPredictor(nnUNetPredictor):
         net = unwrap_network(self.network)
         availability = case_availability(input_image)
         self.last_availability = availability
-        if self.oracle_domain is not None:
-            d = self.meta.domain_index(self.oracle_domain)
-            routing = torch.nn.functional.one_hot(torch.tensor(d), len(self.meta.domains)).float()
-            context = {"domain": d}
-        elif self.gated:
-            routing, _ = case_routing(self.network, input_image, self.configuration_manager.patch_size,
-                                      self.tile_step_size, availability=availability)
-            context = {"routing": routing.to(self.device)}
-        else:
-            n = len(self.meta.domains)
-            routing = torch.full((n,), 1.0 / n)
-            context = {"routing": routing.to(self.device)}
-        self._fold_routings.append(routing)
-        logger.debug("case routing %s, availability %s", routing.tolist(), availability.tolist())
-        net.set_context(availability=availability.to(self.device), **context)
-        try:
+        with contextlib.ExitStack() as stack:
+            if self.oracle_domain is not None:
+                d = self.meta.domain_index(self.oracle_domain)
+                routing = torch.nn.functional.one_hot(torch.tensor(d), len(self.meta.domains)).float()
+                context = {"domain": d}
+            elif self.gated:
+                if hasattr(net, "encoding_cache"):  # the routing pass's encoder outputs serve the prediction pass
+                    stack.enter_context(net.encoding_cache(self.encoding_cache_mb * 2**20))
+                routing, _ = case_routing(self.network, input_image, self.configuration_manager.patch_size,
+                                          self.tile_step_size, availability=availability)
+                context = {"routing": routing.to(self.device)}
+            else:
+                n = len(self.meta.domains)
+                routing = torch.full((n,), 1.0 / n)
+                context = {"routing": routing.to(self.device)}
+            self._fold_routings.append(routing)
+            logger.debug("case routing %s, availability %s", routing.tolist(), availability.tolist())
+            net.set_context(availability=availability.to(self.device), **context)
+            stack.callback(net.clear_context)
             return super().predict_sliding_window_return_logits(input_image)
-        finally:
-            net.clear_context()

@@ -97,8 +97,10 @@ def case_routing(network: nn.Module, data: torch.Tensor, patch_size: Sequence[in
     net.eval()
     try:
         phi_sum, n = None, 0
+        # one tile per pass while the network caches encodings: the prediction pass sends single tiles too
+        batch = 1 if getattr(net, "_encoding_cache", None) is not None else TILE_BATCH
         with torch.autocast(device.type) if device.type == "cuda" else contextlib.nullcontext():
-            for chunk in _batches(slicers, TILE_BATCH):
+            for chunk in _batches(slicers, batch):
                 x = torch.stack([padded[s] for s in chunk]).to(device=device, dtype=torch.float32)  # (B, C, *patch)
                 avail = availability.to(device)[None].expand(len(chunk), -1)  # (B, C)
                 phi = net.embed(x, availability=avail).float()  # (B, F)

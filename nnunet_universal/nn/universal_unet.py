@@ -17,8 +17,10 @@ Forward contract::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_universal.metadata import NetworkOptions, read_plans_universal
+from nnunet_universal.nn.encoding_cache import CachedEncoding, EncodingCache
 from nnunet_universal.nn.gating import DomainRouter, uniform_routing
 from nnunet_universal.nn.harmony import MAX_ORDER, STABLE_MAX_ORDER, HarmonyNorm, HarmonyRestore
 from nnunet_universal.nn.heads import DomainHeads, validate_domains
@@ -145,6 +148,7 @@ class UniversalUNet(nn.Module):
                                               encoder.nonlin_kwargs)
             self.heads.apply(InitWeights_He(1e-2))
         self._context: dict[str, Any] = {}
+        self._encoding_cache: EncodingCache | None = None
 
     # ---- nnU-Net integration ---------------------------------------------------------------------------
     @staticmethod
@@ -191,6 +195,20 @@ class UniversalUNet(nn.Module):
     @property
     def context(self) -> dict[str, Any]:
         return dict(self._context)
+
+    @contextlib.contextmanager
+    def encoding_cache(self, max_bytes: int) -> Iterator[EncodingCache]:
+        """While active (inference only), :meth:`embed` keeps each tile's encoder outputs and :meth:`forward`
+        reuses them for the identical tile: the routing pass and the prediction pass share one encoder pass."""
+        self._encoding_cache = EncodingCache(max_bytes)
+        try:
+            yield self._encoding_cache
+        finally:
+            self._encoding_cache.clear()
+            self._encoding_cache = None
+
+    def _caching(self) -> bool:
+        return self._encoding_cache is not None and not self.training and not torch.is_grad_enabled()
 
     def _resolve(self, x: Tensor, domain: Tensor | None, routing: Tensor | None,
                  availability: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor]:
@@ -247,7 +265,10 @@ class UniversalUNet(nn.Module):
         """(B, F) pooled bottleneck features phi (after zeroing missing slots and the modality prompt)."""
         _, _, availability = self._resolve(x, None, None, availability)
         try:
-            _, phi = self._encode(x, availability)
+            skips, phi = self._encode(x, availability)
+            if self._caching() and x.shape[0] == 1:
+                stats = [None if n is None else n.last_stats for n in self._stat_norms]
+                self._encoding_cache.store(CachedEncoding(x, availability, skips, phi, stats))
         finally:
             self._clear_stats()
         return phi
@@ -272,7 +293,14 @@ class UniversalUNet(nn.Module):
                 raise ValueError("forward(train=True) needs the true domain of every sample")
             return self._forward_train(x, domain, availability)
         domain, routing, availability = self._resolve(x, domain, routing, availability)
-        skips, phi = self._encode(x, availability)
+        hit = self._encoding_cache.take(x, availability) if self._caching() else None
+        if hit is not None:
+            skips, phi = list(hit.skips), hit.phi
+            for norm, st in zip(self._stat_norms, hit.stats, strict=True):
+                if norm is not None:
+                    norm.last_stats = st
+        else:
+            skips, phi = self._encode(x, availability)
         if self.union_head:
             out = self._decode(skips)
             return out if self.decoder.deep_supervision else out[0]
