@@ -50,7 +50,7 @@ def run_demo(work_dir: Path, epochs: int | None = None, device: str = "cpu") -> 
     from nnunet_universal.inference.api import predict
     from nnunet_universal.metadata import PLANS_NAME
     from nnunet_universal.planners.api import plan_and_preprocess
-    from nnunet_universal.synthetic.api import synthesize
+    from nnunet_universal.synthetic.api import png_slice_spacing, synthesize
     from nnunet_universal.trainers.api import train
 
     work_dir = Path(work_dir).resolve()
@@ -73,7 +73,9 @@ def run_demo(work_dir: Path, epochs: int | None = None, device: str = "cpu") -> 
                   for i, (src, _, _, n) in enumerate(DEMO_SOURCES)}
     with _stage(stages, "convert to nnU-Net raw datasets"):
         for src, conv, did, _ in DEMO_SOURCES:
-            convert(conv, native[src], did, workers=2)
+            # PNG slices have no geometry: give the synthetic cases' true spacing (not the real release's 1 mm)
+            spacing = png_slice_spacing() if src == "brainmetshare" else None
+            convert(conv, native[src], did, workers=2, spacing=spacing)
     with _stage(stages, "merge into one partial-label dataset"):
         merged = merge_datasets(DEMO_DATASET_ID, "UniversalDemo", [str(d) for _, _, d, _ in DEMO_SOURCES],
                                 identical=["ucsf_bmsr.ET=brainmetshare.ET"], workers=2, holdout=DEMO_HOLDOUT)

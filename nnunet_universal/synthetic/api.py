@@ -101,6 +101,20 @@ def _check_args(source: str, cases: int, shape: tuple[int, int, int] | None, les
         raise ValueError(f"--lesion-scale must be between 0.25 and 4, got {lesion_scale}")
 
 
+def png_slice_spacing(shape: tuple[int, int, int] | None = None) -> tuple[float, float, float]:
+    """Voxel spacing (mm) of synthetic BrainMetShare PNG slices written at ``shape`` (default: the small shape).
+
+    PNG slices carry no geometry, so ``convert brainmetshare`` assumes the real release's 0.94 x 0.94 x 1 mm
+    unless told otherwise. Synthetic cases keep the real field of view on fewer voxels; pass this to
+    ``convert --spacing`` so that nnU-Net does not shrink them to a fraction of their size when it resamples a
+    merged dataset to a common spacing (the slice thickness varies per case; this is the mean).
+    """
+    profile = MR_SOURCES["brainmetshare"]
+    shape = tuple(shape or profile.default_shape)
+    fov = [(lo + hi) / 2 for lo, hi in profile.fov_mm]
+    return tuple(round(f / n, 4) for f, n in zip(fov, shape, strict=True))  # type: ignore[return-value]
+
+
 def synthesize(source: str, out_dir: Path, cases: int = 4, seed: int = 0,
                shape: tuple[int, int, int] | None = None, preview: Path | None = None,
                lesion_scale: float = 1.0) -> Path:
