@@ -98,6 +98,9 @@ def test_gradients_are_exact_float64():
         return HarmonyNormFunction.apply(x, w, b, coef, 1e-5, 2.5, F64)[0]
 
     assert gradcheck(norm, (x, w, b, coef), eps=1e-6, atol=1e-5)
+    # no activation clamped (|xhat| <= sqrt(N - 1) < 10): the path with the affine folded into the polynomial
+    assert gradcheck(lambda *a: HarmonyNormFunction.apply(*a, 1e-5, 10.0, F64)[0], (x.detach().clamp(-5, 5)
+                     .requires_grad_(), w, b, coef), eps=1e-6, atol=1e-5)
     xr = (torch.randn(2, 3, 4, 5, dtype=F64) * 2).requires_grad_()
     with torch.no_grad():
         xr[1, 2, 0, 0] = 9.0  # clamped polynomial input

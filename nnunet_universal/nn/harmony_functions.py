@@ -43,6 +43,30 @@ def _rows_of(x: Tensor) -> tuple[Tensor, int, int]:
     return x.contiguous().view(b * c, -1), b, x[0, 0].numel()
 
 
+def _horner_into(out: Tensor, u: Tensor, coeffs: Tensor) -> Tensor:
+    """out = sum_k coeffs[:, k] * u^k (rows u (r, N), coeffs (r, K), lowest order first), in place; returns out."""
+    k = coeffs.shape[1]
+    if k == 1:
+        return out.copy_(coeffs[:, :1].expand_as(u))
+    torch.mul(u, coeffs[:, k - 1:k], out=out)
+    for i in range(k - 2, -1, -1):
+        out.add_(coeffs[:, i:i + 1])
+        if i > 0:
+            out.mul_(u)
+    return out
+
+
+def _fold_affine(coef: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Monomial coefficients (r, K) of ``b + w * u + P(u)``: the affine added to orders 0 and 1 (K >= 2)."""
+    out = coef.clone()
+    out[:, :1] += b
+    if out.shape[1] > 1:
+        out[:, 1:2] += w
+    else:
+        out = torch.cat([out, w], dim=1)
+    return out
+
+
 def _horner(u: Tensor, coeffs: Tensor) -> Tensor:
     """sum_k coeffs[:, k] * u^k for rows u (r, N) and coeffs (r, K), lowest order first; a fresh tensor."""
     k = coeffs.shape[1]
@@ -90,17 +114,23 @@ class HarmonyNormFunction(torch.autograd.Function):
             out2 = out.view(rows, n)
             mean = torch.empty((rows, 1), dtype=cd, device=x.device)
             rstd = torch.empty_like(mean)
+            # P with the affine folded in (orders 0 and 1): one Horner pass when no activation is clamped
+            cwb = _fold_affine(c, w, b) if c is not None else None
             for sl in _chunks(rows, n, x.device):
                 xc = x2[sl].to(cd)
                 m = xc.mean(1, keepdim=True)
+                xh = torch.sub(xc, m)
+                r = torch.rsqrt(torch.linalg.vecdot(xh, xh).unsqueeze(1).div_(n).add_(eps))
+                xh.mul_(r)  # xhat
                 oc = out2[sl] if out_dtype == cd else torch.empty_like(xc)
-                torch.sub(xc, m, out=oc)
-                r = torch.rsqrt(torch.linalg.vecdot(oc, oc).unsqueeze(1).div_(n).add_(eps))
-                oc.mul_(r)  # xhat
-                acc = _horner(_clamped(oc, limit)[0], c[sl]) if c is not None else None
-                oc.mul_(w[sl]).add_(b[sl])
-                if acc is not None:
-                    oc.add_(acc)
+                if c is None:
+                    torch.mul(xh, w[sl], out=oc).add_(b[sl])
+                else:
+                    u, clamped = _clamped(xh, limit)
+                    if clamped:  # w * xhat + b + P(clamp(xhat))
+                        _horner_into(oc, u, c[sl]).addcmul_(xh, w[sl]).add_(b[sl])
+                    else:
+                        _horner_into(oc, xh, cwb[sl])
                 if out_dtype != cd:
                     out2[sl].copy_(oc)
                 mean[sl], rstd[sl] = m, r
@@ -123,6 +153,8 @@ class HarmonyNormFunction(torch.autograd.Function):
             if coef is not None:  # P'(u) = sum_k k coef_k u^(k-1)
                 order = coef.shape[1] - 1
                 dcoef = _per_row(coef[:, 1:], batch, cd) * torch.arange(1, order + 1, dtype=cd, device=x.device)
+                dcoef_w = dcoef.clone()
+                dcoef_w[:, :1] += w  # w + P'(u): the affine's slope folded into the constant term
             grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             gx2 = grad_x.view(x2.shape)
             gw = torch.empty(rows, dtype=cd, device=x.device)
@@ -144,10 +176,12 @@ class HarmonyNormFunction(torch.autograd.Function):
                             gc_acc[sl, k] = torch.linalg.vecdot(t, u)
                             if k < order:
                                 t.mul_(u)
-                    gxc = _horner(u, dcoef[sl])  # P'(u)
                     if clamped:
+                        gxc = _horner(u, dcoef[sl])  # P'(u)
                         gxc.masked_fill_(xh.abs() >= limit, 0.0)  # the clamp has no slope outside
-                    gxc.add_(w[sl]).mul_(gc)  # dL/dxhat
+                        gxc.add_(w[sl]).mul_(gc)  # dL/dxhat
+                    else:
+                        gxc = _horner(u, dcoef_w[sl]).mul_(gc)  # (w + P'(u)) * g
                 else:
                     gxc = gc * w[sl]
                 m1 = gxc.mean(1, keepdim=True)
