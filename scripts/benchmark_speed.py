@@ -64,11 +64,13 @@ def prepare(work: Path, cases: int, shape: tuple[int, int, int] | None) -> None:
     from nnunet_universal.dataset_conversion.api import convert
     from nnunet_universal.dataset_conversion.merge import merge_datasets
     from nnunet_universal.planners.api import plan_and_preprocess
-    from nnunet_universal.synthetic.api import synthesize
+    from nnunet_universal.synthetic.api import png_slice_spacing, synthesize
 
     for seed, (source, did) in enumerate(SOURCES):
+        # BrainMetShare PNG slices carry no geometry: give the synthetic cases' true spacing
+        spacing = png_slice_spacing(shape) if source == "brainmetshare" else None
         convert(source, synthesize(source, work / "native" / source, cases=cases, seed=seed, shape=shape), did,
-                workers=1)
+                workers=1, spacing=spacing)
     merge_datasets(DATASET_ID, DATASET_NAME, [str(d) for _, d in SOURCES], identical=["ucsf_bmsr.ET=brainmetshare.ET"],
                    workers=1)
     plan_and_preprocess(DATASET_ID, configurations=("3d_fullres",), num_processes=1)
@@ -140,6 +142,7 @@ def worker(work: Path, arm: str, what: str, device: str, threads: int, steps: in
     cuda = device == "cuda"
     rss_before = _status_mb("VmRSS")  # network, optimizer and data in memory; activations not yet
     peak_reset = _reset_peak_rss()
+    case_info: dict = {}
     if what == "train":
         saved = torch.load(work / "batch.pt", weights_only=False)
         batch = {"data": saved["data"], "target": saved["target"], "keys": np.array(saved["keys"])}
@@ -153,11 +156,17 @@ def worker(work: Path, arm: str, what: str, device: str, threads: int, steps: in
         trainer.network.eval()
         folder = trainer.preprocessed_dataset_folder
         ds = infer_dataset_class(folder)(folder)
-        key = sorted(ds.identifiers)[0]
+        # the largest case (most sliding-window tiles), the same one for both arms
+        key = max(sorted(ds.identifiers), key=lambda k: int(np.prod(ds.load_case(k)[0].shape)))
         data = torch.from_numpy(np.asarray(ds.load_case(key)[0][:], dtype=np.float32))
         # nnU-Net sets the mirroring axes in on_train_start (not in initialize): the same call, without training
         trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         predictor = _predictor(trainer, device, mirroring=what == "infer_tta")
+        from nnunet_universal.inference.routing import sliding_window_slicers
+
+        padded = [max(a, b) for a, b in zip(data.shape[1:], trainer.configuration_manager.patch_size, strict=True)]
+        case_info = {"case": key, "case_shape": list(data.shape[1:]), "tiles": len(sliding_window_slicers(
+            padded, trainer.configuration_manager.patch_size, predictor.tile_step_size))}
         for _ in range(warmup):
             predictor.predict_sliding_window_return_logits(data)
         work_fn = lambda: predictor.predict_sliding_window_return_logits(data)  # noqa: E731
@@ -171,7 +180,7 @@ def worker(work: Path, arm: str, what: str, device: str, threads: int, steps: in
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    out = {"arm": arm, "what": what, "times_s": times, "rss_before_mb": rss_before,
+    out = {"arm": arm, "what": what, "times_s": times, "rss_before_mb": rss_before, **case_info,
            "max_rss_mb": _status_mb("VmHWM"), "peak_reset_before_timing": peak_reset,
            "patch_size": list(trainer.configuration_manager.patch_size),
            "batch_size": trainer.configuration_manager.batch_size,
@@ -255,6 +264,11 @@ def summarize(runs: list[dict], device: str) -> dict:
     return {"per_arm": per, "ratios": ratios, "goals": GOALS, "goals_met": met}
 
 
+def _case_text(res: dict) -> str:
+    c = res.get("inference_case")
+    return "–" if not c else f"`{c['case']}`, {' x '.join(map(str, c['case_shape']))} voxels, {c['tiles']} tiles"
+
+
 def to_markdown(res: dict) -> str:
     per, r = res["summary"]["per_arm"], res["summary"]["ratios"]
     s, u = per["nnUNetTrainer"], per["UniversalTrainer"]
@@ -263,6 +277,7 @@ def to_markdown(res: dict) -> str:
              f"{res['patch_size']}, batch {res['batch_size']}; {s['train']['n']} steps / {s['infer']['n']} cases per "
              f"arm, arms alternating. Times: fastest (median) run; the ratio uses the fastest runs, the least "
              f"disturbed by other processes on a shared machine (median ratio in brackets). "
+             f"Inference case: {_case_text(res)}. "
              f"Command: `{res['command']}` ({res['wall_s'] / 60:.1f} min).", "",
              "| | nnUNetTrainer | UniversalTrainer | ratio | goal |", "|---|---|---|---|---|",
              f"| parameters | {s['train']['n_params']:,} | {u['train']['n_params']:,} | "
@@ -341,6 +356,7 @@ def main() -> int:
            "device": args.device, "threads": args.threads, "torch": torch.__version__,
            "command": " ".join(["python", "scripts/benchmark_speed.py", *sys.argv[1:]]),
            "patch_size": runs[0]["patch_size"], "batch_size": runs[0]["batch_size"],
+           "inference_case": {k: next(r[k] for r in runs if "case" in r) for k in ("case", "case_shape", "tiles")},
            "load_average_at_end": os.getloadavg(), "wall_s": time.perf_counter() - t0,
            "summary": summarize(runs, args.device), "runs": runs,
            "profiles": sorted(p.name for p in args.out.glob(f"speed_{args.device}_profile_*"))
