@@ -28,6 +28,9 @@ DEMO_SOURCES: tuple[tuple[str, str, int, int], ...] = (
 )
 DEMO_DATASET_ID = 700
 DEMO_HOLDOUT = 2
+#: Lesion radii x2.5 (``synth --lesion-scale``): at the small default shapes (about 4 mm voxels) the sources' own
+#: metastases are a few voxels each, too small to learn in a few minutes of CPU training.
+DEMO_LESION_SCALE = 2.5
 #: Short schedule: epochs, iterations per epoch, validation iterations per epoch (about 9 minutes on 2 CPU cores).
 DEMO_SCHEDULE = (18, 12, 1)
 
@@ -69,7 +72,7 @@ def run_demo(work_dir: Path, epochs: int | None = None, device: str = "cpu") -> 
     t_start = time.perf_counter()
     stages = tqdm(total=7, desc="demo", unit="stage", position=0)
     with _stage(stages, "synthesize native datasets"):
-        native = {src: synthesize(src, work_dir / "native" / src, cases=n, seed=i)
+        native = {src: synthesize(src, work_dir / "native" / src, cases=n, seed=i, lesion_scale=DEMO_LESION_SCALE)
                   for i, (src, _, _, n) in enumerate(DEMO_SOURCES)}
     with _stage(stages, "convert to nnU-Net raw datasets"):
         for src, conv, did, _ in DEMO_SOURCES:
