@@ -71,7 +71,9 @@ def test_shapes_from_real_plans(kind, cfg, shape, train):
     avail = torch.tensor([[True, True, True, True, False]]).expand(shape[0], -1)
     res = net.forward_train(x, domain, avail)
     assert isinstance(res, TrainOutput) and res.union is None and len(res.heads) == n_scales
-    assert res.gate_logits.shape == (shape[0], 3) and res.embedding.shape == (shape[0], net.encoder.output_channels[-1])
+    assert res.gate_logits.shape == (shape[0], 3)
+    width = net.encoder.output_channels[-1] + 2 * net.encoder.output_channels[0] + N_SLOTS
+    assert res.embedding.shape == (shape[0], width)
     for d, idx in res.samples.items():
         assert torch.equal(domain[idx], torch.full_like(idx, d))
         assert res.heads[0][d].shape == (len(idx), 1 + len(DOMAINS[d]), *shape[2:])
@@ -288,3 +290,38 @@ def test_build_checks_plans_against_the_requested_network(tmp_path):
     net = build_universal_network(pm, cm, N_SLOTS, N_UNION, enable_deep_supervision=False,
                                   options=dataclasses.replace(NetworkOptions(), head="union", harmony=False))
     assert net.union_head and not net.decoder.deep_supervision
+
+
+def _styled(domain: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, 5, 32, 32) z-scored per channel: domain 0 smooth (low-pass) texture, domain 1 white noise. Same slots,
+    same mean and std per channel: only the appearance tells the domains apart, as after nnU-Net's z-scoring."""
+    x = torch.randn(n, 5, 32, 32, generator=gen)
+    if domain == 0:
+        x = torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2)
+    x = (x - x.mean(dim=(2, 3), keepdim=True)) / x.std(dim=(2, 3), keepdim=True)
+    x[:, 4] = 0.0  # a missing slot
+    return x
+
+
+def test_gate_learns_the_domain_from_appearance_alone():
+    """Instance normalization removes each channel's mean and scale, so pooled bottleneck features hardly depend
+    on the input; the gate's embedding also carries the first normalization's input statistics and learns to
+    tell apart two domains that differ only in texture."""
+    net = _small_net(seed=3)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(net.router.parameters(), lr=0.5, momentum=0.9)
+    for _ in range(40):
+        x = torch.cat([_styled(0, 4, gen), _styled(1, 4, gen)])
+        domain = torch.tensor([0] * 4 + [1] * 4)
+        out = net.forward_train(x, domain, None)
+        loss = torch.nn.functional.cross_entropy(out.gate_logits, domain)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        x = torch.cat([_styled(0, 16, gen), _styled(1, 16, gen)])
+        truth = torch.tensor([0] * 16 + [1] * 16)
+        gate_acc = (net.router.gate_logits(net.embed(x)).argmax(1) == truth).float().mean()
+        route_acc = (net.route(net.embed(x)).argmax(1) == truth).float().mean()
+    assert gate_acc >= 0.95 and route_acc >= 0.95, (gate_acc, route_acc)

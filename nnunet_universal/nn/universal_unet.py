@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,7 @@ class TrainOutput:
     heads: list[dict[int, Tensor]]  # per DS scale (highest res first): domain -> (n_d, 1+K_d, *spatial_s) logits
     samples: dict[int, Tensor]  # domain -> (n_d,) long indices of the batch samples of that domain
     gate_logits: Tensor | None  # (B, D), None without gate
-    embedding: Tensor  # (B, F) pooled bottleneck features phi
+    embedding: Tensor  # (B, F) the gate's embedding phi (see UniversalUNet._encode)
     union: list[Tensor] | None  # per-scale union logits (head == "union"; heads is empty then)
 
 
@@ -68,6 +69,34 @@ def _check_options(options: NetworkOptions) -> None:
         logger.warning("harmony_order=%d is above %d, the largest order that trained stably in the measured proxy "
                        "(scripts/benchmark_network.py --quality); expect divergence", options.harmony_order,
                        STABLE_MAX_ORDER)
+
+
+def first_norm(encoder: nn.Module) -> nn.Module:
+    """The encoder's first normalization layer (HarmonyNorm after injection, else the planned norm_op)."""
+    kinds = tuple(k for k in (HarmonyNorm, getattr(encoder, "norm_op", None)) if isinstance(k, type))
+    for m in encoder.modules():
+        if isinstance(m, kinds):
+            return m
+    raise TypeError("the planned encoder has no normalization layer to take the gate's style statistics from")
+
+
+def embedding_size(encoder: nn.Module, num_slots: int) -> int:
+    """F of :func:`gate_embedding` for a planned encoder: bottleneck channels + 2 x first-stage channels + slots."""
+    return int(encoder.output_channels[-1]) + 2 * int(encoder.output_channels[0]) + num_slots
+
+
+def gate_embedding(pooled: Tensor, style: Tensor | None, availability: Tensor) -> Tensor:
+    """The gate's embedding phi (B, F): pooled bottleneck features, the first stage's style statistics and the
+    slots present, each L2-normalized so that each part weighs equally in the prototypes' cosine similarity.
+
+    Pooled features alone are nearly input-independent: every stage ends in an instance normalization, which
+    removes each channel's mean and scale, exactly where the domain's appearance lives (the demo's gate stayed
+    at chance with them). The statistics of the first normalization's *input* keep that appearance.
+    """
+    if style is None:
+        raise RuntimeError("the gate's style statistics were not recorded; call the encoder through UniversalUNet")
+    parts = (pooled, style, availability.to(pooled.dtype))
+    return torch.cat([F.normalize(p.float(), dim=1) for p in parts], dim=1) / math.sqrt(len(parts))
 
 
 class UniversalUNet(nn.Module):
@@ -140,7 +169,7 @@ class UniversalUNet(nn.Module):
             decoder.seg_layers = nn.ModuleList([nn.Identity() for _ in decoder.seg_layers])
             self.heads = DomainHeads(conv_op, list(encoder.output_channels[:-1]), self.domains, num_union_labels)
             if options.gate:
-                self.router = DomainRouter(encoder.output_channels[-1], self.num_domains,
+                self.router = DomainRouter(embedding_size(encoder, num_slots), self.num_domains,
                                            options.routing_temperature, options.prototype_momentum)
             if options.task_prompt:
                 self.task_prompt = TaskPrompt(conv_op, encoder.output_channels[-1], self.num_domains,
@@ -149,6 +178,9 @@ class UniversalUNet(nn.Module):
             self.heads.apply(InitWeights_He(1e-2))
         self._context: dict[str, Any] = {}
         self._encoding_cache: EncodingCache | None = None
+        # style statistics of the first encoder normalization's input, for the gate's embedding
+        self._style: Tensor | None = None
+        first_norm(encoder).register_forward_pre_hook(self._style_hook)
 
     # ---- nnU-Net integration ---------------------------------------------------------------------------
     @staticmethod
@@ -165,6 +197,13 @@ class UniversalUNet(nn.Module):
             raise RuntimeError("HarmonyRestore found no encoder statistics for this batch; call the decoder "
                                "through UniversalUNet.forward / forward_train")
         return self.restores[str(stage)](output, *stats)
+
+    def _style_hook(self, module: nn.Module, args: Any) -> None:
+        """Per-channel mean and log-std of the first normalization's input (B, 2 * C0): the appearance that
+        instance normalization removes, so that the gate still sees it."""
+        flat = args[0].detach().float().flatten(2)
+        std, mean = torch.std_mean(flat, dim=2)
+        self._style = torch.cat([mean, torch.log(std + 1e-5)], dim=1)
 
     def _clear_stats(self) -> None:
         for norm in self._stat_norms:
@@ -233,13 +272,16 @@ class UniversalUNet(nn.Module):
 
     # ---- building blocks -----------------------------------------------------------------------------
     def _encode(self, x: Tensor, availability: Tensor) -> tuple[list[Tensor], Tensor]:
-        """x: (B, C, *spatial) -> encoder skips (bottleneck last) and phi (B, F)."""
+        """x: (B, C, *spatial) -> encoder skips (bottleneck last) and the gate's embedding phi (B, F)."""
         mask = availability.to(x.dtype).view(*availability.shape, *([1] * (x.ndim - 2)))
         x = x * mask  # missing slots are zero inside the network, whatever preprocessing made of them
         if self.modality_prompt is not None:
             x = self.modality_prompt(x, availability)
+        self._style = None
         skips = list(self.encoder(x))
-        phi = skips[-1].float().mean(dim=tuple(range(2, x.ndim)))
+        pooled = skips[-1].float().mean(dim=tuple(range(2, x.ndim)))
+        phi = gate_embedding(pooled, self._style, availability)
+        self._style = None
         return skips, phi
 
     def _decode(self, skips: list[Tensor]) -> list[Tensor]:
