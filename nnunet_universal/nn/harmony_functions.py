@@ -69,15 +69,7 @@ def _fold_affine(coef: Tensor, w: Tensor, b: Tensor) -> Tensor:
 
 def _horner(u: Tensor, coeffs: Tensor) -> Tensor:
     """sum_k coeffs[:, k] * u^k for rows u (r, N) and coeffs (r, K), lowest order first; a fresh tensor."""
-    k = coeffs.shape[1]
-    if k == 1:
-        return coeffs[:, :1].expand_as(u).clone()
-    acc = u * coeffs[:, k - 1:k]
-    for i in range(k - 2, -1, -1):
-        acc.add_(coeffs[:, i:i + 1])
-        if i > 0:
-            acc.mul_(u)
-    return acc
+    return _horner_into(torch.empty_like(u), u, coeffs)
 
 
 def _clamped(t: Tensor, limit: float) -> tuple[Tensor, bool]:

@@ -50,7 +50,7 @@ class TrainOutput:
     heads: list[dict[int, Tensor]]  # per DS scale (highest res first): domain -> (n_d, 1+K_d, *spatial_s) logits
     samples: dict[int, Tensor]  # domain -> (n_d,) long indices of the batch samples of that domain
     gate_logits: Tensor | None  # (B, D), None without gate
-    embedding: Tensor  # (B, F) the gate's embedding phi (see UniversalUNet._encode)
+    embedding: Tensor  # (B, F) the gate's embedding phi (pooled bottleneck features when there is no gate)
     union: list[Tensor] | None  # per-scale union logits (head == "union"; heads is empty then)
 
 
@@ -178,9 +178,11 @@ class UniversalUNet(nn.Module):
             self.heads.apply(InitWeights_He(1e-2))
         self._context: dict[str, Any] = {}
         self._encoding_cache: EncodingCache | None = None
-        # style statistics of the first encoder normalization's input, for the gate's embedding
+        # style statistics of the first encoder normalization's input, for the gate's embedding (gated nets only:
+        # an extra reduction per forward that nothing else needs)
         self._style: Tensor | None = None
-        first_norm(encoder).register_forward_pre_hook(self._style_hook)
+        if self.router is not None:
+            first_norm(encoder).register_forward_pre_hook(self._style_hook)
 
     # ---- nnU-Net integration ---------------------------------------------------------------------------
     @staticmethod
@@ -280,7 +282,7 @@ class UniversalUNet(nn.Module):
         self._style = None
         skips = list(self.encoder(x))
         pooled = skips[-1].float().mean(dim=tuple(range(2, x.ndim)))
-        phi = gate_embedding(pooled, self._style, availability)
+        phi = gate_embedding(pooled, self._style, availability) if self.router is not None else pooled
         self._style = None
         return skips, phi
 
