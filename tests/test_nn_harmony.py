@@ -108,15 +108,24 @@ def test_gradients_are_exact_float64():
     sigma = (torch.rand(2, 3, dtype=F64) + 0.5).requires_grad_()
     q = (torch.randn(3, 4, dtype=F64) * 0.1).requires_grad_()
     r = (torch.randn(3, 4, dtype=F64) * 0.02).requires_grad_()
+    mix = (torch.rand(3, dtype=F64) * 1.5 - 0.25).requires_grad_()
     for bound in (0.0, 0.5):
         def restore(x, mu, sigma, w, b, q, r, bound=bound):
-            return HarmonyRestoreFunction.apply(x, mu, sigma, w, b, q, r, 1e-5, 3.0, 0.05, F64, bound)
+            return HarmonyRestoreFunction.apply(x, mu, sigma, w, b, q, r, None, 1e-5, 3.0, 0.05, F64, bound)
+
+        def restore_mixed(x, mu, sigma, w, b, q, r, mix, bound=bound):
+            return HarmonyRestoreFunction.apply(x, mu, sigma, w, b, q, r, mix, 1e-5, 3.0, 0.05, F64, bound)
 
         assert gradcheck(restore, (xr, mu, sigma, w, b, q, r), eps=1e-6, atol=1e-5)
+        assert gradcheck(restore_mixed, (xr, mu, sigma, w, b, q, r, mix), eps=1e-6, atol=1e-5)
+    no_poly = lambda x, mu, sigma, w, b, mix: HarmonyRestoreFunction.apply(  # noqa: E731
+        x, mu, sigma, w, b, None, None, mix, 1e-5, 3.0, 0.05, F64, 0.5)
+    assert gradcheck(no_poly, (xr, mu, sigma, w, b, mix), eps=1e-6, atol=1e-5)
     # and through the modules' basis maps, norm feeding restoration
     hn, hr = HarmonyNorm(3).double(), HarmonyRestore(3).double()
     with torch.no_grad():
         hn.poly_weight.normal_(0, 0.3)
+        hr.mix.uniform_(0.2, 1.0)
         hr.gamma.normal_(0, 0.1)
         hr.delta.normal_(0, 0.3)
     xs = torch.randn(2, 3, 5, 5, dtype=F64, requires_grad=True)
@@ -153,7 +162,7 @@ def test_restore_is_equation_3_with_a_guarded_denominator(basis, bound):
     torch.manual_seed(2)
     x = torch.randn(2, 3, 6, 6, dtype=F64) * 4
     mu, sigma = torch.randn(2, 3, dtype=F64), torch.rand(2, 3, dtype=F64) + 0.1
-    r = HarmonyRestore(3, order=2, basis=basis, denominator_bound=bound).double()
+    r = HarmonyRestore(3, order=2, basis=basis, denominator_bound=bound, mix_init=None).double()
     with torch.no_grad():
         r.weight.copy_(torch.tensor([1.5, -1e-5, -0.3]))  # channel 1: w + eps = 0 exactly at delta = 0
         r.bias.normal_()
@@ -224,6 +233,7 @@ def test_ten_thousand_extreme_draws_stay_finite(autocast):
         restore.bias.copy_(_signed(_log_uniform(draws, -6, 3, gen), gen))
         restore.gamma.copy_(_signed(_log_uniform(3 * draws, -6, 3, gen), gen).view(draws, 3))
         restore.delta.copy_(_signed(_log_uniform(3 * draws, -6, 3, gen), gen).view(draws, 3))
+        restore.mix.copy_(_signed(_log_uniform(draws, -6, 1, gen), gen))
     mu = _signed(_log_uniform(2 * draws, -8, 8, gen), gen).view(2, draws)
     sigma = _log_uniform(2 * draws, -2.5, 8, gen).view(2, draws)
     xr = _extreme_activations(draws, gen)
@@ -298,3 +308,43 @@ def test_chunked_evaluation_equals_one_chunk(monkeypatch):
     torch.testing.assert_close(y_rows, y_one)
     for a, b in zip(g_rows, g_one, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_restore_starts_as_identity_and_mixes_towards_equation_3():
+    """The residual mix a (init 0) makes the layer the identity at init; a = 1 is Eq. 3 exactly, and the mix
+    learns from the first step while Eq. 3's own parameters wait for it."""
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 6, 6, dtype=F64) * 3
+    mu, sigma = torch.randn(2, 3, dtype=F64), torch.rand(2, 3, dtype=F64) + 0.1
+    mixed = HarmonyRestore(3).double()
+    literal = HarmonyRestore(3, mix_init=None).double()
+    with torch.no_grad():
+        for name in ("weight", "bias", "gamma", "delta"):
+            getattr(mixed, name).normal_(0.5, 0.1)
+    literal.load_state_dict({k: v for k, v in mixed.state_dict().items() if k != "mix"})
+    x.requires_grad_()
+    y = mixed(x, mu, sigma)
+    assert torch.equal(y, x)
+    y.square().sum().backward()
+    assert mixed.mix.grad.abs().min() > 0
+    assert mixed.weight.grad.abs().max() == 0 and mixed.gamma.grad.abs().max() == 0
+    torch.testing.assert_close(x.grad, 2 * x.detach())
+    with torch.no_grad():
+        mixed.mix.fill_(1.0)
+        torch.testing.assert_close(mixed(x, mu, sigma), literal(x, mu, sigma), rtol=1e-12, atol=1e-12)
+        mixed.mix.fill_(0.25)
+        expected = x + 0.25 * (literal(x, mu, sigma) - x)
+        torch.testing.assert_close(mixed(x, mu, sigma), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_restore_loads_checkpoints_from_before_the_mix():
+    """A state dict without ``mix`` (written before the residual mix) loads with a = 1: same outputs as then."""
+    old = HarmonyRestore(4, mix_init=None)
+    with torch.no_grad():
+        old.weight.uniform_(0.5, 1.5)
+        old.gamma.normal_(0, 0.1)
+    new = HarmonyRestore(4)
+    new.load_state_dict(old.state_dict())
+    assert torch.equal(new.mix.detach(), torch.ones(4))
+    x, mu, sigma = torch.randn(1, 4, 5, 5), torch.randn(1, 4), torch.rand(1, 4) + 0.5
+    torch.testing.assert_close(new(x, mu, sigma), old(x, mu, sigma))

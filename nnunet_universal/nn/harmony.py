@@ -126,7 +126,8 @@ class HarmonyNorm(nn.Module):
 
     def extra_repr(self) -> str:
         poly = f"{self.basis} basis" if self.poly_weight is not None else "off"
-        return f"{self.num_channels}, eps={self.eps}, order={self.order}, polynomial={poly}"
+        mix = "off" if self.mix is None else "residual"
+        return f"{self.num_channels}, eps={self.eps}, order={self.order}, polynomial={poly}, mix={mix}"
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, C, *spatial)
         if x.ndim < 3:
@@ -152,11 +153,19 @@ class HarmonyRestore(nn.Module):
     features are not that norm's output, and ResEnc U-Nets zero-initialize the last norm of every residual
     block, which would put the denominator at ``eps``. The statistics are detached (as in RevIN).
     The denominator's magnitude is floored at ``min_denominator`` (module docstring).
+
+    Residual mix (a departure, measured in ``scripts/benchmark_accuracy.py``): the layer outputs
+    ``x + a_c (y - x)`` with a learned per-channel ``a`` initialized to ``mix_init`` (0: the layer starts as
+    the identity, ReZero-style). Eq. 3 alone multiplies the decoder features by the encoder's per-case
+    ``sigma`` and shifts them by ``mu`` from the first step on; in the multi-domain benchmark that scaled the
+    last decoder stage's features (and so the logits) per case and training collapsed to Dice ~ 0.
+    ``mix_init=None`` drops the mix (``y`` as in Eq. 3).
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, order: int = DEFAULT_ORDER, polynomial: bool = True,
                  poly_limit: float = POLY_LIMIT, min_denominator: float = MIN_DENOMINATOR,
-                 basis: str = DEFAULT_BASIS, denominator_bound: float = DENOMINATOR_BOUND) -> None:
+                 basis: str = DEFAULT_BASIS, denominator_bound: float = DENOMINATOR_BOUND,
+                 mix_init: float | None = 0.0) -> None:
         super().__init__()
         if min_denominator <= 0:
             raise ValueError("min_denominator must be > 0")
@@ -169,6 +178,7 @@ class HarmonyRestore(nn.Module):
         self.denominator_bound = float(denominator_bound)
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.mix = None if mix_init is None else nn.Parameter(torch.full((num_channels,), float(mix_init)))
         use_poly = polynomial and order >= 1
         self.gamma = nn.Parameter(torch.zeros(num_channels, order)) if use_poly else None
         self.delta = nn.Parameter(torch.zeros(num_channels, order)) if use_poly else None
@@ -178,7 +188,14 @@ class HarmonyRestore(nn.Module):
 
     def extra_repr(self) -> str:
         poly = f"{self.basis} basis" if self.gamma is not None else "off"
-        return f"{self.num_channels}, eps={self.eps}, order={self.order}, polynomial={poly}"
+        mix = "off" if self.mix is None else "residual"
+        return f"{self.num_channels}, eps={self.eps}, order={self.order}, polynomial={poly}, mix={mix}"
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints written before the residual mix existed computed y itself: a = 1 reproduces them
+        if self.mix is not None and prefix + "mix" not in state_dict and prefix + "weight" in state_dict:
+            state_dict[prefix + "mix"] = torch.ones_like(self.mix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
         """x: (B, C, *spatial); mu, sigma: (B, C) statistics of the matching encoder stage."""
@@ -190,5 +207,5 @@ class HarmonyRestore(nn.Module):
             basis = self.basis_coef.T.to(self.gamma.dtype)
             qcoef, rcoef = self.gamma @ basis, self.delta @ basis
         return HarmonyRestoreFunction.apply(x, mu.detach(), sigma.detach(), self.weight, self.bias, qcoef, rcoef,
-                                             self.eps, self.poly_limit, self.min_denominator, out_dtype,
+                                             self.mix, self.eps, self.poly_limit, self.min_denominator, out_dtype,
                                              self.denominator_bound)

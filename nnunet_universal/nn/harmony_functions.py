@@ -193,7 +193,9 @@ class HarmonyNormFunction(torch.autograd.Function):
 
 
 class HarmonyRestoreFunction(torch.autograd.Function):
-    """y = sigma * (x - b - Q(u)) / guard(w + eps + R(u)) + mu,  u = clamp(x),  Q, R polynomials.
+    """y = x + a (r - x),  r = sigma * (x - b - Q(u)) / guard(w + eps + R(u)) + mu,  u = clamp(x),  Q, R polynomials.
+
+    ``mix`` (C,) holds the per-channel residual mix ``a``; ``None`` gives ``y = r`` (Eq. 3 literally).
 
     ``qcoef``, ``rcoef`` (C, J+1) hold the monomial coefficients of Q and R, orders 0..J.
     """
@@ -232,28 +234,33 @@ class HarmonyRestoreFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, mu: Tensor, sigma: Tensor, weight: Tensor, bias: Tensor,
-                gamma: Tensor | None, delta: Tensor | None, eps: float, limit: float, min_den: float,
-                out_dtype: torch.dtype, bound: float) -> Tensor:
+                gamma: Tensor | None, delta: Tensor | None, mix: Tensor | None, eps: float, limit: float,
+                min_den: float, out_dtype: torch.dtype, bound: float) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             cd = _compute_dtype(x)
             x2, batch, n = _rows_of(x)
             p = HarmonyRestoreFunction._params(weight, bias, gamma, delta, eps, batch, cd, min_den, bound)
             s, m = sigma.to(cd).reshape(-1, 1), mu.to(cd).reshape(-1, 1)
+            keep = None if mix is None else 1.0 - _per_row(mix, batch, cd)  # y = r + (1 - a) (x - r)
             out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
             out2 = out.view(x2.shape)
             for sl in _chunks(x2.shape[0], n, x.device):
-                _, _, num, dsafe, _ = HarmonyRestoreFunction._terms(x2[sl].to(cd), sl, p, limit, min_den, bound)
+                xc = x2[sl].to(cd)
+                _, _, num, dsafe, _ = HarmonyRestoreFunction._terms(xc, sl, p, limit, min_den, bound)
                 if out_dtype == cd:
-                    torch.div(num, dsafe, out=out2[sl]).mul_(s[sl]).add_(m[sl])
+                    r = torch.div(num, dsafe, out=out2[sl]).mul_(s[sl]).add_(m[sl])
+                    if keep is not None:
+                        r.lerp_(xc, keep[sl])
                 else:
-                    out2[sl] = num.div_(dsafe).mul_(s[sl]).add_(m[sl])
-        ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta)
+                    r = num.div_(dsafe).mul_(s[sl]).add_(m[sl])
+                    out2[sl] = r if keep is None else r.lerp_(xc, keep[sl])
+        ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta, mix)
         ctx.consts = (eps, limit, min_den, bound)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
-        x, mu, sigma, weight, bias, gamma, delta = ctx.saved_tensors
+        x, mu, sigma, weight, bias, gamma, delta, mix = ctx.saved_tensors
         eps, limit, min_den, bound = ctx.consts
         need = ctx.needs_input_grad
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -263,6 +270,11 @@ class HarmonyRestoreFunction(torch.autograd.Function):
             rows = x2.shape[0]
             p = HarmonyRestoreFunction._params(weight, bias, gamma, delta, eps, batch, cd, min_den, bound)
             s = sigma.to(cd).reshape(-1, 1)
+            if mix is not None:  # the inner function's gradients scale with the mix a; dy/dx gains (1 - a)
+                a = _per_row(mix, batch, cd)
+                m, keep, s_inner = mu.to(cd).reshape(-1, 1), 1.0 - a, s * a
+            else:
+                s_inner = s
             poly = "gamma" in p
             order = gamma.shape[1] - 1 if poly else 0
             if poly:
@@ -270,7 +282,7 @@ class HarmonyRestoreFunction(torch.autograd.Function):
                 dq_coef, dr_coef = p["gamma"][:, 1:] * orders, p["delta"][:, 1:] * orders  # Q'(u), R'(u)
             grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             gx2 = grad_x.view(x2.shape)
-            acc = {k: torch.empty(rows, dtype=cd, device=x.device) for k in ("mu", "sigma", "w", "b")}
+            acc = {k: torch.empty(rows, dtype=cd, device=x.device) for k in ("mu", "sigma", "w", "b", "xg")}
             if poly:
                 acc["gamma"] = torch.empty((rows, order + 1), dtype=cd, device=x.device)
                 acc["delta"] = torch.empty_like(acc["gamma"])
@@ -279,14 +291,18 @@ class HarmonyRestoreFunction(torch.autograd.Function):
                 u, clamped, num, dsafe, t = HarmonyRestoreFunction._terms(xc, sl, p, limit, min_den, bound,
                                                                            keep_t=True)
                 gc = g2[sl].to(cd)
-                e = torch.div(gc, dsafe).mul_(s[sl])  # dL/dnum
+                e = torch.div(gc, dsafe).mul_(s_inner[sl])  # dL/dnum
                 ratio = num.div_(dsafe)
                 f = (e * ratio).neg_()  # dL/dden (straight through the floor)
-                acc["mu"][sl] = gc.sum(1)
+                acc["mu"][sl] = gc.sum(1)  # unscaled by the mix (scaled below)
                 acc["sigma"][sl] = torch.linalg.vecdot(gc, ratio)
                 acc["w"][sl] = f.sum(1)
                 acc["b"][sl] = e.sum(1).neg_()
+                if mix is not None:  # dL/da = sum g (r - x) = sigma sum g ratio + mu sum g - sum g x
+                    acc["xg"][sl] = torch.linalg.vecdot(gc, xc)
                 if not poly:
+                    if mix is not None:
+                        e.addcmul_(gc, keep[sl])
                     gx2[sl] = e
                     continue
                 if t is not None:  # dL/dR = dL/dden * (1 - tanh^2)
@@ -304,11 +320,19 @@ class HarmonyRestoreFunction(torch.autograd.Function):
                 slope = _horner(u, dr_coef[sl]).mul_(f).sub_(_horner(u, dq_coef[sl]).mul_(e))
                 if clamped:
                     slope.masked_fill_(xc.abs() >= limit, 0.0)
+                if mix is not None:
+                    slope.addcmul_(gc, keep[sl])
                 if gx2.dtype == cd:
                     torch.add(slope, e, out=gx2[sl])
                 else:
                     gx2[sl] = slope.add_(e)
-            grads: list[Tensor | None] = [None] * 12
+            grads: list[Tensor | None] = [None] * 13
+            if mix is not None:
+                if need[7]:
+                    g_mix = s.view(-1) * acc["sigma"] + m.view(-1) * acc["mu"] - acc["xg"]
+                    grads[7] = g_mix.view(batch, -1).sum(0).to(mix.dtype)
+                acc["mu"].mul_(a.view(-1))
+                acc["sigma"].mul_(a.view(-1))
             grads[0] = grad_x if need[0] else None
             grads[1] = acc["mu"].view(mu.shape).to(mu.dtype) if need[1] else None
             grads[2] = acc["sigma"].view(sigma.shape).to(sigma.dtype) if need[2] else None
