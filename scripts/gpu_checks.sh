@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Device checks for a lent GPU machine (see README "Benchmarks"): CUDA tests, then the speed benchmark.
+#   bash scripts/gpu_checks.sh OUTDIR [SHAPE...]
+# Expects nnunetv2 and its dependencies importable (on this workplace's GPU machine: wheels carried in .whl/,
+# installed to /tmp/site when present). Writes OUTDIR/gpu_tests.log and OUTDIR/speed/speed_cuda.{json,md}.
+set -uo pipefail
+out=${1:?usage: gpu_checks.sh OUTDIR [D H W]}; shift
+shape=${*:-128 128 128}
+export PYTHONUNBUFFERED=1 nnUNet_compile=f
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+mkdir -p "$out/speed"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python3 -c "import torch, nnunetv2, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)" || exit 1
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
+time python3 scripts/benchmark_speed.py --device cuda --threads 8 --shape $shape --cases 3 --steps 20 --warmup 5 \
+  --infer-repeats 3 --rounds 1 --work /tmp/speed_work --out "$out/speed"
+cat "$out/speed/speed_cuda.md"
