@@ -209,13 +209,18 @@ def _predictor(trainer, device: str, mirroring: bool):
 
 
 def _profile(fn, path: Path) -> str:
-    """torch.profiler table (self CPU time) of two calls of ``fn``, written to ``path``."""
+    """torch.profiler table of two calls of ``fn`` (self CPU time; self CUDA time on a GPU), written to ``path``."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, profile_memory=True, record_shapes=False) as prof:
         for _ in range(2):
             fn()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30)
     path.write_text(table)
     return str(path)
 

@@ -8,6 +8,7 @@ out=${1:?usage: gpu_checks.sh OUTDIR [D H W]}; shift
 shape=${*:-128 128 128}
 export PYTHONUNBUFFERED=1 nnUNet_compile=f
 if [ -d .whl ]; then
+  rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -16,6 +17,10 @@ mkdir -p "$out/speed"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, nnunetv2, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)" || exit 1
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
-time python3 scripts/benchmark_speed.py --device cuda --threads 8 --shape $shape --cases 3 --steps 20 --warmup 5 \
+time python3 scripts/benchmark_speed.py --device cuda --threads 8 --shape $shape --cases 3 --steps 10 --warmup 3 \
   --infer-repeats 3 --rounds 1 --work /tmp/speed_work --out "$out/speed"
 cat "$out/speed/speed_cuda.md"
+# where the universal training step spends its GPU time (self CUDA time per op)
+python3 scripts/benchmark_speed.py --worker train --arm UniversalTrainer --work /tmp/speed_work --device cuda \
+  --threads 8 --steps 3 --warmup 2 --worker-out /tmp/worker.json --profile-to "$out/profile.txt" >/dev/null
+head -45 "$out/profile_train.txt"

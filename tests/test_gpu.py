@@ -50,6 +50,9 @@ def test_harmony_on_cuda_matches_a_float64_cpu_reference(shape):
     hn, hr = _modules(1)
     ref = _run(hn.double(), hr.double(), x.double(), mu.double(), sigma.double(), g.double())
     got = _run(hn.float().to(CUDA), hr.float().to(CUDA), *(t.to(CUDA) for t in (x, mu, sigma, g)))
+    from nnunet_universal.nn import harmony_fused
+
+    assert harmony_fused.enabled(x.to(CUDA)), f"fused GPU path fell back: {harmony_fused._BROKEN}"
     for r, o in zip(ref, got, strict=True):
         o = o.double().cpu()
         assert torch.isfinite(o).all()

@@ -244,8 +244,9 @@ def test_ten_thousand_extreme_draws_stay_finite(autocast):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         y = norm(x)
         z = restore(xr, mu, sigma)
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32)  # as instance_norm
+    assert z.dtype == torch.float32
     for out in (y, z):
-        assert out.dtype == torch.float32
         assert torch.isfinite(out).all()
     torch.autograd.backward([y, z], [torch.randn(y.shape, generator=gen), torch.randn(z.shape, generator=gen)])
     grads = [x.grad, xr.grad] + [p.grad for p in (*norm.parameters(), *restore.parameters())]
@@ -348,3 +349,44 @@ def test_restore_loads_checkpoints_from_before_the_mix():
     assert torch.equal(new.mix.detach(), torch.ones(4))
     x, mu, sigma = torch.randn(1, 4, 5, 5), torch.randn(1, 4), torch.rand(1, 4) + 0.5
     torch.testing.assert_close(new(x, mu, sigma), old(x, mu, sigma))
+
+
+@pytest.mark.parametrize("poly", [True, False])
+@pytest.mark.parametrize("mix", [True, False])
+def test_fused_gpu_math_equals_the_chunked_path(monkeypatch, poly, mix):
+    """The whole-tensor functions that run compiled on CUDA (``harmony_fused``) give the chunked path's values
+    and gradients (run eagerly here on CPU), clamped activations and both denominator forms included."""
+    from nnunet_universal.nn import harmony_fused
+
+    torch.manual_seed(7)
+    hn = HarmonyNorm(3, polynomial=poly).double()
+    hrs = [HarmonyRestore(3, polynomial=poly, denominator_bound=bound, mix_init=0.0 if mix else None).double()
+           for bound in (0.0, 0.5)]
+    with torch.no_grad():
+        if poly:
+            hn.poly_weight.normal_(0, 0.3)
+        for hr in hrs:
+            hr.weight.uniform_(0.5, 1.5)
+            if poly:
+                hr.gamma.normal_(0, 0.1)
+                hr.delta.normal_(0, 0.3)
+            if mix:
+                hr.mix.uniform_(0.2, 0.9)
+    x = torch.randn(2, 3, 7, 6, dtype=F64) * 2
+    x[1, 0, 0, 0] = 60.0  # clamped after standardization
+    mu, sigma = torch.randn(2, 3, dtype=F64), torch.rand(2, 3, dtype=F64) + 0.5
+
+    def run(fused: bool):
+        monkeypatch.setattr(harmony_fused, "enabled", lambda t: fused)
+        monkeypatch.setattr(harmony_fused, "compiled", lambda name: harmony_fused._MATH[name])
+        xi = x.clone().requires_grad_()
+        y = sum(hr(hn(xi), mu, sigma) for hr in hrs)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=F64)).view(y.shape))
+        params = [*hn.parameters(), *(p for hr in hrs for p in hr.parameters())]
+        out = [y.detach(), xi.grad] + [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    for a, b in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)

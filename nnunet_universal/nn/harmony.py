@@ -76,10 +76,21 @@ def basis_matrix(orders: list[int], kind: str) -> Tensor:
 
 
 def _output_dtype(x: Tensor) -> torch.dtype:
-    """fp32 under autocast (as ``instance_norm``), else the input's dtype; fp64 inputs stay fp64."""
+    """HarmonyRestore's output: fp32 under autocast, else the input's dtype; fp64 inputs stay fp64.
+
+    Eq. 3 rescales by the encoder's sigma and divides by a learned denominator: its range is not bounded
+    like a normalization's, so it leaves fp16 (the arithmetic is fp32 either way)."""
     if x.dtype == torch.float64:
         return torch.float64
     return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _norm_output_dtype(x: Tensor) -> torch.dtype:
+    """HarmonyNorm's output: the input's dtype, as ``instance_norm`` under autocast (fp16/bf16 in, same out).
+
+    The output is bounded like InstanceNorm's (``|xhat| <= sqrt(N)``, the polynomial sees a clamped input);
+    writing it in fp32 would double the activation memory of every normalized layer on GPU."""
+    return x.dtype
 
 
 def _check_order(order: int) -> None:
@@ -132,7 +143,7 @@ class HarmonyNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: (B, C, *spatial)
         if x.ndim < 3:
             raise ValueError(f"HarmonyNorm expects (B, C, *spatial), got shape {tuple(x.shape)}")
-        out_dtype = _output_dtype(x)
+        out_dtype = _norm_output_dtype(x)
         coef = None if self.poly_weight is None else self.poly_weight @ self.basis_coef.T.to(self.poly_weight.dtype)
         out, mean, rstd = HarmonyNormFunction.apply(x, self.weight, self.bias, coef, self.eps, self.poly_limit,
                                                      out_dtype)

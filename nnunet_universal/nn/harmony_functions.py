@@ -3,7 +3,7 @@
 They save only their input (plus per-(sample, channel) statistics) and recompute the polynomial terms in
 backward: plain autograd would keep every power of every activation alive until backward, ``J`` extra
 activation tensors per layer. All arithmetic runs in fp32 (fp64 for fp64 inputs) whatever the autocast
-state, as ``instance_norm`` does under autocast. The work is done on chunks of rows (one row = one
+state. On CUDA the same equations run as fused compiled kernels (``harmony_fused.py``). The work is done on chunks of rows (one row = one
 (sample, channel) pair): on CPU small, cache-resident chunks (a fresh activation-sized buffer costs more,
 in page faults, than the arithmetic); on GPU larger chunks that bound the temporaries, so that peak memory
 stays near the plain network's.
@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from nnunet_universal.nn import harmony_fused
 
 #: Elements per chunk of rows: on CPU 1 MiB of fp32 (cache-resident temporaries); on GPU 64 MiB, which keeps
 #: kernel launches few and bounds the temporaries of a 3D full-resolution layer to a fraction of its size.
@@ -102,6 +104,13 @@ class HarmonyNormFunction(torch.autograd.Function):
             rows = x2.shape[0]
             w, b = _per_row(weight, batch, cd), _per_row(bias, batch, cd)
             c = _per_row(coef, batch, cd) if coef is not None else None  # (R, J+1)
+            fused = harmony_fused.run("norm_forward", x2, w, b, c, eps, limit, out_dtype) \
+                if harmony_fused.enabled(x) else None
+            if fused is not None:
+                ctx.save_for_backward(x, fused[1], fused[2], weight, coef)
+                ctx.limit = limit
+                ctx.mark_non_differentiable(fused[1], fused[2])
+                return fused[0].view(x.shape), fused[1], fused[2]
             out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
             out2 = out.view(rows, n)
             mean = torch.empty((rows, 1), dtype=cd, device=x.device)
@@ -147,6 +156,15 @@ class HarmonyNormFunction(torch.autograd.Function):
                 dcoef = _per_row(coef[:, 1:], batch, cd) * torch.arange(1, order + 1, dtype=cd, device=x.device)
                 dcoef_w = dcoef.clone()
                 dcoef_w[:, :1] += w  # w + P'(u): the affine's slope folded into the constant term
+            fused = harmony_fused.run("norm_backward", x2, g2, mean, rstd, w, dcoef, limit) \
+                if harmony_fused.enabled(x) else None
+            if fused is not None:
+                need = ctx.needs_input_grad
+                return (fused[0].view(x.shape),
+                        fused[1].view(batch, -1).sum(0).to(weight.dtype) if need[1] else None,
+                        fused[2].view(batch, -1).sum(0).to(weight.dtype) if need[2] else None,
+                        fused[3].view(batch, -1, order + 1).sum(0).to(coef.dtype)
+                        if coef is not None and need[3] else None, None, None, None)
             grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             gx2 = grad_x.view(x2.shape)
             gw = torch.empty(rows, dtype=cd, device=x.device)
@@ -233,6 +251,25 @@ class HarmonyRestoreFunction(torch.autograd.Function):
         return u, clamped, num, _guard(den, min_den), t
 
     @staticmethod
+    def _grads(per_row: tuple, need: tuple, x: Tensor, mu: Tensor, sigma: Tensor, weight: Tensor, bias: Tensor,
+               gamma: Tensor | None, delta: Tensor | None, mix: Tensor | None, batch: int, order: int) -> tuple:
+        """Autograd's gradient tuple from per-row gradients (dx, dmu, dsigma, dw, db, dgamma, ddelta, dmix)."""
+        gx, g_mu, g_sigma, g_w, g_b, g_gamma, g_delta, g_mix = per_row
+        grads: list[Tensor | None] = [None] * 13
+        grads[0] = gx.view(x.shape) if need[0] else None
+        grads[1] = g_mu.view(mu.shape).to(mu.dtype) if need[1] else None
+        grads[2] = g_sigma.view(sigma.shape).to(sigma.dtype) if need[2] else None
+        grads[3] = g_w.view(batch, -1).sum(0).to(weight.dtype) if need[3] else None
+        grads[4] = g_b.view(batch, -1).sum(0).to(bias.dtype) if need[4] else None
+        if gamma is not None and g_gamma is not None and need[5]:
+            grads[5] = g_gamma.view(batch, -1, order + 1).sum(0).to(gamma.dtype)
+        if delta is not None and g_delta is not None and need[6]:
+            grads[6] = g_delta.view(batch, -1, order + 1).sum(0).to(delta.dtype)
+        if mix is not None and g_mix is not None and need[7]:
+            grads[7] = g_mix.view(batch, -1).sum(0).to(mix.dtype)
+        return tuple(grads)
+
+    @staticmethod
     def forward(ctx: Any, x: Tensor, mu: Tensor, sigma: Tensor, weight: Tensor, bias: Tensor,
                 gamma: Tensor | None, delta: Tensor | None, mix: Tensor | None, eps: float, limit: float,
                 min_den: float, out_dtype: torch.dtype, bound: float) -> Tensor:
@@ -242,6 +279,14 @@ class HarmonyRestoreFunction(torch.autograd.Function):
             p = HarmonyRestoreFunction._params(weight, bias, gamma, delta, eps, batch, cd, min_den, bound)
             s, m = sigma.to(cd).reshape(-1, 1), mu.to(cd).reshape(-1, 1)
             keep = None if mix is None else 1.0 - _per_row(mix, batch, cd)  # y = r + (1 - a) (x - r)
+            if harmony_fused.enabled(x):
+                y = harmony_fused.run("restore_forward", x2, m, s, p["w_eps"], p["b"], p.get("gamma"),
+                                      p.get("delta"), None if mix is None else 1.0 - keep, limit, min_den, bound,
+                                      out_dtype)
+                if y is not None:
+                    ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta, mix)
+                    ctx.consts = (eps, limit, min_den, bound)
+                    return y.view(x.shape)
             out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
             out2 = out.view(x2.shape)
             for sl in _chunks(x2.shape[0], n, x.device):
@@ -277,6 +322,13 @@ class HarmonyRestoreFunction(torch.autograd.Function):
                 s_inner = s
             poly = "gamma" in p
             order = gamma.shape[1] - 1 if poly else 0
+            if harmony_fused.enabled(x):
+                fused = harmony_fused.run("restore_backward", x2, g2, mu.to(cd).reshape(-1, 1), s, p["w_eps"],
+                                          p["b"], p.get("gamma"), p.get("delta"),
+                                          None if mix is None else _per_row(mix, batch, cd), limit, min_den, bound)
+                if fused is not None:
+                    return HarmonyRestoreFunction._grads(fused, need, x, mu, sigma, weight, bias, gamma, delta, mix,
+                                                         batch, order)
             if poly:
                 orders = torch.arange(1, order + 1, dtype=cd, device=x.device)
                 dq_coef, dr_coef = p["gamma"][:, 1:] * orders, p["delta"][:, 1:] * orders  # Q'(u), R'(u)
