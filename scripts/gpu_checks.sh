@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Device checks for a lent GPU machine (see README "Benchmarks"): CUDA tests, then the speed benchmark.
-#   bash scripts/gpu_checks.sh OUTDIR [SHAPE...]
+# Device checks for a lent GPU machine (see README "Benchmarks"): the CUDA speed benchmark, the CUDA tests, a profile.
+#   bash scripts/gpu_checks.sh OUTDIR [D H W]
 # Expects nnunetv2 and its dependencies importable (on this workplace's GPU machine: wheels carried in .whl/,
-# installed to /tmp/site when present). Writes OUTDIR/gpu_tests.log and OUTDIR/speed/speed_cuda.{json,md}.
+# installed to /tmp/site when present). Writes OUTDIR/speed/speed_cuda.{json,md}, OUTDIR/gpu_tests.log and
+# OUTDIR/profile_train.txt (self CUDA time per op of the universal training step).
 set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUTDIR [D H W]}; shift
 shape=${*:-128 128 128}
@@ -16,11 +17,10 @@ fi
 mkdir -p "$out/speed"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, nnunetv2, numpy; print('torch', torch.__version__, 'numpy', numpy.__version__)" || exit 1
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
-time python3 scripts/benchmark_speed.py --device cuda --threads 8 --shape $shape --cases 3 --steps 10 --warmup 3 \
-  --infer-repeats 3 --rounds 1 --work /tmp/speed_work --out "$out/speed"
+time python3 scripts/benchmark_speed.py --device cuda --threads 8 --shape $shape --cases 2 --steps 6 --warmup 3 \
+  --infer-repeats 2 --rounds 1 --work /tmp/speed_work --out "$out/speed"
 cat "$out/speed/speed_cuda.md"
-# where the universal training step spends its GPU time (self CUDA time per op)
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
 python3 scripts/benchmark_speed.py --worker train --arm UniversalTrainer --work /tmp/speed_work --device cuda \
   --threads 8 --steps 3 --warmup 2 --worker-out /tmp/worker.json --profile-to "$out/profile.txt" >/dev/null
-head -45 "$out/profile_train.txt"
+head -40 "$out/profile_train.txt"

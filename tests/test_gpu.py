@@ -48,7 +48,7 @@ def test_harmony_on_cuda_matches_a_float64_cpu_reference(shape):
     mu, sigma = torch.randn(shape[:2], generator=gen), torch.rand(shape[:2], generator=gen) + 0.5
     g = torch.randn(shape, generator=gen)
     hn, hr = _modules(1)
-    ref = _run(hn.double(), hr.double(), x.double(), mu.double(), sigma.double(), g.double())
+    ref = [t.clone() for t in _run(hn.double(), hr.double(), x.double(), mu.double(), sigma.double(), g.double())]
     got = _run(hn.float().to(CUDA), hr.float().to(CUDA), *(t.to(CUDA) for t in (x, mu, sigma, g)))
     from nnunet_universal.nn import harmony_fused
 

@@ -110,7 +110,9 @@ class HarmonyNormFunction(torch.autograd.Function):
                 ctx.save_for_backward(x, fused[1], fused[2], weight, coef)
                 ctx.limit = limit
                 ctx.mark_non_differentiable(fused[1], fused[2])
-                return fused[0].view(x.shape), fused[1], fused[2]
+                out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: in-place users follow
+                out.view(x2.shape).copy_(fused[0])
+                return out, fused[1], fused[2]
             out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
             out2 = out.view(rows, n)
             mean = torch.empty((rows, 1), dtype=cd, device=x.device)
@@ -286,7 +288,9 @@ class HarmonyRestoreFunction(torch.autograd.Function):
                 if y is not None:
                     ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta, mix)
                     ctx.consts = (eps, limit, min_den, bound)
-                    return y.view(x.shape)
+                    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view (see above)
+                    out.view(x2.shape).copy_(y)
+                    return out
             out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
             out2 = out.view(x2.shape)
             for sl in _chunks(x2.shape[0], n, x.device):
