@@ -3,10 +3,10 @@
 They save only their input (plus per-(sample, channel) statistics) and recompute the polynomial terms in
 backward: plain autograd would keep every power of every activation alive until backward, ``J`` extra
 activation tensors per layer. All arithmetic runs in fp32 (fp64 for fp64 inputs) whatever the autocast
-state. On CUDA the same equations run as fused compiled kernels (``harmony_fused.py``). The work is done on chunks of rows (one row = one
-(sample, channel) pair): on CPU small, cache-resident chunks (a fresh activation-sized buffer costs more,
-in page faults, than the arithmetic); on GPU larger chunks that bound the temporaries, so that peak memory
-stays near the plain network's.
+state. The work is done on chunks of rows (one row = one (sample, channel) pair): on CPU small, cache-resident
+chunks (a fresh activation-sized buffer costs more, in page faults, than the arithmetic); on GPU, when the fused
+compiled kernels of ``harmony_fused.py`` are unavailable, larger chunks that bound the temporaries, so that peak
+memory stays near the plain network's.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ _BROKEN: list[str] = []
 
 def enabled(x: Tensor) -> bool:
     """Whether the fused path serves this tensor: CUDA, not turned off, not failed before."""
-    return x.is_cuda and not _BROKEN and os.environ.get("NNUNET_UNIVERSAL_FUSED", "1").lower() not in ("0", "f", "false")
+    off = os.environ.get("NNUNET_UNIVERSAL_FUSED", "1").lower() in ("0", "f", "false")
+    return x.is_cuda and not _BROKEN and not off
 
 
 def disable(reason: str) -> None:
