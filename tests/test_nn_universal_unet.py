@@ -325,3 +325,20 @@ def test_gate_learns_the_domain_from_appearance_alone():
         gate_acc = (net.router.gate_logits(net.embed(x)).argmax(1) == truth).float().mean()
         route_acc = (net.route(net.embed(x)).argmax(1) == truth).float().mean()
     assert gate_acc >= 0.95 and route_acc >= 0.95, (gate_acc, route_acc)
+
+
+def test_gate_style_statistics_from_harmony_norm_equal_the_direct_computation():
+    """Gated nets take the first HarmonyNorm's own (mean, sqrt(var + eps)) as style statistics; networks whose
+    first norm is a plain InstanceNorm compute the same numbers in a pre-hook."""
+    net = _small_net()
+    norm0 = next(m for m in net.encoder.modules() if isinstance(m, HarmonyNorm))
+    assert norm0.keep_stats
+    x = torch.randn(2, 8, 12, 12) * 3 + 5
+    norm0(x)
+    net._style_from_norm(norm0, (x,), None)
+    from_norm = net._style.clone()
+    net._style_hook(norm0, (x,))
+    torch.testing.assert_close(net._style, from_norm, rtol=1e-5, atol=1e-5)
+    flat = x.flatten(2)
+    expected = torch.cat([flat.mean(2), 0.5 * torch.log(flat.var(2, unbiased=False) + 1e-5)], dim=1)
+    torch.testing.assert_close(from_norm, expected, rtol=1e-5, atol=1e-5)
