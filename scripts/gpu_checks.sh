@@ -3,7 +3,7 @@
 #   bash scripts/gpu_checks.sh OUTDIR [D H W]
 # Expects nnunetv2 and its dependencies importable (on this workplace's GPU machine: wheels carried in .whl/,
 # installed to /tmp/site when present). Writes OUTDIR/speed/speed_cuda.{json,md}, OUTDIR/gpu_tests.log and
-# OUTDIR/profile_train.txt (self CUDA time per op of the universal training step).
+# OUTDIR/profile_{train,infer}.txt (self CUDA time per op of the universal training step and inference).
 set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUTDIR [D H W]}; shift
 shape=${*:-128 128 128}
@@ -21,6 +21,9 @@ time python3 scripts/benchmark_speed.py --device cuda --threads 8 --shape $shape
   --infer-repeats 2 --rounds 1 --work /tmp/speed_work --out "$out/speed"
 cat "$out/speed/speed_cuda.md"
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -15
-python3 scripts/benchmark_speed.py --worker train --arm UniversalTrainer --work /tmp/speed_work --device cuda \
-  --threads 8 --steps 3 --warmup 2 --worker-out /tmp/worker.json --profile-to "$out/profile.txt" >/dev/null
-head -40 "$out/profile_train.txt"
+# where the universal training step and inference spend their GPU time (self CUDA time per op)
+for what in train infer; do
+  python3 scripts/benchmark_speed.py --worker $what --arm UniversalTrainer --work /tmp/speed_work --device cuda \
+    --threads 8 --steps 3 --warmup 2 --worker-out /tmp/worker.json --profile-to "$out/profile.txt" >/dev/null
+  head -30 "$out/profile_$what.txt"
+done
