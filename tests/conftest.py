@@ -1,4 +1,5 @@
-"""Shared test setup: nnU-Net folders in a temp dir, one thread, no compile."""
+"""Shared test setup: nnU-Net folders in a temp dir, one thread, no compile (neither nnU-Net's nor the fused
+U-Harmony kernels', whose compilation would cost each test process tens of seconds; one test compiles them)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("nnUNet_compile", "f")
+os.environ.setdefault("NNUNET_UNIVERSAL_FUSED", "0")
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 
 

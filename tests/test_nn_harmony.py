@@ -390,3 +390,39 @@ def test_fused_gpu_math_equals_the_chunked_path(monkeypatch, poly, mix):
 
     for a, b in zip(run(False), run(True), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
+
+
+def test_compiled_fused_path_on_cpu_matches_the_chunked_path(monkeypatch):
+    """The default CPU/GPU path: torch.compile'd fused functions (the test session turns them off elsewhere,
+    their compilation costs tens of seconds per process). Values and gradients equal the chunked path."""
+    from nnunet_universal.nn import harmony_fused
+
+    torch.manual_seed(8)
+    hn, hr = HarmonyNorm(4), HarmonyRestore(4)
+    with torch.no_grad():
+        hn.poly_weight.normal_(0, 0.2)
+        hr.gamma.normal_(0, 0.1)
+        hr.delta.normal_(0, 0.3)
+        hr.mix.uniform_(0.2, 0.9)
+    x = torch.randn(2, 4, 9, 8, 7) * 3
+    x[0, 1, 0, 0, 0] = 90.0  # clamped
+    mu, sigma = torch.randn(2, 4), torch.rand(2, 4) + 0.5
+    g = torch.randn(x.shape)
+
+    def run(fused: bool):
+        monkeypatch.setenv("NNUNET_UNIVERSAL_FUSED", "1" if fused else "0")
+        xi = x.clone().requires_grad_()
+        y = hr(hn(xi), mu, sigma)
+        y.backward(g)
+        params = [*hn.parameters(), *hr.parameters()]
+        out = [y.detach(), xi.grad] + [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    harmony_fused._COMPILED.clear()
+    eager, fused = run(False), run(True)
+    assert not harmony_fused._BROKEN, harmony_fused._BROKEN
+    assert set(harmony_fused._COMPILED) == {"norm_forward", "norm_backward", "restore_forward", "restore_backward"}
+    for a, b in zip(eager, fused, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

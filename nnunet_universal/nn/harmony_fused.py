@@ -4,7 +4,9 @@ On CUDA the chunked eager arithmetic of ``harmony_functions`` costs one kernel a
 per elementary operation (about 15 sweeps forward and 25 backward for J = 3), which made a training step 2.7x a
 stock nnU-Net step on an H200 (``scripts/gpu_checks.sh``). Here the same equations are written as whole-tensor
 functions over rows (one row = one (sample, channel) pair) and compiled with ``torch.compile``: Inductor fuses
-each into a reduction and a pointwise kernel, so the intermediates are never materialized.
+each into a reduction and a pointwise kernel, so the intermediates are never materialized. On CPU the fused
+C++ loops are about a third faster than the cache-blocked eager path (full-resolution layer, forward + backward);
+compiling costs tens of seconds once per process (first training step or first prediction).
 
 The functions are the math only (pure, no in-place updates): ``*_math`` runs eagerly anywhere (the tests compare
 them with the chunked CPU path), ``compiled(name)`` gives the compiled version. If compiling fails (no Triton,
@@ -27,9 +29,9 @@ _BROKEN: list[str] = []
 
 
 def enabled(x: Tensor) -> bool:
-    """Whether the fused path serves this tensor: CUDA, not turned off, not failed before."""
+    """Whether the fused path serves this tensor: CUDA or CPU, fp16/bf16/fp32, not turned off, not failed before."""
     off = os.environ.get("NNUNET_UNIVERSAL_FUSED", "1").lower() in ("0", "f", "false")
-    return x.is_cuda and not _BROKEN and not off
+    return x.device.type in ("cuda", "cpu") and x.dtype != torch.float64 and not _BROKEN and not off
 
 
 def disable(reason: str) -> None:
