@@ -479,7 +479,9 @@ def report(results: dict) -> str:
     domains = sorted({c["domain"] for r in runs.values() for c in r["cases"]})
     lab = {a.name: a.label for a in ARMS.values()}
     seeds = sorted({r["seed"] for r in runs.values()})
-    spread = "over test cases" if len(seeds) <= 1 else f"over {len(seeds)} repeats"
+    spread = ("over test cases" if len(seeds) <= 1 else
+              "over the test cases for arms run once; over the repeats' means for arms run more than once; "
+              "the mean column's ± is over repeats, 0.0 for one")
     e0 = next(iter(runs.values()), None)
     lines = [f"Accuracy benchmark `--size {cfg.get('size')}`: {len(domains)} synthetic domains, "
              f"{cfg.get('cases')} cases per domain ({cfg.get('holdout')} held out for testing), "
@@ -532,7 +534,8 @@ def report(results: dict) -> str:
     slots = [r["withheld"] for r in runs.values() if r["withheld"]]
     if slots:
         lines += ["", "### Missing modality: one slot withheld at test time (dataset-free; mean case Dice % over the "
-                  "test cases that have the slot, full input -> withheld; routing accuracy with the slot withheld)", "",
+                  "test cases that have the slot, full input -> withheld, averaged over the repeats that have both runs; routing "
+                  "accuracy with the slot withheld, pooled over those repeats)", "",
                   "| withheld slot | cases | UniversalTrainer | routing | no modality dropout | routing |",
                   "|---|---:|---|---|---|---|"]
         for slot in dict.fromkeys(slots):
@@ -543,9 +546,13 @@ def report(results: dict) -> str:
                     cells += ["–", "–"]
                     continue
                 cases = {c["case"] for c in wo[0]["cases"]}
-                a = _stat([c["mean_dice"] for c in full[0]["cases"] if c["case"] in cases])
-                b = _stat([c["mean_dice"] for c in wo[0]["cases"]])
-                cells += [f"{100 * a[0]:.1f} -> {100 * b[0]:.1f} ({100 * (b[0] - a[0]):+.1f})", _routing(wo, None)]
+                seeds = {e["seed"] for e in wo} & {e["seed"] for e in full}  # paired: repeats with both runs
+                # mean over those repeats of the mean case Dice (full input on the same cases / slot withheld)
+                a = _stat([_stat([c["mean_dice"] for c in e["cases"] if c["case"] in cases])[0]
+                           for e in full if e["seed"] in seeds])
+                b = _stat([_stat([c["mean_dice"] for c in e["cases"]])[0] for e in wo if e["seed"] in seeds])
+                cells += [f"{100 * a[0]:.1f} -> {100 * b[0]:.1f} ({100 * (b[0] - a[0]):+.1f})",
+                          _routing([e for e in wo if e["seed"] in seeds], None)]
                 n = len(cases)
             lines.append(f"| {slot} | {n} | " + " | ".join(cells) + " |")
 
