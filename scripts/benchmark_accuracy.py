@@ -534,8 +534,8 @@ def report(results: dict) -> str:
     slots = [r["withheld"] for r in runs.values() if r["withheld"]]
     if slots:
         lines += ["", "### Missing modality: one slot withheld at test time (dataset-free; mean case Dice % over the "
-                  "test cases that have the slot, full input -> withheld, averaged over the repeats that have both runs; routing "
-                  "accuracy with the slot withheld, pooled over those repeats)", "",
+                  "test cases that have the slot, full input -> withheld, averaged over the repeats that have both "
+                  "runs; routing accuracy with the slot withheld, pooled over those repeats)", "",
                   "| withheld slot | cases | UniversalTrainer | routing | no modality dropout | routing |",
                   "|---|---:|---|---|---|---|"]
         for slot in dict.fromkeys(slots):
