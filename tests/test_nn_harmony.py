@@ -280,16 +280,23 @@ def test_norm_rejects_non_affine_and_bad_order():
     assert HarmonyRestore(4, polynomial=False).gamma is None
 
 
+def _moved_from_init(hn: HarmonyNorm, hr: HarmonyRestore, mix: bool = False) -> None:
+    """Polynomial (and mix) coefficients away from their zero initialization, as training would move them."""
+    with torch.no_grad():
+        hn.poly_weight.normal_(0, 0.2)
+        hr.gamma.normal_(0, 0.1)
+        hr.delta.normal_(0, 0.3)
+        if mix:
+            hr.mix.uniform_(0.2, 0.9)
+
+
 def test_chunked_evaluation_equals_one_chunk(monkeypatch):
     """The CPU path works on chunks of (sample, channel) rows; any chunking gives the same values and grads."""
     from nnunet_universal.nn import harmony_functions
 
     torch.manual_seed(5)
     hn, hr = HarmonyNorm(3), HarmonyRestore(3)
-    with torch.no_grad():
-        hn.poly_weight.normal_(0, 0.2)
-        hr.gamma.normal_(0, 0.1)
-        hr.delta.normal_(0, 0.3)
+    _moved_from_init(hn, hr, mix=True)  # mix 0 would make the restoration the identity
     x = torch.randn(2, 3, 6, 5)
     x[1, 2, 0, 0] = 50.0  # one chunk clamps, the others do not
     mu, sigma = torch.randn(2, 3), torch.rand(2, 3) + 0.5
@@ -399,11 +406,7 @@ def test_compiled_fused_path_on_cpu_matches_the_chunked_path(monkeypatch):
 
     torch.manual_seed(8)
     hn, hr = HarmonyNorm(4), HarmonyRestore(4)
-    with torch.no_grad():
-        hn.poly_weight.normal_(0, 0.2)
-        hr.gamma.normal_(0, 0.1)
-        hr.delta.normal_(0, 0.3)
-        hr.mix.uniform_(0.2, 0.9)
+    _moved_from_init(hn, hr, mix=True)
     x = torch.randn(2, 4, 9, 8, 7) * 3
     x[0, 1, 0, 0, 0] = 90.0  # clamped
     mu, sigma = torch.randn(2, 4), torch.rand(2, 4) + 0.5

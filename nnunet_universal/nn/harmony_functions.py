@@ -280,17 +280,17 @@ class HarmonyRestoreFunction(torch.autograd.Function):
             x2, batch, n = _rows_of(x)
             p = HarmonyRestoreFunction._params(weight, bias, gamma, delta, eps, batch, cd, min_den, bound)
             s, m = sigma.to(cd).reshape(-1, 1), mu.to(cd).reshape(-1, 1)
-            keep = None if mix is None else 1.0 - _per_row(mix, batch, cd)  # y = r + (1 - a) (x - r)
+            a = None if mix is None else _per_row(mix, batch, cd)
             if harmony_fused.enabled(x):
                 y = harmony_fused.run("restore_forward", x2, m, s, p["w_eps"], p["b"], p.get("gamma"),
-                                      p.get("delta"), None if mix is None else 1.0 - keep, limit, min_den, bound,
-                                      out_dtype)
+                                      p.get("delta"), a, limit, min_den, bound, out_dtype)
                 if y is not None:
                     ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta, mix)
                     ctx.consts = (eps, limit, min_den, bound)
                     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view (see above)
                     out.view(x2.shape).copy_(y)
                     return out
+            keep = None if a is None else 1.0 - a  # y = r + (1 - a) (x - r)
             out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
             out2 = out.view(x2.shape)
             for sl in _chunks(x2.shape[0], n, x.device):
