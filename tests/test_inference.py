@@ -283,6 +283,38 @@ def test_dataset_free_prediction_reuses_the_routing_pass_encodings(mirroring):
     assert net._encoding_cache is None  # released after the case
 
 
+def test_encoding_cache_mismatch_is_caught_and_the_case_predicted_again(monkeypatch, caplog):
+    """Tiles are matched by position and checked once per case: a wrong match (here: the routing pass's
+    encodings reversed) is detected and the case predicted again without them, with the same logits."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    import nnunet_universal.inference.predictor as predictor_module
+
+    torch.manual_seed(0)
+    backbone = PlainConvUNet(2, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 1, 3, 1, True, nn.InstanceNorm3d,
+                             {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+                             deep_supervision=False)
+    net = UniversalUNet(backbone, [[1], [2]], 3, 2, NetworkOptions())
+    case = _toy_case()
+    case[0] += 0.3 * torch.randn(case.shape[1:])
+    pred = _predictor(UniversalPredictor, net)
+    plain_pred = _predictor(UniversalPredictor, net)
+    plain_pred.encoding_cache_mb = 0
+    plain = plain_pred.predict_logits_from_preprocessed_data(case)
+    real_routing = predictor_module.case_routing
+
+    def reversed_routing(network, *args, **kwargs):
+        out = real_routing(network, *args, **kwargs)
+        network._encoding_cache._entries.reverse()
+        return out
+
+    monkeypatch.setattr(predictor_module, "case_routing", reversed_routing)
+    with caplog.at_level("WARNING"):
+        again = pred.predict_logits_from_preprocessed_data(case)
+    assert "did not match" in caplog.text
+    assert torch.equal(again, plain)
+
+
 def test_predictor_rejects_a_network_without_routing():
     with pytest.raises(MetadataError, match="not a universal model.*built a Conv3d, which has no domain routing"):
         _predictor(UniversalPredictor, nn.Conv3d(2, 3, 1))

@@ -47,6 +47,7 @@ class UniversalPredictor(nnUNetPredictor):
         self.oracle_domain: str | None = None
         self._fold_routings: list[torch.Tensor] = []
         self.last_availability: torch.Tensor | None = None
+        self._tile_cache = None  # the case's encoding cache while its sliding window runs
         #: memory for encoder outputs shared by the routing and prediction passes (dataset-free mode);
         #: 0 turns the sharing off (every tile is then encoded twice)
         self.encoding_cache_mb = int(os.environ.get("NNUNET_UNIVERSAL_ENCODING_CACHE_MB", DEFAULT_CACHE_MB))
@@ -128,8 +129,14 @@ class UniversalPredictor(nnUNetPredictor):
             raise RuntimeError("UniversalPredictor is not initialized; call initialize_from_trained_model_folder")
         self.network = self.network.to(self.device)
         net = unwrap_network(self.network)
-        availability = case_availability(input_image)
+        if self.perform_everything_on_device and self.device.type == "cuda":
+            # one copy of the case on the device serves the routing pass and nnU-Net's sliding window (which
+            # would copy it there itself); slicing tiles on the host and copying each one cost more than the
+            # network's extra work on a GPU
+            input_image = input_image.to(self.device)
+        availability = case_availability(input_image).cpu()
         self.last_availability = availability
+        cache = None
         with contextlib.ExitStack() as stack:
             if self.oracle_domain is not None:
                 d = self.meta.domain_index(self.oracle_domain)
@@ -137,7 +144,7 @@ class UniversalPredictor(nnUNetPredictor):
                 context = {"domain": d}
             elif self.gated:
                 if hasattr(net, "encoding_cache"):  # the routing pass's encoder outputs serve the prediction pass
-                    stack.enter_context(net.encoding_cache(self.encoding_cache_mb * 2**20))
+                    cache = stack.enter_context(net.encoding_cache(self.encoding_cache_mb * 2**20))
                 routing, _ = case_routing(self.network, input_image, self.configuration_manager.patch_size,
                                           self.tile_step_size, availability=availability)
                 context = {"routing": routing.to(self.device)}
@@ -149,4 +156,18 @@ class UniversalPredictor(nnUNetPredictor):
             logger.debug("case routing %s, availability %s", routing.tolist(), availability.tolist())
             net.set_context(availability=availability.to(self.device), **context)
             stack.callback(net.clear_context)
-            return super().predict_sliding_window_return_logits(input_image)
+            self._tile_cache = cache
+            stack.callback(setattr, self, "_tile_cache", None)
+            logits = super().predict_sliding_window_return_logits(input_image)
+            if cache is not None and not cache.verify():
+                logger.warning("the encodings of the routing pass did not match the sliding window's tiles; "
+                               "predicting the case again without reusing them")
+                cache.enabled = False
+                logits = super().predict_sliding_window_return_logits(input_image)
+            return logits
+
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Stock per-tile prediction; tells the encoding cache that the next network call is the tile itself."""
+        if self._tile_cache is not None:
+            self._tile_cache.expect_tile()
+        return super()._internal_maybe_mirror_and_predict(x)

@@ -7,6 +7,14 @@ prompt and harmonization) does not depend on the routing, so its outputs from th
 identical tile. Entries are matched by exact equality of the input tile and availability (never by position),
 so a miss only costs the recomputation; nnU-Net's sliding window visits tiles in the routing pass's order, so a
 hit is always the oldest entry. A byte budget bounds the memory: tiles beyond it are simply encoded twice.
+
+Deferred checking (what the predictor uses): deciding equality on the host costs a host-device synchronization
+per tile, which on a GPU leaves the device idle while the host queues the next tile's work. With
+:meth:`EncodingCache.expect_tile` the predictor announces that the next forward is the next sliding-window tile
+itself (nnU-Net calls ``network(tile)`` before any mirrored copy); that call takes the oldest entry when its shape
+matches and only queues the equality test on the device. :meth:`EncodingCache.verify` evaluates all queued tests
+with one synchronization at the end of the case; if any failed, the predictor predicts the case again without
+the cache, so a wrong match can cost time but never change a prediction.
 """
 
 from __future__ import annotations
@@ -49,6 +57,11 @@ class EncodingCache:
         self.hits = 0
         self.misses = 0
         self._entries: deque[CachedEncoding] = deque()
+        self._expect_tile = False
+        self._deferred_mode = False  # set by the first expect_tile(): unannounced calls then miss
+        self._pending: list[Tensor] = []  # deferred equality tests (0-dim bool tensors: True = mismatch)
+        #: False: every take() misses (the predictor's second try of a case after a failed verify())
+        self.enabled = True
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -62,20 +75,42 @@ class EncodingCache:
         self.nbytes += size
         return True
 
+    def expect_tile(self) -> None:
+        """The next :meth:`take` is the next sliding-window tile itself: match it by position, check it later."""
+        self._expect_tile = self._deferred_mode = True
+
     def take(self, x: Tensor, availability: Tensor) -> CachedEncoding | None:
-        """The oldest entry if it was made from exactly this tile and availability (it is removed), else None."""
-        if self._entries:
+        """The oldest entry if it was made from exactly this tile and availability (it is removed), else None.
+
+        After :meth:`expect_tile` the equality is only queued on the device (see :meth:`verify`); calls that
+        were not announced then miss (mirrored copies of a tile)."""
+        deferred, self._expect_tile = self._expect_tile, False
+        if self.enabled and self._entries:
             e = self._entries[0]
-            if (e.x.shape == x.shape and e.x.dtype == x.dtype and e.x.device == x.device
-                    and e.availability.shape == availability.shape
-                    and torch.equal(e.availability, availability) and torch.equal(e.x, x)):
-                self._entries.popleft()
-                self.nbytes -= e.nbytes  # computed from shapes only: cheap
-                self.hits += 1
-                return e
+            same_kind = (e.x.shape == x.shape and e.x.dtype == x.dtype and e.x.device == x.device
+                         and e.availability.shape == availability.shape)
+            if same_kind and deferred:
+                self._pending.append(torch.ne(e.x, x).any() | torch.ne(e.availability, availability).any())
+                return self._pop()
+            if (same_kind and not self._deferred_mode and torch.equal(e.availability, availability)
+                    and torch.equal(e.x, x)):
+                return self._pop()
         self.misses += 1
         return None
 
+    def _pop(self) -> CachedEncoding:
+        e = self._entries.popleft()
+        self.nbytes -= e.nbytes  # computed from shapes only: cheap
+        self.hits += 1
+        return e
+
+    def verify(self) -> bool:
+        """Whether every deferred match was exact (one host synchronization); forgets the queued tests."""
+        pending, self._pending = self._pending, []
+        return not pending or not bool(torch.stack(pending).any())
+
     def clear(self) -> None:
         self._entries.clear()
+        self._pending = []
+        self._expect_tile = self._deferred_mode = False
         self.nbytes = 0

@@ -78,7 +78,9 @@ class DomainRouter(nn.Module):
         phi = phi.detach().float()
         sums = torch.zeros(self.num_domains, phi.shape[1], dtype=torch.float32, device=phi.device)
         sums.index_add_(0, domain, phi)
-        counts = torch.bincount(domain, minlength=self.num_domains).to(torch.float32)
+        # index_add, not bincount: bincount sizes its output from the data (a host synchronization on GPU)
+        counts = torch.zeros(self.num_domains, dtype=torch.float32, device=phi.device)
+        counts.index_add_(0, domain, torch.ones_like(domain, dtype=torch.float32))
         sums, counts = all_reduce_prototype_stats(sums, counts)
         seen = counts > 0
         mean = sums / counts.clamp_min(1.0).unsqueeze(1)

@@ -377,10 +377,14 @@ class UniversalUNet(nn.Module):
         return self._forward_train(x, domain, availability)
 
     def _forward_train(self, x: Tensor, domain: Tensor, availability: Tensor | None) -> TrainOutput:
+        # grouping by domain needs the host to see the domains: do it before any kernel is queued, so that the
+        # GPU is not left idle while the host waits for the encoder (a synchronization mid-forward)
+        domain_host = domain.detach().to("cpu").long().reshape(-1)
+        samples = {int(d): torch.nonzero(domain_host == d).flatten().to(x.device, non_blocking=True)
+                   for d in torch.unique(domain_host).tolist()}
         domain = domain.to(x.device).long().reshape(-1)
         _, _, availability = self._resolve(x, domain, None, availability)
         skips, phi = self._encode(x, availability)
-        samples = {int(d): torch.nonzero(domain == d).flatten() for d in torch.unique(domain).tolist()}
         if self.union_head:
             return TrainOutput(heads=[], samples=samples, gate_logits=None, embedding=phi,
                                union=self._decode(skips))

@@ -55,27 +55,36 @@ def local_label_lut(label_ids: Sequence[int], num_union: int, ignore_label: int 
     return lut
 
 
+def _map_to_local(target: Tensor, lut: Tensor) -> tuple[Tensor, Tensor]:
+    """(local ids, mask of voxels whose union id the domain lacks); no host synchronization."""
+    t = target.long()
+    lut = lut.to(t.device)
+    local = lut[t.clamp(0, lut.numel() - 1)]
+    bad = (t < 0) | (t >= lut.numel()) | (local < 0)
+    return local.to(target.dtype if target.dtype != torch.int8 else torch.int16), bad
+
+
+def _label_error(target: Tensor, bad: Tensor, keys: Sequence[str], domain: str) -> ValueError:
+    per_sample = bad.flatten(1).any(1).tolist()
+    names = [str(k) for k, b in zip(keys, per_sample, strict=True) if b] if keys else ["<unknown>"]
+    found = sorted(set(target.long()[bad].unique().tolist()))
+    return ValueError(
+        f"segmentation of case(s) {names} contains label(s) {found} that domain {domain!r} does not "
+        "annotate; the labels and dataset.json's universal block disagree. Re-run 'nnunet-universal merge' "
+        "and 'nnunet-universal plan'."
+    )
+
+
 def to_local_target(target: Tensor, lut: Tensor, keys: Sequence[str] = (), domain: str = "") -> Tensor:
     """Map a union-id target ``(n, 1, *spatial)`` to a domain's local ids with ``lut``.
 
     Raises ValueError naming the cases if the target holds a label the domain does not annotate
     (a merge error: the label file and the universal block disagree).
     """
-    t = target.long()
-    lut = lut.to(t.device)
-    bad = (t < 0) | (t >= lut.numel())
-    local = lut[t.clamp(0, lut.numel() - 1)]
-    bad = bad | (local < 0)
+    local, bad = _map_to_local(target, lut)
     if bool(bad.any()):
-        per_sample = bad.flatten(1).any(1).tolist()
-        names = [str(k) for k, b in zip(keys, per_sample, strict=True) if b] if keys else ["<unknown>"]
-        found = sorted(set(t[bad].unique().tolist()))
-        raise ValueError(
-            f"segmentation of case(s) {names} contains label(s) {found} that domain {domain!r} does not "
-            "annotate; the labels and dataset.json's universal block disagree. Re-run 'nnunet-universal merge' "
-            "and 'nnunet-universal plan'."
-        )
-    return local.to(target.dtype if target.dtype != torch.int8 else torch.int16)
+        raise _label_error(target, bad, keys, domain)
+    return local
 
 
 def marginal_logits(union_logits: Tensor, label_ids: Sequence[int]) -> Tensor:
@@ -145,11 +154,31 @@ class PartialLabelLoss(nn.Module):
         if self.objective == "domain_heads":  # empty groups (domains absent from the batch) are skipped
             return {d: (out.samples[d], logits) for d, logits in out.heads[scale].items() if logits.shape[0] > 0}
         union = out.union[scale]
-        groups = {}
-        for d in torch.unique(domain).tolist():
-            idx = torch.nonzero(domain == d).flatten()
-            groups[d] = (idx, marginal_logits(union[idx], self.label_ids[d]))
-        return groups
+        return {d: (idx, marginal_logits(union[idx], self.label_ids[d])) for d, idx in self.groups(out, domain).items()}
+
+    def groups(self, out: Any, domain: Tensor) -> dict[int, Tensor]:
+        """Sample indices ``(n_d,)`` of each domain present in the batch (the network's grouping when it made one)."""
+        if self.objective == "domain_heads":
+            return {d: out.samples[d] for d, logits in out.heads[0].items() if logits.shape[0] > 0}
+        samples = getattr(out, "samples", None)
+        if samples is None:  # grouping on the device: a host synchronization
+            samples = {d: torch.nonzero(domain == d).flatten() for d in torch.unique(domain).tolist()}
+        return samples
+
+    def _checked_local_targets(self, out: Any, target: Tensor, domain: Tensor,
+                               keys: Sequence[str]) -> dict[int, Tensor]:
+        """Full-resolution local targets per domain, checked with ONE host synchronization (the downsampled
+        deep-supervision targets hold no label of their own). Raises ValueError naming the cases."""
+        local, bad = {}, {}
+        groups = {d: idx.to(target.device) for d, idx in self.groups(out, domain).items()}
+        for d, idx in groups.items():
+            local[d], bad[d] = _map_to_local(target[idx], self.lut(d))
+        if bad and bool(torch.stack([b.any() for b in bad.values()]).any()):
+            for d, b in bad.items():
+                if bool(b.any()):
+                    names = [keys[i] for i in groups[d].tolist()] if keys else ()
+                    raise _label_error(target[groups[d]], b, names, self.domain_names[d])
+        return local
 
     def forward(self, out: Any, targets: Sequence[Tensor], domain: Tensor, keys: Sequence[str] = ()) -> Tensor:
         """Loss of one step.
@@ -162,6 +191,8 @@ class PartialLabelLoss(nn.Module):
         """
         batch = domain.shape[0]
         total = targets[0].new_zeros((), dtype=torch.float32)
+        if self.objective != "naive":
+            local0 = self._checked_local_targets(out, targets[0], domain, keys)
         for s, (w, target) in enumerate(zip(self.ds_weights, targets, strict=True)):
             if w == 0.0:
                 continue
@@ -170,8 +201,7 @@ class PartialLabelLoss(nn.Module):
                 continue
             for d, (idx, logits) in self.domain_logits(out, s, domain).items():
                 idx = idx.to(target.device)
-                names = [keys[i] for i in idx.tolist()] if keys else ()
-                local = to_local_target(target[idx], self.lut(d), names, self.domain_names[d])
+                local = local0[d] if s == 0 else _map_to_local(target[idx], self.lut(d))[0]
                 total = total + w * (idx.numel() / batch) * self.dc_ce(logits, local)
         gate = getattr(out, "gate_logits", None)
         if self.objective == "domain_heads" and gate is not None and self.gate_weight > 0:
