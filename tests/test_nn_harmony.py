@@ -245,7 +245,7 @@ def test_ten_thousand_extreme_draws_stay_finite(autocast):
         y = norm(x)
         z = restore(xr, mu, sigma)
     assert y.dtype == (torch.bfloat16 if autocast else torch.float32)  # as instance_norm
-    assert z.dtype == torch.float32
+    assert z.dtype == y.dtype  # the autocast dtype, as the decoder convolution's output
     for out in (y, z):
         assert torch.isfinite(out).all()
     torch.autograd.backward([y, z], [torch.randn(y.shape, generator=gen), torch.randn(z.shape, generator=gen)])
@@ -343,6 +343,26 @@ def test_restore_starts_as_identity_and_mixes_towards_equation_3():
         mixed.mix.fill_(0.25)
         expected = x + 0.25 * (literal(x, mu, sigma) - x)
         torch.testing.assert_close(mixed(x, mu, sigma), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_restore_fp16_output_saturates_instead_of_overflowing():
+    """An fp16 input gives an fp16 output (as under autocast); values beyond fp16's range saturate at +-65504
+    in both the chunked and the fused arithmetic, and values inside it match the fp32 computation."""
+    from nnunet_universal.nn import harmony_fused
+
+    restore = HarmonyRestore(2, mix_init=1.0)
+    x = torch.randn(1, 2, 4, 4)
+    mu, sigma = torch.tensor([[0.0, 0.0]]), torch.tensor([[1e6, 1.0]])  # channel 0 far beyond fp16's range
+    ref = restore(x, mu, sigma)
+    y = restore(x.half(), mu, sigma)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    assert y[0, 0].abs().max() == harmony_fused.FP16_MAX and ref[0, 0].abs().max() > 1e5
+    torch.testing.assert_close(y[0, 1].float(), ref[0, 1], rtol=2e-3, atol=2e-3)
+    fused = harmony_fused.restore_forward_math(x.half().view(2, -1), mu.view(2, 1), sigma.view(2, 1),
+                                               restore.weight.view(2, 1) + restore.eps, restore.bias.view(2, 1),
+                                               None, None, restore.mix.view(2, 1), POLY_LIMIT, 1e-2, 0.5,
+                                               torch.float16)
+    assert torch.isfinite(fused).all() and fused[0].abs().max() == harmony_fused.FP16_MAX
 
 
 def test_restore_loads_checkpoints_from_before_the_mix():

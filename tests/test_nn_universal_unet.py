@@ -342,3 +342,21 @@ def test_gate_style_statistics_from_harmony_norm_equal_the_direct_computation():
     flat = x.flatten(2)
     expected = torch.cat([flat.mean(2), 0.5 * torch.log(flat.var(2, unbiased=False) + 1e-5)], dim=1)
     torch.testing.assert_close(from_norm, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial", [(7, 13), (5, 9, 11)])
+def test_modality_prompt_maps_are_the_interpolated_coarse_maps(spatial):
+    """The separable matrix form of the prompt maps equals F.interpolate of the coarse grid (values and grads)."""
+    from nnunet_universal.nn.prompts import ModalityPrompt, _interp_mode
+
+    torch.manual_seed(0)
+    prompt = ModalityPrompt(3, len(spatial))
+    torch.nn.init.normal_(prompt.mmap.weight, std=0.1)
+    maps = prompt.prompt_maps(spatial)
+    coarse = prompt.mmap(prompt.prompts).view(1, 3, *prompt.grid)
+    ref = torch.nn.functional.interpolate(coarse, size=spatial, mode=_interp_mode(len(spatial)), align_corners=False)
+    torch.testing.assert_close(maps, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref)
+    grad = torch.autograd.grad((maps * g).sum(), prompt.mmap.weight)[0]
+    grad_ref = torch.autograd.grad((ref * g).sum(), prompt.mmap.weight)[0]
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)

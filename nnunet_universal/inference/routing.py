@@ -99,10 +99,14 @@ def case_routing(network: nn.Module, data: torch.Tensor, patch_size: Sequence[in
         phi_sum, n = None, 0
         # one tile per pass while the network caches encodings: the prediction pass sends single tiles too
         batch = 1 if getattr(net, "_encoding_cache", None) is not None else TILE_BATCH
+        # a host-to-device copy per tile makes the host wait for the device at every tile: the availability goes
+        # once, and the case is best already on the device (UniversalPredictor puts it there when it predicts
+        # everything on the device; otherwise tiles are copied one by one, as nnU-Net does)
+        avail_device = availability.to(device)[None]
         with torch.autocast(device.type) if device.type == "cuda" else contextlib.nullcontext():
             for chunk in _batches(slicers, batch):
                 x = torch.stack([padded[s] for s in chunk]).to(device=device, dtype=torch.float32)  # (B, C, *patch)
-                avail = availability.to(device)[None].expand(len(chunk), -1)  # (B, C)
+                avail = avail_device.expand(len(chunk), -1)  # (B, C)
                 phi = net.embed(x, availability=avail).float()  # (B, F)
                 phi_sum = phi.sum(0) if phi_sum is None else phi_sum + phi.sum(0)
                 n += phi.shape[0]

@@ -39,6 +39,13 @@ def _per_row(p: Tensor, batch: int, cd: torch.dtype) -> Tensor:
     return p.repeat(batch).unsqueeze(1) if p.ndim == 1 else p.repeat(batch, 1)
 
 
+def _per_channel(p: Tensor, cd: torch.dtype) -> Tensor:
+    """Per-channel parameters (C,) or (C, K) -> (C, 1) or (C, K) in the compute dtype (the fused path broadcasts
+    them over (B, C, N); no per-row copies)."""
+    p = p.to(cd)
+    return p.unsqueeze(1) if p.ndim == 1 else p
+
+
 def _rows_of(x: Tensor) -> tuple[Tensor, int, int]:
     """(B, C, *spatial) -> contiguous (B*C, N) view, B, N."""
     b, c = x.shape[:2]
@@ -102,17 +109,20 @@ class HarmonyNormFunction(torch.autograd.Function):
             cd = _compute_dtype(x)
             x2, batch, n = _rows_of(x)
             rows = x2.shape[0]
+            if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
+                fused = harmony_fused.run("norm_forward", x2.view(batch, -1, n), _per_channel(weight, cd),
+                                          _per_channel(bias, cd), None if coef is None else coef.to(cd), eps, limit,
+                                          out_dtype)
+                if fused is not None:
+                    mean, rstd = fused[1].view(rows, 1), fused[2].view(rows, 1)
+                    ctx.save_for_backward(x, mean, rstd, weight, coef)
+                    ctx.limit = limit
+                    ctx.mark_non_differentiable(mean, rstd)
+                    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: in-place users follow
+                    out.view(fused[0].shape).copy_(fused[0])
+                    return out, mean, rstd
             w, b = _per_row(weight, batch, cd), _per_row(bias, batch, cd)
             c = _per_row(coef, batch, cd) if coef is not None else None  # (R, J+1)
-            fused = harmony_fused.run("norm_forward", x2, w, b, c, eps, limit, out_dtype) \
-                if harmony_fused.enabled(x) else None
-            if fused is not None:
-                ctx.save_for_backward(x, fused[1], fused[2], weight, coef)
-                ctx.limit = limit
-                ctx.mark_non_differentiable(fused[1], fused[2])
-                out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: in-place users follow
-                out.view(x2.shape).copy_(fused[0])
-                return out, fused[1], fused[2]
             out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
             out2 = out.view(rows, n)
             mean = torch.empty((rows, 1), dtype=cd, device=x.device)
@@ -151,22 +161,26 @@ class HarmonyNormFunction(torch.autograd.Function):
             x2, batch, n = _rows_of(x)
             g2 = grad_out.contiguous().view(x2.shape)
             rows = x2.shape[0]
+            order = 0 if coef is None else coef.shape[1] - 1
+            if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
+                dcoef_c = None if coef is None else \
+                    coef[:, 1:].to(cd) * torch.arange(1, order + 1, dtype=cd, device=x.device)
+                fused = harmony_fused.run("norm_backward", x2.view(batch, -1, n), g2.view(batch, -1, n),
+                                          mean.view(batch, -1, 1), rstd.view(batch, -1, 1),
+                                          _per_channel(weight, cd), dcoef_c, limit)
+                if fused is not None:
+                    need = ctx.needs_input_grad
+                    return (fused[0].view(x.shape),
+                            fused[1].sum(0).to(weight.dtype) if need[1] else None,
+                            fused[2].sum(0).to(weight.dtype) if need[2] else None,
+                            fused[3].sum(0).to(coef.dtype) if coef is not None and need[3] else None,
+                            None, None, None)
             w = _per_row(weight, batch, cd)
-            dcoef, order = None, 0
+            dcoef = None
             if coef is not None:  # P'(u) = sum_k k coef_k u^(k-1)
-                order = coef.shape[1] - 1
                 dcoef = _per_row(coef[:, 1:], batch, cd) * torch.arange(1, order + 1, dtype=cd, device=x.device)
                 dcoef_w = dcoef.clone()
                 dcoef_w[:, :1] += w  # w + P'(u): the affine's slope folded into the constant term
-            fused = harmony_fused.run("norm_backward", x2, g2, mean, rstd, w, dcoef, limit) \
-                if harmony_fused.enabled(x) else None
-            if fused is not None:
-                need = ctx.needs_input_grad
-                return (fused[0].view(x.shape),
-                        fused[1].view(batch, -1).sum(0).to(weight.dtype) if need[1] else None,
-                        fused[2].view(batch, -1).sum(0).to(weight.dtype) if need[2] else None,
-                        fused[3].view(batch, -1, order + 1).sum(0).to(coef.dtype)
-                        if coef is not None and need[3] else None, None, None, None)
             grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             gx2 = grad_x.view(x2.shape)
             gw = torch.empty(rows, dtype=cd, device=x.device)
@@ -230,6 +244,15 @@ class HarmonyRestoreFunction(torch.autograd.Function):
         return p
 
     @staticmethod
+    def _channel_params(weight: Tensor, bias: Tensor, gamma: Tensor | None, delta: Tensor | None,
+                        mix: Tensor | None, eps: float, cd: torch.dtype) -> tuple[Tensor | None, ...]:
+        """(w + eps, b, gamma, delta, mix) per channel for the fused path ((C, 1) / (C, K))."""
+        return (_per_channel(weight, cd) + eps, _per_channel(bias, cd),
+                None if gamma is None or delta is None else gamma.to(cd),
+                None if gamma is None or delta is None else delta.to(cd),
+                None if mix is None else _per_channel(mix, cd))
+
+    @staticmethod
     def _terms(xc: Tensor, sl: slice, p: dict[str, Tensor], limit: float, min_den: float, bound: float,
                keep_t: bool = False):
         """(u, clamped, num, dsafe, t) for one chunk: num = x - b - Q(u), dsafe = guard(w + eps + R_b(u)) with
@@ -278,18 +301,20 @@ class HarmonyRestoreFunction(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             cd = _compute_dtype(x)
             x2, batch, n = _rows_of(x)
-            p = HarmonyRestoreFunction._params(weight, bias, gamma, delta, eps, batch, cd, min_den, bound)
-            s, m = sigma.to(cd).reshape(-1, 1), mu.to(cd).reshape(-1, 1)
-            a = None if mix is None else _per_row(mix, batch, cd)
-            if harmony_fused.enabled(x):
-                y = harmony_fused.run("restore_forward", x2, m, s, p["w_eps"], p["b"], p.get("gamma"),
-                                      p.get("delta"), a, limit, min_den, bound, out_dtype)
+            if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
+                y = harmony_fused.run("restore_forward", x2.view(batch, -1, n), mu.to(cd).unsqueeze(-1),
+                                      sigma.to(cd).unsqueeze(-1), *HarmonyRestoreFunction._channel_params(
+                                          weight, bias, gamma, delta, mix, eps, cd),
+                                      limit, min_den, bound, out_dtype)
                 if y is not None:
                     ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta, mix)
                     ctx.consts = (eps, limit, min_den, bound)
                     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view (see above)
-                    out.view(x2.shape).copy_(y)
+                    out.view(y.shape).copy_(y)
                     return out
+            p = HarmonyRestoreFunction._params(weight, bias, gamma, delta, eps, batch, cd, min_den, bound)
+            s, m = sigma.to(cd).reshape(-1, 1), mu.to(cd).reshape(-1, 1)
+            a = None if mix is None else _per_row(mix, batch, cd)
             keep = None if a is None else 1.0 - a  # y = r + (1 - a) (x - r)
             out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
             out2 = out.view(x2.shape)
@@ -302,7 +327,10 @@ class HarmonyRestoreFunction(torch.autograd.Function):
                         r.lerp_(xc, keep[sl])
                 else:
                     r = num.div_(dsafe).mul_(s[sl]).add_(m[sl])
-                    out2[sl] = r if keep is None else r.lerp_(xc, keep[sl])
+                    r = r if keep is None else r.lerp_(xc, keep[sl])
+                    if out_dtype == torch.float16:  # saturate rather than overflow (harmony._output_dtype)
+                        r.clamp_(-harmony_fused.FP16_MAX, harmony_fused.FP16_MAX)
+                    out2[sl] = r
         ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta, mix)
         ctx.consts = (eps, limit, min_den, bound)
         return out
@@ -317,6 +345,16 @@ class HarmonyRestoreFunction(torch.autograd.Function):
             x2, batch, n = _rows_of(x)
             g2 = grad_out.contiguous().view(x2.shape)
             rows = x2.shape[0]
+            order = gamma.shape[1] - 1 if gamma is not None else 0
+            if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
+                fused = harmony_fused.run("restore_backward", x2.view(batch, -1, n), g2.view(batch, -1, n),
+                                          mu.to(cd).unsqueeze(-1), sigma.to(cd).unsqueeze(-1),
+                                          *HarmonyRestoreFunction._channel_params(weight, bias, gamma, delta, mix,
+                                                                                  eps, cd),
+                                          limit, min_den, bound)
+                if fused is not None:
+                    return HarmonyRestoreFunction._grads(fused, need, x, mu, sigma, weight, bias, gamma, delta, mix,
+                                                         batch, order)
             p = HarmonyRestoreFunction._params(weight, bias, gamma, delta, eps, batch, cd, min_den, bound)
             s = sigma.to(cd).reshape(-1, 1)
             if mix is not None:  # the inner function's gradients scale with the mix a; dy/dx gains (1 - a)
@@ -325,14 +363,6 @@ class HarmonyRestoreFunction(torch.autograd.Function):
             else:
                 s_inner = s
             poly = "gamma" in p
-            order = gamma.shape[1] - 1 if poly else 0
-            if harmony_fused.enabled(x):
-                fused = harmony_fused.run("restore_backward", x2, g2, mu.to(cd).reshape(-1, 1), s, p["w_eps"],
-                                          p["b"], p.get("gamma"), p.get("delta"),
-                                          None if mix is None else _per_row(mix, batch, cd), limit, min_den, bound)
-                if fused is not None:
-                    return HarmonyRestoreFunction._grads(fused, need, x, mu, sigma, weight, bias, gamma, delta, mix,
-                                                         batch, order)
             if poly:
                 orders = torch.arange(1, order + 1, dtype=cd, device=x.device)
                 dq_coef, dr_coef = p["gamma"][:, 1:] * orders, p["delta"][:, 1:] * orders  # Q'(u), R'(u)

@@ -25,6 +25,8 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 _COMPILED: dict[str, Callable] = {}
+#: Largest finite fp16 value: HarmonyRestore's fp16 output saturates there.
+FP16_MAX = 65504.0
 _BROKEN: list[str] = []
 
 
@@ -42,7 +44,7 @@ def disable(reason: str) -> None:
 
 
 def _horner(u: Tensor, coef: Tensor) -> Tensor:
-    """sum_k coef[:, k] u^k, rows u (R, N), coef (R, K), lowest order first."""
+    """sum_k coef[:, k] u^k, lowest order first: rows u (R, N) with coef (R, K), or u (B, C, N) with coef (C, K)."""
     k = coef.shape[1]
     out = coef[:, k - 1:k] * u if k > 1 else coef[:, :1].expand_as(u)
     for i in range(k - 2, -1, -1):
@@ -53,21 +55,23 @@ def _horner(u: Tensor, coef: Tensor) -> Tensor:
 
 
 def _power_sums(t: Tensor, u: Tensor, order: int) -> Tensor:
-    """(R, order + 1): sum_n t u^k for k = 0..order."""
-    sums, p = [t.sum(1)], t
+    """(..., order + 1): sum_n t u^k for k = 0..order (sums over the last axis)."""
+    sums, p = [t.sum(-1)], t
     for _ in range(order):
         p = p * u
-        sums.append(p.sum(1))
-    return torch.stack(sums, 1)
+        sums.append(p.sum(-1))
+    return torch.stack(sums, -1)
 
 
 def norm_forward_math(x: Tensor, w: Tensor, b: Tensor, coef: Tensor | None, eps: float, limit: float,
                       out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """HarmonyNorm forward on rows x (R, N): (y, mean (R, 1), rstd (R, 1)); w, b (R, 1), coef (R, K)."""
+    """HarmonyNorm forward over the last axis: (y, mean, rstd), the statistics with a trailing axis of 1.
+
+    x (R, N) rows with w, b (R, 1), coef (R, K); or x (B, C, N) with per-channel w, b (C, 1), coef (C, K)."""
     xf = x.float() if x.dtype != torch.float64 else x
-    mean = xf.mean(1, keepdim=True)
+    mean = xf.mean(-1, keepdim=True)
     xc = xf - mean
-    rstd = torch.rsqrt((xc * xc).mean(1, keepdim=True) + eps)
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
     xh = xc * rstd
     y = xh * w + b
     if coef is not None:
@@ -77,13 +81,14 @@ def norm_forward_math(x: Tensor, w: Tensor, b: Tensor, coef: Tensor | None, eps:
 
 def norm_backward_math(x: Tensor, g: Tensor, mean: Tensor, rstd: Tensor, w: Tensor, dcoef: Tensor | None,
                        limit: float) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """HarmonyNorm backward: (dL/dx (R, N) in x's dtype, dL/dw (R,), dL/db (R,), dL/dcoef (R, K) or None).
+    """HarmonyNorm backward: (dL/dx in x's dtype, dL/dw, dL/db, dL/dcoef or None), the parameter gradients per
+    row ((R,), (R, K)) or per (sample, channel) ((B, C), (B, C, K)) as ``x`` is laid out (see the forward).
 
-    ``dcoef`` (R, J): coefficients of P'(u) (k * coef_k, orders 0..J-1)."""
+    ``dcoef`` (R or C, J): coefficients of P'(u) (k * coef_k, orders 0..J-1)."""
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     xh = (x.to(cd) - mean) * rstd
     gf = g.to(cd)
-    gb, gw = gf.sum(1), (gf * xh).sum(1)
+    gb, gw = gf.sum(-1), (gf * xh).sum(-1)
     gcoef = None
     if dcoef is not None:
         u = xh.clamp(-limit, limit)
@@ -92,8 +97,8 @@ def norm_backward_math(x: Tensor, g: Tensor, mean: Tensor, rstd: Tensor, w: Tens
         gxh = (slope + w) * gf
     else:
         gxh = gf * w
-    m1 = gxh.mean(1, keepdim=True)
-    m2 = (gxh * xh).mean(1, keepdim=True)
+    m1 = gxh.mean(-1, keepdim=True)
+    m2 = (gxh * xh).mean(-1, keepdim=True)
     gx = (gxh - m1 - xh * m2) * rstd
     return gx.to(x.dtype), gw, gb, gcoef
 
@@ -116,19 +121,25 @@ def _restore_terms(xf: Tensor, w_eps: Tensor, b: Tensor, qcoef: Tensor | None, r
 def restore_forward_math(x: Tensor, mu: Tensor, sigma: Tensor, w_eps: Tensor, b: Tensor, qcoef: Tensor | None,
                          rcoef: Tensor | None, mix: Tensor | None, limit: float, min_den: float, bound: float,
                          out_dtype: torch.dtype) -> Tensor:
-    """HarmonyRestore forward on rows: y = x + a (r - x), r = sigma (x - b - Q) / guard(w + eps + R_b) + mu."""
+    """HarmonyRestore forward over the last axis: y = x + a (r - x), r = sigma (x - b - Q) / guard(w + eps + R_b) + mu.
+
+    Rows x (R, N) with every other argument per row; or x (B, C, N) with mu, sigma (B, C, 1) and the parameters
+    per channel ((C, 1), (C, K))."""
     xf = x.float() if x.dtype != torch.float64 else x
     num, dsafe, _, _ = _restore_terms(xf, w_eps, b, qcoef, rcoef, limit, min_den, bound)
     y = sigma * num / dsafe + mu
     if mix is not None:
         y = xf + mix * (y - xf)
+    if out_dtype == torch.float16:  # saturate rather than overflow (see harmony._output_dtype)
+        y = y.clamp(-FP16_MAX, FP16_MAX)
     return y.to(out_dtype)
 
 
 def restore_backward_math(x: Tensor, g: Tensor, mu: Tensor, sigma: Tensor, w_eps: Tensor, b: Tensor,
                           qcoef: Tensor | None, rcoef: Tensor | None, mix: Tensor | None, limit: float,
                           min_den: float, bound: float) -> tuple[Tensor, ...]:
-    """HarmonyRestore backward on rows: (dx, dmu, dsigma, dw, db, dgamma, ddelta, dmix), per row ((R,), (R, K)).
+    """HarmonyRestore backward: (dx, dmu, dsigma, dw, db, dgamma, ddelta, dmix), per row ((R,), (R, K)) or per
+    (sample, channel) ((B, C), (B, C, K)) as ``x`` is laid out (see the forward).
 
     dgamma/ddelta are None without the polynomial, dmix None without the mix."""
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -138,8 +149,8 @@ def restore_backward_math(x: Tensor, g: Tensor, mu: Tensor, sigma: Tensor, w_eps
     scale = sigma if mix is None else sigma * mix
     e = gf * scale / dsafe  # dL/dnum
     f = -e * ratio  # dL/dden, straight through the floor
-    g_mu, g_sigma = gf.sum(1), (gf * ratio).sum(1)
-    g_w, g_b = f.sum(1), -e.sum(1)
+    g_mu, g_sigma = gf.sum(-1), (gf * ratio).sum(-1)
+    g_w, g_b = f.sum(-1), -e.sum(-1)
     g_gamma = g_delta = None
     gx = e
     if u is not None and qcoef is not None and rcoef is not None:
@@ -152,8 +163,8 @@ def restore_backward_math(x: Tensor, g: Tensor, mu: Tensor, sigma: Tensor, w_eps
     g_mix = None
     if mix is not None:
         gx = gx + (1.0 - mix) * gf
-        g_mix = sigma.squeeze(1) * g_sigma + mu.squeeze(1) * g_mu - (gf * xf).sum(1)
-        g_mu, g_sigma = g_mu * mix.squeeze(1), g_sigma * mix.squeeze(1)
+        g_mix = sigma.squeeze(-1) * g_sigma + mu.squeeze(-1) * g_mu - (gf * xf).sum(-1)
+        g_mu, g_sigma = g_mu * mix.squeeze(-1), g_sigma * mix.squeeze(-1)
     return gx.to(x.dtype), g_mu, g_sigma, g_w, g_b, g_gamma, g_delta, g_mix
 
 
