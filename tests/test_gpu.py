@@ -18,6 +18,12 @@ pytestmark = [pytest.mark.gpu,
 CUDA = torch.device("cuda")
 
 
+@pytest.fixture(autouse=True)
+def _fused_path_on(monkeypatch):
+    """The default path on a GPU (the test session's conftest turns the compiled kernels off for CPU speed)."""
+    monkeypatch.setenv("NNUNET_UNIVERSAL_FUSED", "1")
+
+
 def _modules(seed: int) -> tuple[HarmonyNorm, HarmonyRestore]:
     torch.manual_seed(seed)
     hn, hr = HarmonyNorm(6), HarmonyRestore(6)
