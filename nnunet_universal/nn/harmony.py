@@ -93,6 +93,16 @@ def _norm_output_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _basis_as(module: nn.Module, dtype: torch.dtype) -> Tensor:
+    """``module.basis_coef.T`` in ``dtype``, cast once per (dtype, device) instead of on every forward."""
+    basis = module.basis_coef
+    cached = module.__dict__.get("_basis_cache")
+    if cached is None or cached[0] is not basis or cached[1].dtype != dtype:
+        cached = (basis, basis.T.to(dtype))
+        module.__dict__["_basis_cache"] = cached
+    return cached[1]
+
+
 def _check_order(order: int) -> None:
     if not 1 <= order <= MAX_ORDER:
         raise ValueError(f"harmony order J must be in 1..{MAX_ORDER}, got {order}")
@@ -144,7 +154,7 @@ class HarmonyNorm(nn.Module):
         if x.ndim < 3:
             raise ValueError(f"HarmonyNorm expects (B, C, *spatial), got shape {tuple(x.shape)}")
         out_dtype = _norm_output_dtype(x)
-        coef = None if self.poly_weight is None else self.poly_weight @ self.basis_coef.T.to(self.poly_weight.dtype)
+        coef = None if self.poly_weight is None else self.poly_weight @ _basis_as(self, self.poly_weight.dtype)
         out, mean, rstd = HarmonyNormFunction.apply(x, self.weight, self.bias, coef, self.eps, self.poly_limit,
                                                      out_dtype)
         if self.keep_stats:
@@ -215,7 +225,7 @@ class HarmonyRestore(nn.Module):
         out_dtype = _output_dtype(x)
         qcoef = rcoef = None
         if self.gamma is not None:
-            basis = self.basis_coef.T.to(self.gamma.dtype)
+            basis = _basis_as(self, self.gamma.dtype)
             qcoef, rcoef = self.gamma @ basis, self.delta @ basis
         return HarmonyRestoreFunction.apply(x, mu.detach(), sigma.detach(), self.weight, self.bias, qcoef, rcoef,
                                              self.mix, self.eps, self.poly_limit, self.min_denominator, out_dtype,

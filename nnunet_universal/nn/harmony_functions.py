@@ -49,7 +49,7 @@ def _per_channel(p: Tensor, cd: torch.dtype) -> Tensor:
 def _rows_of(x: Tensor) -> tuple[Tensor, int, int]:
     """(B, C, *spatial) -> contiguous (B*C, N) view, B, N."""
     b, c = x.shape[:2]
-    return x.contiguous().view(b * c, -1), b, x[0, 0].numel()
+    return x.contiguous().view(b * c, -1), b, x.numel() // max(b * c, 1)
 
 
 def _horner_into(out: Tensor, u: Tensor, coeffs: Tensor) -> Tensor:
