@@ -12,4 +12,5 @@ from nnunet_universal.trainers.variants import (  # noqa: F401
     UniversalTrainer_NoPolyAffine,
     UniversalTrainer_NoPrompts,
     UniversalTrainer_NoRestore,
+    UniversalTrainer_SlowHarmony,
 )

@@ -92,6 +92,8 @@ class UniversalTrainer(nnUNetTrainer):
     val_domain_alpha: ClassVar[float] = 0.0
     modality_dropout_p: ClassVar[float] = 0.2
     gate_loss_weight: ClassVar[float] = 0.1
+    #: learning rate of the parameters U-Harmony adds, relative to nnU-Net's (``trainers/optim.py``)
+    harmony_lr_scale: ClassVar[float] = 1.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):  # noqa: B008 (nnU-Net's exact signature)
@@ -161,6 +163,16 @@ class UniversalTrainer(nnUNetTrainer):
             batch_dice=self.configuration_manager.batch_dice, gate_weight=self.gate_loss_weight,
             ignore_label=self.label_manager.ignore_label, domain_names=self.domain_names,
         ).to(self.device)
+
+    def configure_optimizers(self):
+        """nnU-Net's SGD and poly schedule; U-Harmony's parameters in their own group when ``harmony_lr_scale``
+        is not 1."""
+        if self.harmony_lr_scale == 1.0:
+            return super().configure_optimizers()
+        from nnunet_universal.trainers.optim import sgd_with_harmony_scale
+
+        return sgd_with_harmony_scale(self.network, self.initial_lr, self.weight_decay, self.num_epochs,
+                                      self.harmony_lr_scale)
 
     # ---- data ------------------------------------------------------------------------------------
     def get_dataloaders(self):

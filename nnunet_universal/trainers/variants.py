@@ -36,6 +36,13 @@ class UniversalTrainer_NoRestore(UniversalTrainer):
     network_overrides: ClassVar[dict[str, Any]] = {"restore": False}
 
 
+class UniversalTrainer_SlowHarmony(UniversalTrainer):
+    """U-Harmony's own parameters (polynomial coefficients, restoration) at a tenth of nnU-Net's learning rate
+    (an experiment, not in the paper: see ``trainers/optim.py``)."""
+
+    harmony_lr_scale: ClassVar[float] = 0.1
+
+
 class UniversalTrainer_NoGate(UniversalTrainer):
     """Oracle heads without gate or prototypes (Table 3's oracle baseline: needs the domain at inference)."""
 
@@ -72,6 +79,7 @@ VARIANTS: tuple[type[UniversalTrainer], ...] = (
     UniversalTrainer_FirstStageHarmony,
     UniversalTrainer_NoPolyAffine,
     UniversalTrainer_NoRestore,
+    UniversalTrainer_SlowHarmony,
     UniversalTrainer_NoGate,
     UniversalTrainer_NoPrompts,
     UniversalTrainer_NoModalityDropout,
