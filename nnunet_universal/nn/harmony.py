@@ -80,8 +80,8 @@ def _output_dtype(x: Tensor) -> torch.dtype:
 
     Eq. 3 rescales by the encoder's sigma and divides by a learned denominator, so its range is not bounded
     like a normalization's: an fp16 output saturates at +-65504 instead of overflowing (the arithmetic is fp32
-    either way). Writing fp32 instead cost 7 % more training memory and time on an H200
-    (``scripts/profile_speed.py``, variant ``restore_half``)."""
+    either way). Writing fp32 instead took 5 % more training memory on an H200 (4255 vs 4031 MB peak;
+    ``scripts/profile_speed.py``, variant ``restore_half``, ``benchmarks/results/profile_cuda_diagnosis.json``)."""
     return x.dtype
 
 
