@@ -119,29 +119,20 @@ def run_arm(work: Path, arm: str, device: str, threads: int, out: Path) -> dict:
     data = torch.from_numpy(np.asarray(ds.load_case(key)[0][:], dtype=np.float32))
     predictor = bench._predictor(trainer, device, mirroring=False)
     infer = lambda: predictor.predict_sliding_window_return_logits(data)  # noqa: E731
-    modes = {"default": None}
+    # (mode, encoding cache MB, oracle domain): dataset-free with and without the cache, oracle (no routing pass)
+    cache_mb = predictor.encoding_cache_mb if hasattr(predictor, "encoding_cache_mb") else 0
+    modes = [("default", cache_mb, None)]
     if arm != "nnUNetTrainer":
-        modes.update({"no_encoding_cache": "cache0", "oracle": "oracle"})
+        modes += [("no_encoding_cache", 0, None), ("oracle", cache_mb, predictor.meta.domain_names[0])]
     res["infer"] = {}
-    for mode, how in modes.items():
-        if how == "cache0":
-            predictor.encoding_cache_mb = 0
-        elif how == "oracle":
-            predictor.encoding_cache_mb = bench_cache_default()
-            predictor.oracle_domain = predictor.meta.domain_names[0]
+    for mode, mb, oracle in modes:
+        predictor.encoding_cache_mb, predictor.oracle_domain = mb, oracle
         infer()  # warm-up (compiles the fused kernels for new shapes)
         res["infer"][mode] = _timed(infer, 3, cuda)
-    predictor.oracle_domain = None
-    predictor.encoding_cache_mb = bench_cache_default()
+    predictor.encoding_cache_mb, predictor.oracle_domain = cache_mb, None
     res["infer_syncs"] = _sync_sites(infer)
     _table(infer, out / f"profile_{device}_{tag}_infer.txt", cuda)
     return res
-
-
-def bench_cache_default() -> int:
-    from nnunet_universal.nn.encoding_cache import DEFAULT_CACHE_MB
-
-    return DEFAULT_CACHE_MB
 
 
 def main() -> int:
