@@ -174,16 +174,7 @@ def worker(work: Path, arm: str, what: str, device: str, threads: int, steps: in
         work_fn = lambda: predictor.predict_sliding_window_return_logits(data)  # noqa: E731
     warmup_peak = _status_mb("VmHWM")  # includes compiling the fused kernels (first step of a process)
     peak_reset = _reset_peak_rss() and peak_reset  # the timed steps' own peak, as on a GPU
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        work_fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    times = time_calls(work_fn, steps, cuda)
     out = {"arm": arm, "what": what, "times_s": times, "rss_before_mb": rss_before, **case_info,
            "max_rss_mb": _status_mb("VmHWM"), "peak_reset_before_timing": peak_reset,
            "max_rss_incl_warmup_mb": max(warmup_peak, _status_mb("VmHWM")),
@@ -195,6 +186,23 @@ def worker(work: Path, arm: str, what: str, device: str, threads: int, steps: in
     if profile is not None:
         out["profile"] = _profile(work_fn, profile.with_name(f"{profile.stem}_{what}{profile.suffix}"))
     return out
+
+
+def time_calls(fn, repeats: int, cuda: bool) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` (device work included on CUDA); resets the CUDA peak first."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def _predictor(trainer, device: str, mirroring: bool):

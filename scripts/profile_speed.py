@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -53,16 +52,7 @@ def _sync_sites(fn) -> dict[str, int]:
 def _timed(fn, repeats: int, cuda: bool) -> dict:
     import torch
 
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    times = bench.time_calls(fn, repeats, cuda)
     out = {"min_s": min(times), "times_s": times}
     if cuda:
         out["max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
