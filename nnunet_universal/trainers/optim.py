@@ -4,7 +4,8 @@ nnU-Net trains every parameter with one SGD learning rate (0.01, Nesterov moment
 writes the same rate into every parameter group. The parameters U-Harmony adds on top of nnU-Net's network (the
 polynomial coefficients of HarmonyNorm and every HarmonyRestore parameter) can get a fraction of it here: an
 experiment on why the harmonization layers lose accuracy in ``scripts/benchmark_accuracy.py`` (they grew large
-with the full rate: Hermite coefficients up to 1.8, restoration mixes up to 1.9, in the small suite's checkpoints).
+with the full rate: Hermite coefficients up to 1.8, restoration mixes up to 1.9, in the small suite's checkpoints;
+``scripts/inspect_harmony.py``).
 HarmonyNorm's ``weight``/``bias`` are InstanceNorm's affine and keep the full rate.
 """
 
