@@ -86,8 +86,8 @@ ARMS = {a.name: a for a in (
     Arm("first_stage", "UniversalTrainer_FirstStageHarmony", "universal", label="harmonization in stage 1 only"),
     Arm("no_poly_affine", "UniversalTrainer_NoPolyAffine", "universal", label="no polynomial affine"),
     Arm("no_restore", "UniversalTrainer_NoRestore", "universal", label="no restoration"),
-    Arm("slow_harmony", "UniversalTrainer_SlowHarmony", "universal",
-        label="U-Harmony parameters at 0.1x learning rate (experiment)"),
+    Arm("full_rate_harmony", "UniversalTrainer_FullRateHarmony", "universal",
+        label="U-Harmony parameters at the full learning rate (paper; default before session 5)"),
     Arm("no_prompts", "UniversalTrainer_NoPrompts", "universal", label="no prompts"),
     Arm("no_gate", "UniversalTrainer_NoGate", "universal", ("oracle",), label="dataset-specific heads, no gate"),
 )}
@@ -528,7 +528,7 @@ def report(results: dict) -> str:
     ref = _mean_over_domains(_entries(runs, "universal", "dataset-free"), domains)
     abl = [("universal", "dataset-free"), ("universal", "oracle"), ("no_gate", "oracle"),
            ("no_harmony", "dataset-free"), ("first_stage", "dataset-free"), ("no_poly_affine", "dataset-free"),
-           ("no_restore", "dataset-free"), ("slow_harmony", "dataset-free"), ("no_prompts", "dataset-free"),
+           ("no_restore", "dataset-free"), ("full_rate_harmony", "dataset-free"), ("no_prompts", "dataset-free"),
            ("no_modality_dropout", "dataset-free")]
     lines += ["", "### Ablations (Dice %; Δ: mean vs the full UniversalTrainer, dataset-free)", "",
               head + " Δ mean | train min |", "|---|" + "---:|" * (len(domains) + 3)]

@@ -1,4 +1,4 @@
-"""Largest U-Harmony parameters of trained checkpoints (the diagnosis behind UniversalTrainer_SlowHarmony).
+"""Largest U-Harmony parameters of trained checkpoints (the diagnosis behind UniversalTrainer's harmony_lr_scale 0.1).
 
     python scripts/inspect_harmony.py RESULTS_FOLDER/.../fold_0/checkpoint_final.pth [...]
 

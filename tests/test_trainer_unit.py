@@ -293,8 +293,8 @@ def test_network_options_merge_plans_overrides_and_objective():
     assert (o.head, o.gate, o.task_prompt) == ("union", False, False)
 
 
-def test_slow_harmony_optimizer_scales_only_the_harmony_parameters():
-    """UniversalTrainer_SlowHarmony: nnU-Net's SGD and poly schedule, the parameters U-Harmony adds (HarmonyNorm
+def test_harmony_optimizer_scales_only_the_harmony_parameters():
+    """UniversalTrainer (default harmony_lr_scale 0.1): nnU-Net's SGD and poly schedule, the parameters U-Harmony adds (HarmonyNorm
     polynomial, HarmonyRestore) at 0.1x the rate at every epoch; InstanceNorm's affine and the rest at 1x."""
     from types import SimpleNamespace
 
@@ -305,7 +305,6 @@ def test_slow_harmony_optimizer_scales_only_the_harmony_parameters():
     from nnunet_universal.nn.universal_unet import UniversalUNet
     from nnunet_universal.trainers.optim import harmony_parameters
     from nnunet_universal.trainers.universal_trainer import UniversalTrainer
-    from nnunet_universal.trainers.variants import UniversalTrainer_SlowHarmony
 
     backbone = PlainConvUNet(2, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 1, 3, 1, True, nn.InstanceNorm3d,
                              {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True})
@@ -315,7 +314,7 @@ def test_slow_harmony_optimizer_scales_only_the_harmony_parameters():
     assert names and all("poly_weight" in n or n.startswith("restores.") for n in names)
     assert not any(n.endswith("norm.weight") for n in names)
     stub = SimpleNamespace(network=net, initial_lr=0.01, weight_decay=3e-5, num_epochs=10,
-                           harmony_lr_scale=UniversalTrainer_SlowHarmony.harmony_lr_scale)
+                           harmony_lr_scale=UniversalTrainer.harmony_lr_scale)
     optimizer, scheduler = UniversalTrainer.configure_optimizers(stub)
     fast_group, slow_group = optimizer.param_groups
     assert {id(p) for p in slow_group["params"]} == slow

@@ -4,6 +4,7 @@ from nnunet_universal.trainers.scheduled import nnUNetTrainerScheduled  # noqa: 
 from nnunet_universal.trainers.universal_trainer import UniversalTrainer  # noqa: F401
 from nnunet_universal.trainers.variants import (  # noqa: F401
     UniversalTrainer_FirstStageHarmony,
+    UniversalTrainer_FullRateHarmony,
     UniversalTrainer_MarginalJoint,
     UniversalTrainer_NaiveJoint,
     UniversalTrainer_NoGate,
@@ -12,5 +13,4 @@ from nnunet_universal.trainers.variants import (  # noqa: F401
     UniversalTrainer_NoPolyAffine,
     UniversalTrainer_NoPrompts,
     UniversalTrainer_NoRestore,
-    UniversalTrainer_SlowHarmony,
 )
