@@ -1,5 +1,6 @@
 """Shared test setup: nnU-Net folders in a temp dir, one thread, no compile (neither nnU-Net's nor the fused
-U-Harmony kernels', whose compilation would cost each test process tens of seconds; one test compiles them)."""
+U-Harmony kernels': compiling the GPU path or building the C++ CPU kernels would cost test processes tens of
+seconds; one test of each builds them)."""
 
 from __future__ import annotations
 

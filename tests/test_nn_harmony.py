@@ -420,9 +420,12 @@ def test_fused_gpu_math_equals_the_chunked_path(monkeypatch, poly, mix):
 
 
 def test_compiled_fused_path_on_cpu_matches_the_chunked_path(monkeypatch):
-    """The default CPU/GPU path: torch.compile'd fused functions (the test session turns them off elsewhere,
-    their compilation costs tens of seconds per process). Values and gradients equal the chunked path."""
-    from nnunet_universal.nn import harmony_fused
+    """The GPU's default path, torch.compile'd fused functions, here compiled for the CPU (the test session turns
+    them off elsewhere: compiling costs tens of seconds per process; on CPU fp32 the C++ kernels normally serve).
+    Values and gradients equal the chunked path."""
+    from nnunet_universal.nn import harmony_cpu, harmony_fused
+
+    monkeypatch.setattr(harmony_cpu, "serves", lambda t: False)
 
     torch.manual_seed(8)
     hn, hr = HarmonyNorm(4), HarmonyRestore(4)
@@ -449,3 +452,48 @@ def test_compiled_fused_path_on_cpu_matches_the_chunked_path(monkeypatch):
     assert set(harmony_fused._COMPILED) == {"norm_forward", "norm_backward", "restore_forward", "restore_backward"}
     for a, b in zip(eager, fused, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("poly", [True, False])
+@pytest.mark.parametrize("mix", [True, False])
+@pytest.mark.parametrize("bound", [0.0, 0.5])
+def test_cpu_kernels_match_the_chunked_path(monkeypatch, poly, mix, bound):
+    """The default fp32 CPU path, the C++ kernels of ``harmony_cpu`` (built on first use): values and gradients of
+    HarmonyNorm -> HarmonyRestore equal the chunked eager path's, clamped activations, both denominator forms,
+    with and without polynomial and residual mix; no compiled function is involved."""
+    from nnunet_universal.nn import harmony_cpu, harmony_fused
+
+    torch.manual_seed(9)
+    hn = HarmonyNorm(4, polynomial=poly)
+    hr = HarmonyRestore(4, polynomial=poly, denominator_bound=bound, mix_init=0.0 if mix else None)
+    with torch.no_grad():
+        if poly:
+            hn.poly_weight.normal_(0, 0.3)
+            hr.gamma.normal_(0, 0.1)
+            hr.delta.normal_(0, 0.3)
+        hr.weight.uniform_(0.5, 1.5)
+        if mix:
+            hr.mix.uniform_(0.2, 0.9)
+    x = torch.randn(2, 4, 11, 9, 13) * 3 + 5  # rows longer than one 512-voxel block, mean far from 0
+    x[0, 1, 0, 0, 0] = 300.0  # clamped after standardization
+    mu, sigma = torch.randn(2, 4), torch.rand(2, 4) + 0.5
+    g = torch.randn(x.shape)
+
+    def run(kernels: bool):
+        monkeypatch.setenv("NNUNET_UNIVERSAL_FUSED", "1" if kernels else "0")
+        xi = x.clone().requires_grad_()
+        y = hr(hn(xi), mu, sigma)
+        y.backward(g)
+        params = [*hn.parameters(), *hr.parameters()]
+        out = [y.detach(), xi.grad] + [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return out
+
+    eager = run(False)
+    monkeypatch.setattr(harmony_fused, "run", lambda *a, **k: pytest.fail("compiled path used"))
+    monkeypatch.setenv("NNUNET_UNIVERSAL_FUSED", "1")
+    assert harmony_cpu.serves(x), "the C++ kernels did not build (see the warning above)"
+    kernels = run(True)
+    for a, b in zip(eager, kernels, strict=True):
+        torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-4)

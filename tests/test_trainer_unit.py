@@ -294,8 +294,9 @@ def test_network_options_merge_plans_overrides_and_objective():
 
 
 def test_harmony_optimizer_scales_only_the_harmony_parameters():
-    """UniversalTrainer (default harmony_lr_scale 0.1): nnU-Net's SGD and poly schedule, the parameters U-Harmony adds (HarmonyNorm
-    polynomial, HarmonyRestore) at 0.1x the rate at every epoch; InstanceNorm's affine and the rest at 1x."""
+    """UniversalTrainer (default harmony_lr_scale 0.1): nnU-Net's SGD and poly schedule, the parameters U-Harmony
+    adds (HarmonyNorm polynomial, HarmonyRestore) at 0.1x the rate at every epoch; InstanceNorm's affine and the rest
+    at 1x."""
     from types import SimpleNamespace
 
     from dynamic_network_architectures.architectures.unet import PlainConvUNet

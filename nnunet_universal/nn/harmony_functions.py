@@ -3,10 +3,10 @@
 They save only their input (plus per-(sample, channel) statistics) and recompute the polynomial terms in
 backward: plain autograd would keep every power of every activation alive until backward, ``J`` extra
 activation tensors per layer. All arithmetic runs in fp32 (fp64 for fp64 inputs) whatever the autocast
-state. The work is done on chunks of rows (one row = one (sample, channel) pair): on CPU small, cache-resident
-chunks (a fresh activation-sized buffer costs more, in page faults, than the arithmetic); on GPU, when the fused
-compiled kernels of ``harmony_fused.py`` are unavailable, larger chunks that bound the temporaries, so that peak
-memory stays near the plain network's.
+state. Fast paths: the C++ kernels of ``harmony_cpu.py`` (fp32 on CPU) and the compiled kernels of
+``harmony_fused.py`` (GPU); otherwise the work is done here on chunks of rows (one row = one (sample, channel)
+pair): on CPU small, cache-resident chunks (a fresh activation-sized buffer costs more, in page faults, than the
+arithmetic); on GPU larger chunks that bound the temporaries, so that peak memory stays near the plain network's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nnunet_universal.nn import harmony_fused
+from nnunet_universal.nn import harmony_cpu, harmony_fused
 
 #: Elements per chunk of rows: on CPU 1 MiB of fp32 (cache-resident temporaries); on GPU 64 MiB, which keeps
 #: kernel launches few and bounds the temporaries of a 3D full-resolution layer to a fraction of its size.
@@ -109,6 +109,15 @@ class HarmonyNormFunction(torch.autograd.Function):
             cd = _compute_dtype(x)
             x2, batch, n = _rows_of(x)
             rows = x2.shape[0]
+            if out_dtype == torch.float32 and harmony_cpu.serves(x):  # C++ loops, written straight into out
+                out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+                mean, rstd = harmony_cpu.norm_forward(x2.view(batch, -1, n), weight, bias, coef, eps, limit,
+                                                      out.view(batch, -1, n))
+                mean, rstd = mean.view(rows, 1), rstd.view(rows, 1)
+                ctx.save_for_backward(x, mean, rstd, weight, coef)
+                ctx.limit = limit
+                ctx.mark_non_differentiable(mean, rstd)
+                return out, mean, rstd
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
                 fused = harmony_fused.run("norm_forward", x2.view(batch, -1, n), _per_channel(weight, cd),
                                           _per_channel(bias, cd), None if coef is None else coef.to(cd), eps, limit,
@@ -162,6 +171,17 @@ class HarmonyNormFunction(torch.autograd.Function):
             g2 = grad_out.contiguous().view(x2.shape)
             rows = x2.shape[0]
             order = 0 if coef is None else coef.shape[1] - 1
+            if harmony_cpu.serves(x) and g2.dtype == torch.float32:
+                dcoef_c = None if coef is None else \
+                    coef[:, 1:].float() * torch.arange(1, order + 1, dtype=cd, device=x.device)
+                grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                gw, gb, gc = harmony_cpu.norm_backward(x2.view(batch, -1, n), g2.view(batch, -1, n),
+                                                       mean.view(batch, -1, 1), rstd.view(batch, -1, 1), weight,
+                                                       dcoef_c, limit, grad_x.view(batch, -1, n))
+                need = ctx.needs_input_grad
+                return (grad_x, gw.sum(0).to(weight.dtype) if need[1] else None,
+                        gb.sum(0).to(weight.dtype) if need[2] else None,
+                        gc.sum(0).to(coef.dtype) if gc is not None and need[3] else None, None, None, None)
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
                 dcoef_c = None if coef is None else \
                     coef[:, 1:].to(cd) * torch.arange(1, order + 1, dtype=cd, device=x.device)
@@ -301,6 +321,14 @@ class HarmonyRestoreFunction(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             cd = _compute_dtype(x)
             x2, batch, n = _rows_of(x)
+            if out_dtype == torch.float32 and harmony_cpu.serves(x):  # C++ loops, written straight into out
+                out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+                w_eps, b, q, r, a = HarmonyRestoreFunction._channel_params(weight, bias, gamma, delta, mix, eps, cd)
+                harmony_cpu.restore_forward(x2.view(batch, -1, n), mu, sigma, w_eps, b, q, r, a, limit, min_den,
+                                            bound, out.view(batch, -1, n))
+                ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta, mix)
+                ctx.consts = (eps, limit, min_den, bound)
+                return out
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
                 y = harmony_fused.run("restore_forward", x2.view(batch, -1, n), mu.to(cd).unsqueeze(-1),
                                       sigma.to(cd).unsqueeze(-1), *HarmonyRestoreFunction._channel_params(
@@ -346,6 +374,14 @@ class HarmonyRestoreFunction(torch.autograd.Function):
             g2 = grad_out.contiguous().view(x2.shape)
             rows = x2.shape[0]
             order = gamma.shape[1] - 1 if gamma is not None else 0
+            if harmony_cpu.serves(x) and g2.dtype == torch.float32:
+                grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                sums = harmony_cpu.restore_backward(
+                    x2.view(batch, -1, n), g2.view(batch, -1, n), mu, sigma,
+                    *HarmonyRestoreFunction._channel_params(weight, bias, gamma, delta, mix, eps, cd),
+                    limit, min_den, bound, grad_x.view(batch, -1, n))
+                return HarmonyRestoreFunction._grads((grad_x, *sums), need, x, mu, sigma, weight, bias, gamma, delta,
+                                                     mix, batch, order)
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
                 fused = harmony_fused.run("restore_backward", x2.view(batch, -1, n), g2.view(batch, -1, n),
                                           mu.to(cd).unsqueeze(-1), sigma.to(cd).unsqueeze(-1),

@@ -5,10 +5,11 @@ per elementary operation (about 15 sweeps forward and 25 backward for J = 3), wh
 stock nnU-Net step on an H200 (``scripts/gpu_checks.sh``). Here the same equations are written as whole-tensor
 functions reducing over the last axis, called on (batch, channel, voxel) tensors with per-channel parameters
 (rows of (sample, channel) pairs with per-row parameters work too), and compiled with ``torch.compile``:
-Inductor fuses each into a reduction and a pointwise kernel, so the intermediates are never materialized. On CPU
-the fused C++ loops brought the training step from 1.109x to 1.02-1.07x a stock step over three runs
-(``scripts/benchmark_speed.py``); compiling costs tens of seconds once per process (first training step or first
-prediction) and leaves the compiler resident (about 100-150 MB).
+Inductor fuses each into a reduction and a pointwise kernel, so the intermediates are never materialized.
+Compiling costs tens of seconds once per process (first training step or first prediction) and leaves the
+compiler resident (about 240 MB of CPU memory). On CPU, fp32 tensors are served by the hand-written loops of
+``harmony_cpu.py`` instead (the same sweeps without the compiler in the process); this path still serves fp16/bf16
+CPU tensors.
 
 The functions are the math only (pure, no in-place updates): ``*_math`` runs eagerly anywhere (the tests compare
 them with the chunked CPU path), ``compiled(name)`` gives the compiled version. If compiling fails (no Triton,
