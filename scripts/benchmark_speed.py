@@ -322,7 +322,7 @@ def to_markdown(res: dict) -> str:
              f"| inference peak memory (MB) | {s['infer']['peak_mb']:.0f} | {u['infer']['peak_mb']:.0f} | "
              f"{r['peak_memory_inference']:.2f}x | |"]
     if "peak_memory_incl_warmup" in r:
-        lines.append(f"| training peak memory incl. the warm-up step (MB; compiling happens there) | "
+        lines.append(f"| training peak memory incl. the warm-up step (MB; first-use kernel builds happen there) | "
                      f"{s['train']['peak_incl_warmup_mb']:.0f} | {u['train']['peak_incl_warmup_mb']:.0f} | "
                      f"{r['peak_memory_incl_warmup']:.3f}x | |")
     if "peak_memory_over_baseline" in r:

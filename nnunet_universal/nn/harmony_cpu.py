@@ -1,8 +1,8 @@
 """U-Harmony's kernels for fp32 CPU tensors, a small C++ extension (``csrc/harmony_cpu.cpp``).
 
-On CPU the compiled kernels of ``harmony_fused.py`` met the speed goals but kept the compiler resident (about 150
-MB of imports plus 90 MB compiling, measured with ``VmRSS``), which put a training process at 1.17x the peak memory
-of a stock nnU-Net one; the chunked eager path has the memory but not the speed (1.11x a stock step). These
+On CPU the compiled kernels of ``harmony_fused.py`` met the speed goals but kept the compiler resident, which put a
+training process at 1.17x the peak memory of a stock nnU-Net one; the chunked eager path has the memory but not
+the speed (1.11x a stock step). ``scripts/benchmark_harmony_kernels.py`` compares the three paths. These
 hand-written loops do what Inductor's generated code did (a reduction sweep and a pointwise sweep per function,
 temporaries in L1) without the compiler in the process. They are built once per machine with
 ``torch.utils.cpp_extension`` on first use (a C++ compiler and ninja are needed, as for ``torch.compile`` on CPU;

@@ -7,7 +7,8 @@ functions reducing over the last axis, called on (batch, channel, voxel) tensors
 (rows of (sample, channel) pairs with per-row parameters work too), and compiled with ``torch.compile``:
 Inductor fuses each into a reduction and a pointwise kernel, so the intermediates are never materialized.
 Compiling costs tens of seconds once per process (first training step or first prediction) and leaves the
-compiler resident (about 240 MB of CPU memory). On CPU, fp32 tensors are served by the hand-written loops of
+compiler resident (a CPU process that compiled one layer pair peaked 331 MB higher,
+``scripts/benchmark_harmony_kernels.py``). On CPU, fp32 tensors are served by the hand-written loops of
 ``harmony_cpu.py`` instead (the same sweeps without the compiler in the process); this path still serves fp16/bf16
 CPU tensors.
 
