@@ -221,10 +221,12 @@ def trained(planned):
     assert exe, "nnUNetv2_train not found next to the Python interpreter"
     env = {**os.environ, **{k: str(v) for k, v in planned.items()}, "nnUNet_extTrainer": ext_trainer_value(""),
            "NNUNET_UNIVERSAL_SCHEDULE": "2:8:1", "nnUNet_n_proc_DA": "0", "nnUNet_compile": "f",
-           "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "1"}
+           "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "1",
+           "NNUNET_UNIVERSAL_FUSED": "1"}  # the default CPU path: U-Harmony's C++ kernels (built by test_nn_harmony)
     res = subprocess.run([exe, str(DATASET_ID), CONFIG, "0", "-tr", "UniversalTrainer", "-p", PLANS, "-device", "cpu"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "kernels unavailable" not in res.stdout + res.stderr, res.stderr[-4000:]  # no fallback to eager
     return planned["nnUNet_results"] / DATASET / f"UniversalTrainer__{PLANS}__{CONFIG}" / "fold_0"
 
 
