@@ -89,7 +89,7 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     predict(model_dir=Path(a.model), output_dir=Path(a.output), input_dir=Path(a.input) if a.input else None,
             images=_kv_pairs(a.image, "--image"), case_id=a.case_id, folds=a.folds, checkpoint=a.checkpoint,
             domain=a.domain, save_domain_maps=a.save_domain_maps, device=a.device, step_size=a.step_size,
-            mirroring=not a.disable_tta)
+            mirroring=not a.disable_tta, routing=a.routing)
     return 0
 
 
@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all found)")
     s.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
     s.add_argument("--domain", help="oracle mode: the domain is given, the gate is bypassed")
+    s.add_argument("--routing", choices=["soft", "hard"], default=None,
+                   help="dataset-free: combine the domain heads weighted by the case's routing (soft) or use only "
+                        "the inferred domain's head (hard); default: the model's plans (soft unless planned)")
     s.add_argument("--save-domain-maps", action="store_true", help="also write each domain head's label map")
     s.add_argument("-device", "--device", default="cuda", choices=["cuda", "cpu", "mps"])
     s.add_argument("--step-size", type=float, default=0.5)

@@ -73,7 +73,8 @@ class Arm:
 
 
 ARMS = {a.name: a for a in (
-    Arm("universal", "UniversalTrainer", "universal", ("dataset-free", "oracle"), True, "UniversalTrainer"),
+    Arm("universal", "UniversalTrainer", "universal", ("dataset-free", "oracle", "dataset-free-hard"), True,
+        "UniversalTrainer"),
     Arm("single", STOCK_TRAINER, "single", ("oracle",), label="single-dataset nnU-Net (one model per domain)"),
     Arm("joint_naive", "UniversalTrainer_NaiveJoint", "universal", ("dataset-free", "oracle"),
         label="joint, naive loss (unknown = background)"),
@@ -360,7 +361,8 @@ def predict(s: Suite, arm: Arm, model: Path | dict[str, Path], mode: str, withhe
     if withheld is not None:
         folders = [(s.work / "inputs" / f"without_{withheld}", [])]
     else:
-        folders = [(p, ["--domain", p.name.removeprefix("domain_")] if mode == "oracle" else [])
+        extra = ["--routing", "hard"] if mode == "dataset-free-hard" else []  # only the inferred domain's head
+        folders = [(p, ["--domain", p.name.removeprefix("domain_")] if mode == "oracle" else extra)
                    for p in sorted((s.work / "inputs").glob("domain_*"))]
     for folder, extra in folders:
         wall += s.run([nu, "predict", "-m", str(model), "-i", str(folder), "-o", str(out), "-f", "0",
@@ -378,8 +380,12 @@ def _condense(metrics: dict) -> dict:
     return {"domains": doms, "routing": metrics.get("routing"), "cases": cases}
 
 
-def run_arm(s: Suite, arm: Arm, seed: int) -> None:
-    """Train (or resume) one arm, then predict and evaluate every (mode, withheld slot) not yet in the results."""
+MODES = ("dataset-free", "oracle", "dataset-free-hard", "missing")
+
+
+def run_arm(s: Suite, arm: Arm, seed: int, modes: tuple[str, ...] = MODES) -> None:
+    """Train (or resume) one arm, then predict and evaluate every (mode, withheld slot) not yet in the results
+    (of ``modes``; "missing" stands for the runs with one slot withheld)."""
     if arm.trainer == STOCK_TRAINER:
         arm = replace(arm, trainer=s.stock_trainer)
         if not _trainer_available(s, arm.trainer):
@@ -392,7 +398,8 @@ def run_arm(s: Suite, arm: Arm, seed: int) -> None:
     else:
         model = train(s, MERGED_ID, arm.trainer, s.plans, seed, log)
     slots = _read_json(s.merged() / "dataset.json")["universal"]["slots"]
-    todo = [(m, None) for m in arm.modes] + [("dataset-free", w) for w in (slots if arm.missing else [])]
+    todo = [(m, None) for m in arm.modes if m in modes]
+    todo += [("dataset-free", w) for w in (slots if arm.missing and "missing" in modes else [])]
     for mode, withheld in todo:
         key = f"{arm.name}|seed{seed}|{mode}|{withheld or 'all'}"
         results = _read_json(s.results_json, {})
@@ -469,6 +476,42 @@ def _mean_over_domains(entries: list[dict], domains: list[str]) -> tuple[float, 
     return _stat(per_seed)
 
 
+def _paired(runs: dict, a: tuple[str, str], b: tuple[str, str], domains: list[str], draws: int = 10000,
+            ) -> tuple[float, float, float, int] | None:
+    """Paired difference of mean Dice, arm/mode ``a`` minus ``b``, on the test cases both have: each case's Dice
+    averaged over the arm's repeats (two modes of one arm: the repeats both have), then the table's mean over
+    domains; with a 95 % bootstrap interval over the
+    test cases (resampled within each domain, fixed seed). The interval is the test set's uncertainty, not the
+    run-to-run spread of training (the ± of the tables)."""
+    import numpy as np
+
+    # two modes of one arm: the same trained models, so only the repeats that have both
+    seeds = ({e["seed"] for e in _entries(runs, *a)} & {e["seed"] for e in _entries(runs, *b)}
+             if a[0] == b[0] else None)
+
+    def per_case(arm: str, mode: str) -> dict[str, tuple[str, float]]:
+        vals: dict[str, list[float]] = {}
+        dom: dict[str, str] = {}
+        for e in _entries(runs, arm, mode):
+            if seeds is not None and e["seed"] not in seeds:
+                continue
+            for c in e["cases"]:
+                vals.setdefault(c["case"], []).append(c["mean_dice"])
+                dom[c["case"]] = c["domain"]
+        return {k: (dom[k], float(np.mean(v))) for k, v in vals.items()}
+
+    pa, pb = per_case(*a), per_case(*b)
+    diffs = {d: np.array([pa[k][1] - pb[k][1] for k in sorted(pa.keys() & pb.keys()) if pa[k][0] == d])
+             for d in domains}
+    if not pa or not pb or any(len(v) == 0 for v in diffs.values()):
+        return None
+    rng = np.random.default_rng(0)
+    boot = np.mean([np.mean(v[rng.integers(0, len(v), (draws, len(v)))], axis=1) for v in diffs.values()], axis=0)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return (float(np.mean([v.mean() for v in diffs.values()])), float(lo), float(hi),
+            sum(len(v) for v in diffs.values()))
+
+
 def _routing(entries: list[dict], domain: str | None) -> str:
     hits = [c["routing"] == c["domain"] for e in entries for c in e["cases"]
             if c["routing"] is not None and (domain is None or c["domain"] == domain)]
@@ -510,7 +553,7 @@ def report(results: dict) -> str:
     head = "| arm | " + " | ".join(domains) + " | mean |"
     main = [("single", "oracle"), ("joint_stock", "dataset-free"), ("joint_naive", "dataset-free"),
             ("joint_marginal", "dataset-free"), ("joint_marginal", "oracle"), ("universal", "oracle"),
-            ("universal", "dataset-free")]
+            ("universal", "dataset-free"), ("universal", "dataset-free-hard")]
     lines += ["### Universal model vs single-dataset and joint baselines (Dice %, per domain)", "",
               head + " train min |", "|---|" + "---:|" * (len(domains) + 2)]
     lines += [r for r in (row(a, m) for a, m in main) if r]
@@ -567,17 +610,31 @@ def report(results: dict) -> str:
         if es:
             lines.append(f"| {lab[a]} | " + " | ".join(_routing(es, d) for d in domains) + f" | {_routing(es, None)} |")
 
-    u_free, u_or = ref, _mean_over_domains(_entries(runs, "universal", "oracle"), domains)
+    comparisons = [
+        ("gated head (dataset-free) vs its own heads with the domain given (oracle) (paper: within 1.3)",
+         ("universal", "dataset-free"), ("universal", "oracle")),
+        ("gated head, only the inferred domain's head (dataset-free, --routing hard) vs oracle",
+         ("universal", "dataset-free-hard"), ("universal", "oracle")),
+        *[(f"UniversalTrainer (dataset-free) vs {lab[a]}", ("universal", "dataset-free"),
+           (a, "oracle" if a == "single" else "dataset-free"))
+          for a in ("joint_stock", "joint_naive", "joint_marginal", "single")],
+        ("UniversalTrainer vs the same network without harmonization (paper: harmonization helps)",
+         ("universal", "dataset-free"), ("no_harmony", "dataset-free")),
+        ("UniversalTrainer (every stage) vs harmonization in stage 1 only (paper: more layers help)",
+         ("universal", "dataset-free"), ("first_stage", "dataset-free")),
+        ("UniversalTrainer (U-Harmony parameters at 0.1x) vs the paper's full learning rate",
+         ("universal", "dataset-free"), ("full_rate_harmony", "dataset-free")),
+    ]
     claims = []
-    if u_free and u_or:
-        claims.append(f"gated head (dataset-free) vs its own heads with the domain given (oracle): "
-                      f"{100 * (u_free[0] - u_or[0]):+.1f} Dice points (paper: within 1.3)")
-    for a in ("joint_stock", "joint_naive", "joint_marginal", "single"):
-        m = _mean_over_domains(_entries(runs, a, "oracle" if a == "single" else "dataset-free"), domains)
-        if u_free and m:
-            claims.append(f"UniversalTrainer (dataset-free) vs {lab[a]}: {100 * (u_free[0] - m[0]):+.1f} Dice points")
+    for text, a, b in comparisons:
+        d = _paired(runs, a, b, domains)
+        if d:
+            claims.append(f"{text}: {100 * d[0]:+.1f} Dice points (95 % interval over the {d[3]} test cases "
+                          f"{100 * d[1]:+.1f} to {100 * d[2]:+.1f})")
     if claims:
-        lines += ["", "### The paper's claims on this suite", ""] + [f"- {c}" for c in claims]
+        lines += ["", "### The paper's claims on this suite (paired per test case, each case averaged over the "
+                  "repeats; the interval is a bootstrap over test cases within domains and leaves out the "
+                  "run-to-run spread of training)", ""] + [f"- {c}" for c in claims]
     lines += ["", "### Runs", "", "| run | train wall (min) | sessions | predict wall (s) |", "|---|---:|---:|---:|"]
     for k, r in sorted(runs.items()):
         name = k.replace("|", " / ")
@@ -590,6 +647,8 @@ def main() -> int:
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--work", type=Path, default=None, help="work folder (default bench_work/accuracy_<size>)")
     p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS), help="arms to run, in this order")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="prediction modes to run for each arm ('missing': one slot withheld); default all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="repeat indices (nnU-Net training is not seeded: each index is an independent run)")
     p.add_argument("--with-ct", action="store_true", help="add the LiTS-like CT domain")
@@ -613,7 +672,7 @@ def main() -> int:
             for seed in args.seeds:
                 for name in args.arms:
                     try:
-                        run_arm(s, ARMS[name], seed)
+                        run_arm(s, ARMS[name], seed, tuple(args.modes))
                     except RuntimeError as e:  # one failing arm must not stop the others; rerun retries it
                         print(f"arm {name} seed {seed} failed: {e}", flush=True)
     if s.results_json.is_file():

@@ -532,6 +532,20 @@ def test_hard_case_level_routing_gives_each_case_one_domain(model, monkeypatch):
         assert _labels(out / f"{case}.nii.gz") <= {0} | _domain_ids(meta, rec["inferred_domain"])
 
 
+def test_predict_routing_hard_uses_only_the_inferred_domains_head(model, free_run):
+    """``nnunet-universal predict --routing hard`` on the soft-planned model: each case's routing is one-hot on the
+    domain the soft run inferred, and its label map equals that domain head's oracle map of the soft run."""
+    out = model["root"] / "pred_cli_hard"
+    _ok(_run([_bin("nnunet-universal"), "predict", "-m", str(model["model_dir"]), "-i", str(model["partial"]),
+              "-o", str(out), "-device", "cpu", "--disable-tta", "--routing", "hard"], model["env"]))
+    for case in CASES:
+        soft = json.loads((free_run / f"{case}.routing.json").read_text())
+        rec = json.loads((out / f"{case}.routing.json").read_text())
+        assert rec["inferred_domain"] == soft["inferred_domain"]
+        assert rec["routing"] == {d: float(d == soft["inferred_domain"]) for d in soft["routing"]}
+        _same_image(out / f"{case}.nii.gz", free_run / "domain_maps" / soft["inferred_domain"] / f"{case}.nii.gz")
+
+
 def test_cli_errors_exit_2_with_clear_messages(model, tmp_path):
     cli, m, env = _bin("nnunet-universal"), str(model["model_dir"]), model["env"]
     img = model["raw"] / "imagesTr"

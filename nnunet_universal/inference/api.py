@@ -122,13 +122,15 @@ def _routing_record(case: CaseInput, predictor: UniversalPredictor, domain: str 
 def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, images: dict[str, str] | None = None,
             case_id: str = "case", folds: list[str] | None = None, checkpoint: str = "checkpoint_final.pth",
             domain: str | None = None, save_domain_maps: bool = False, device: str = "cuda",
-            step_size: float = 0.5, mirroring: bool = True) -> list[Path]:
+            step_size: float = 0.5, mirroring: bool = True, routing: str | None = None) -> list[Path]:
     """Segment new scans with a trained universal model; return the written label maps.
 
     Inputs: ``input_dir`` (nnU-Net naming ``CASE_XXXX{ending}``, missing channel files allowed) or ``images``
     (``{slot: file}`` for one case named ``case_id``). Missing slots are zero-filled as in training.
     ``domain`` selects oracle mode (that domain's head, the gate bypassed); otherwise the domain is inferred
-    once per case. Writes ``{case}{ending}`` and ``{case}.routing.json`` into ``output_dir``.
+    once per case and ``routing`` ("soft": the heads weighted by it, "hard": only the inferred domain's head; default:
+    the plans' setting) says how the heads are combined. Writes ``{case}{ending}`` and ``{case}.routing.json`` into
+    ``output_dir``.
     """
     if (input_dir is None) == (not images):
         raise ValueError("give either an input folder (-i) or --image SLOT=FILE pairs, not both or neither")
@@ -136,6 +138,8 @@ def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, im
     fold_list, meta, dataset_json = check_model_folder(model_dir, folds, checkpoint)
     if not 0 < step_size <= 1:
         raise ValueError(f"--step-size must be in (0, 1], got {step_size}")
+    if routing not in (None, "soft", "hard"):
+        raise ValueError(f"--routing must be 'soft' or 'hard', got {routing!r}")
     if domain is not None:
         meta.domain_index(domain)  # unknown domain: error listing the model's domains
     num_channels = len(dataset_json["channel_names"])
@@ -157,6 +161,8 @@ def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, im
     predictor.initialize_from_trained_model_folder(
         str(model_dir), [f if f == "all" else int(f) for f in fold_list], checkpoint)
     predictor.oracle_domain = domain
+    if routing is not None:
+        predictor.set_routing(routing)
 
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ baselines have no domain heads, so oracle mode restricts their union prediction 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -92,6 +93,17 @@ class UniversalPredictor(nnUNetPredictor):
                 f"domain routing ({', '.join(missing)} missing). Predict with nnUNetv2_predict instead, or train "
                 "with -tr UniversalTrainer"
             )
+
+    def set_routing(self, mode: str) -> None:
+        """Override the model's dataset-free head mixing: ``"soft"`` (heads weighted by the case's routing, the
+        default of the plans) or ``"hard"`` (only the inferred domain's head; the routing becomes one-hot)."""
+        if mode not in ("soft", "hard"):
+            raise ValueError(f"routing must be 'soft' or 'hard', got {mode!r}")
+        if self.network_options is None:
+            raise RuntimeError("UniversalPredictor is not initialized; call initialize_from_trained_model_folder")
+        net = unwrap_network(self.network)
+        net.options = dataclasses.replace(net.options, routing=mode)
+        self.network_options = dataclasses.replace(self.network_options, routing=mode)
 
     # ---- per-case context ----------------------------------------------------------------------
     @property
