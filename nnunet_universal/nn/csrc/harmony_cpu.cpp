@@ -145,6 +145,7 @@ std::vector<at::Tensor> norm_backward(const at::Tensor& x, const at::Tensor& g, 
   check(grad_x, "grad_x");
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
   const int nd = dcoef.numel() ? static_cast<int>(dcoef.size(1)) : 0;
+  TORCH_CHECK(nd + 1 <= 8, "harmony_cpu: polynomial order ", nd, " above the supported 7");
   auto gw = at::empty({B, C}, x.options());
   auto gb = at::empty({B, C}, x.options());
   auto gc = nd ? at::empty({B, C, nd + 1}, x.options()) : at::empty({0}, x.options());
@@ -300,6 +301,7 @@ std::vector<at::Tensor> restore_backward(const at::Tensor& x, const at::Tensor& 
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
   const RestoreParams P = restore_params(mu, sigma, w_eps, b, q, r, mix, limit, min_den, bound);
   const int nc = P.nc;
+  TORCH_CHECK(nc <= 8, "harmony_cpu: polynomial order ", nc - 1, " above the supported 7");
   auto opts = x.options();
   auto gmu = at::empty({B, C}, opts), gsig = at::empty({B, C}, opts), gw = at::empty({B, C}, opts),
        gb = at::empty({B, C}, opts);
