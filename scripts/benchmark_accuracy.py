@@ -620,6 +620,8 @@ def report(results: dict) -> str:
           for a in ("joint_stock", "joint_naive", "joint_marginal", "single")],
         ("UniversalTrainer vs the same network without harmonization (paper: harmonization helps)",
          ("universal", "dataset-free"), ("no_harmony", "dataset-free")),
+        ("UniversalTrainer vs the same network without prompts (UniSeg/Hermes: prompts help)",
+         ("universal", "dataset-free"), ("no_prompts", "dataset-free")),
         ("UniversalTrainer (every stage) vs harmonization in stage 1 only (paper: more layers help)",
          ("universal", "dataset-free"), ("first_stage", "dataset-free")),
         ("UniversalTrainer (U-Harmony parameters at 0.1x) vs the paper's full learning rate",
