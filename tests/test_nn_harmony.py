@@ -419,6 +419,19 @@ def test_fused_gpu_math_equals_the_chunked_path(monkeypatch, poly, mix):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10)
 
 
+def _pair_values_and_grads(hn: HarmonyNorm, hr: HarmonyRestore, x, mu, sigma, g) -> list:
+    """HarmonyNorm -> HarmonyRestore on ``x`` with upstream gradient ``g``: [output, dL/dx, every parameter's
+    gradient] (gradients reset afterwards), on whichever path the environment selects."""
+    xi = x.clone().requires_grad_()
+    y = hr(hn(xi), mu, sigma)
+    y.backward(g)
+    params = [*hn.parameters(), *hr.parameters()]
+    out = [y.detach(), xi.grad] + [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return out
+
+
 def test_compiled_fused_path_on_cpu_matches_the_chunked_path(monkeypatch):
     """The GPU's default path, torch.compile'd fused functions, here compiled for the CPU (the test session turns
     them off elsewhere: compiling costs tens of seconds per process; on CPU fp32 the C++ kernels normally serve).
@@ -437,14 +450,7 @@ def test_compiled_fused_path_on_cpu_matches_the_chunked_path(monkeypatch):
 
     def run(fused: bool):
         monkeypatch.setenv("NNUNET_UNIVERSAL_FUSED", "1" if fused else "0")
-        xi = x.clone().requires_grad_()
-        y = hr(hn(xi), mu, sigma)
-        y.backward(g)
-        params = [*hn.parameters(), *hr.parameters()]
-        out = [y.detach(), xi.grad] + [p.grad.clone() for p in params]
-        for p in params:
-            p.grad = None
-        return out
+        return _pair_values_and_grads(hn, hr, x, mu, sigma, g)
 
     harmony_fused._COMPILED.clear()
     eager, fused = run(False), run(True)
@@ -479,21 +485,11 @@ def test_cpu_kernels_match_the_chunked_path(monkeypatch, poly, mix, bound):
     mu, sigma = torch.randn(2, 4), torch.rand(2, 4) + 0.5
     g = torch.randn(x.shape)
 
-    def run(kernels: bool):
-        monkeypatch.setenv("NNUNET_UNIVERSAL_FUSED", "1" if kernels else "0")
-        xi = x.clone().requires_grad_()
-        y = hr(hn(xi), mu, sigma)
-        y.backward(g)
-        params = [*hn.parameters(), *hr.parameters()]
-        out = [y.detach(), xi.grad] + [p.grad.clone() for p in params]
-        for p in params:
-            p.grad = None
-        return out
-
-    eager = run(False)
+    monkeypatch.setenv("NNUNET_UNIVERSAL_FUSED", "0")
+    eager = _pair_values_and_grads(hn, hr, x, mu, sigma, g)
     monkeypatch.setattr(harmony_fused, "run", lambda *a, **k: pytest.fail("compiled path used"))
     monkeypatch.setenv("NNUNET_UNIVERSAL_FUSED", "1")
     assert harmony_cpu.serves(x), "the C++ kernels did not build (see the warning above)"
-    kernels = run(True)
+    kernels = _pair_values_and_grads(hn, hr, x, mu, sigma, g)
     for a, b in zip(eager, kernels, strict=True):
         torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-4)
