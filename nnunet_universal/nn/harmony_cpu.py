@@ -67,23 +67,28 @@ def serves(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and not turned_off() and extension() is not None
 
 
-def _opt(t: Tensor | None) -> Tensor:
+def _f32(t: Tensor | None) -> Tensor:
+    """A contiguous fp32 tensor for the extension; an empty one stands for None."""
     return torch.empty(0) if t is None else t.float().contiguous()
+
+
+def _vec(t: Tensor) -> Tensor:
+    """Per-channel parameters (C,) or (C, 1) as a flat contiguous fp32 vector."""
+    return _f32(t).view(-1)
 
 
 def norm_forward(x: Tensor, w: Tensor, b: Tensor, coef: Tensor | None, eps: float, limit: float,
                  out: Tensor) -> tuple[Tensor, Tensor]:
     """HarmonyNorm forward of x (B, C, N) into ``out`` (B, C, N); returns (mean, rstd), each (B, C, 1)."""
-    mean, rstd = extension().norm_forward(x, w.float().contiguous().view(-1), b.float().contiguous().view(-1),
-                                          _opt(coef), eps, limit, out)
+    mean, rstd = extension().norm_forward(x, _vec(w), _vec(b), _f32(coef), eps, limit, out)
     return mean, rstd
 
 
 def norm_backward(x: Tensor, g: Tensor, mean: Tensor, rstd: Tensor, w: Tensor, dcoef: Tensor | None, limit: float,
                   grad_x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """HarmonyNorm backward into ``grad_x``; returns (dw, db) per (B, C) and the power sums (B, C, J+1) or None."""
-    gw, gb, gc = extension().norm_backward(x, g, mean.contiguous(), rstd.contiguous(),
-                                           w.float().contiguous().view(-1), _opt(dcoef), limit, grad_x)
+    gw, gb, gc = extension().norm_backward(x, g, mean.contiguous(), rstd.contiguous(), _vec(w), _f32(dcoef), limit,
+                                           grad_x)
     return gw, gb, (gc if dcoef is not None else None)
 
 
@@ -91,9 +96,8 @@ def restore_forward(x: Tensor, mu: Tensor, sigma: Tensor, w_eps: Tensor, b: Tens
                     rcoef: Tensor | None, mix: Tensor | None, limit: float, min_den: float, bound: float,
                     out: Tensor) -> None:
     """HarmonyRestore forward of x (B, C, N) into ``out``; mu, sigma (B, C); parameters per channel."""
-    extension().restore_forward(x, mu.float().contiguous(), sigma.float().contiguous(),
-                                w_eps.float().contiguous().view(-1), b.float().contiguous().view(-1), _opt(qcoef),
-                                _opt(rcoef), _opt(mix), limit, min_den, bound, out)
+    extension().restore_forward(x, _f32(mu), _f32(sigma), _vec(w_eps), _vec(b), _f32(qcoef), _f32(rcoef),
+                                _f32(mix), limit, min_den, bound, out)
 
 
 def restore_backward(x: Tensor, g: Tensor, mu: Tensor, sigma: Tensor, w_eps: Tensor, b: Tensor,
@@ -102,7 +106,7 @@ def restore_backward(x: Tensor, g: Tensor, mu: Tensor, sigma: Tensor, w_eps: Ten
     """HarmonyRestore backward into ``grad_x``; returns (dmu, dsigma, dw, db, dgamma, ddelta, dmix) per (B, C)
     ((B, C, J+1) for dgamma/ddelta; None where the layer has no polynomial or mix)."""
     gmu, gsig, gw, gb, ggam, gdel, gmix = extension().restore_backward(
-        x, g, mu.float().contiguous(), sigma.float().contiguous(), w_eps.float().contiguous().view(-1),
-        b.float().contiguous().view(-1), _opt(qcoef), _opt(rcoef), _opt(mix), limit, min_den, bound, grad_x)
+        x, g, _f32(mu), _f32(sigma), _vec(w_eps), _vec(b), _f32(qcoef), _f32(rcoef), _f32(mix), limit, min_den, bound,
+        grad_x)
     poly = qcoef is not None and rcoef is not None
     return gmu, gsig, gw, gb, ggam if poly else None, gdel if poly else None, gmix if mix is not None else None

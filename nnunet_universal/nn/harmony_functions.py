@@ -171,9 +171,10 @@ class HarmonyNormFunction(torch.autograd.Function):
             g2 = grad_out.contiguous().view(x2.shape)
             rows = x2.shape[0]
             order = 0 if coef is None else coef.shape[1] - 1
+            # P'(u) per channel, coefficients of orders 0..J-1 (every path)
+            dcoef_c = None if coef is None else \
+                coef[:, 1:].to(cd) * torch.arange(1, order + 1, dtype=cd, device=x.device)
             if harmony_cpu.serves(x) and g2.dtype == torch.float32:
-                dcoef_c = None if coef is None else \
-                    coef[:, 1:].float() * torch.arange(1, order + 1, dtype=cd, device=x.device)
                 grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
                 gw, gb, gc = harmony_cpu.norm_backward(x2.view(batch, -1, n), g2.view(batch, -1, n),
                                                        mean.view(batch, -1, 1), rstd.view(batch, -1, 1), weight,
@@ -183,8 +184,6 @@ class HarmonyNormFunction(torch.autograd.Function):
                         gb.sum(0).to(weight.dtype) if need[2] else None,
                         gc.sum(0).to(coef.dtype) if gc is not None and need[3] else None, None, None, None)
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
-                dcoef_c = None if coef is None else \
-                    coef[:, 1:].to(cd) * torch.arange(1, order + 1, dtype=cd, device=x.device)
                 fused = harmony_fused.run("norm_backward", x2.view(batch, -1, n), g2.view(batch, -1, n),
                                           mean.view(batch, -1, 1), rstd.view(batch, -1, 1),
                                           _per_channel(weight, cd), dcoef_c, limit)
@@ -198,7 +197,7 @@ class HarmonyNormFunction(torch.autograd.Function):
             w = _per_row(weight, batch, cd)
             dcoef = None
             if coef is not None:  # P'(u) = sum_k k coef_k u^(k-1)
-                dcoef = _per_row(coef[:, 1:], batch, cd) * torch.arange(1, order + 1, dtype=cd, device=x.device)
+                dcoef = _per_row(dcoef_c, batch, cd)
                 dcoef_w = dcoef.clone()
                 dcoef_w[:, :1] += w  # w + P'(u): the affine's slope folded into the constant term
             grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
