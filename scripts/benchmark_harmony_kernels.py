@@ -23,13 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+import benchmark_speed  # same folder: its RSS reader and atomic write
+
 REPO = Path(__file__).resolve().parents[1]
 PATHS = ("cpp", "compiled", "eager")
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
 
 
 def child(path: str, shape: list[int], steps: int) -> dict:
@@ -64,7 +61,7 @@ def child(path: str, shape: list[int], steps: int) -> dict:
         step()
         times.append(time.perf_counter() - t)
     used = "cpp" if harmony_cpu.serves(x) else path
-    return {"path": path, "served_by": used, "times_s": times, "peak_rss_mb": _peak_rss_mb()}
+    return {"path": path, "served_by": used, "times_s": times, "peak_rss_mb": benchmark_speed._status_mb("VmHWM")}
 
 
 def main() -> int:
@@ -106,12 +103,8 @@ def main() -> int:
         s = summary[path]
         lines.append(f"| {path} | {s['min_ms']:.1f} ({s['median_ms']:.1f}) | {s['min_ms'] / base:.2f}x | "
                      f"{s['peak_rss_mb']:.0f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("harmony_kernels_cpu.json", json.dumps(res, indent=2)),
-                       ("harmony_kernels_cpu.md", "\n".join(lines) + "\n")):
-        tmp = args.out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out / name)
+    benchmark_speed._write(args.out / "harmony_kernels_cpu.json", json.dumps(res, indent=2))
+    benchmark_speed._write(args.out / "harmony_kernels_cpu.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

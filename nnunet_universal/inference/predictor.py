@@ -99,11 +99,10 @@ class UniversalPredictor(nnUNetPredictor):
         default of the plans) or ``"hard"`` (only the inferred domain's head; the routing becomes one-hot)."""
         if mode not in ("soft", "hard"):
             raise ValueError(f"routing must be 'soft' or 'hard', got {mode!r}")
-        if self.network_options is None:
+        if self.meta is None:
             raise RuntimeError("UniversalPredictor is not initialized; call initialize_from_trained_model_folder")
-        net = unwrap_network(self.network)
+        net = unwrap_network(self.network)  # the network's options decide; network_options stays as planned
         net.options = dataclasses.replace(net.options, routing=mode)
-        self.network_options = dataclasses.replace(self.network_options, routing=mode)
 
     # ---- per-case context ----------------------------------------------------------------------
     @property
