@@ -90,6 +90,8 @@ ARMS = {a.name: a for a in (
     Arm("full_rate_harmony", "UniversalTrainer_FullRateHarmony", "universal",
         label="U-Harmony parameters at the full learning rate (paper; default before session 5)"),
     Arm("no_prompts", "UniversalTrainer_NoPrompts", "universal", label="no prompts"),
+    Arm("no_harmony_no_prompts", "UniversalTrainer_NoHarmonyNoPrompts", "universal",
+        label="no harmonization, no prompts (heads and gate only)"),
     Arm("no_gate", "UniversalTrainer_NoGate", "universal", ("oracle",), label="dataset-specific heads, no gate"),
 )}
 
@@ -572,7 +574,7 @@ def report(results: dict) -> str:
     abl = [("universal", "dataset-free"), ("universal", "oracle"), ("no_gate", "oracle"),
            ("no_harmony", "dataset-free"), ("first_stage", "dataset-free"), ("no_poly_affine", "dataset-free"),
            ("no_restore", "dataset-free"), ("full_rate_harmony", "dataset-free"), ("no_prompts", "dataset-free"),
-           ("no_modality_dropout", "dataset-free")]
+           ("no_harmony_no_prompts", "dataset-free"), ("no_modality_dropout", "dataset-free")]
     lines += ["", "### Ablations (Dice %; Δ: mean vs the full UniversalTrainer, dataset-free)", "",
               head + " Δ mean | train min |", "|---|" + "---:|" * (len(domains) + 3)]
     lines += [r for r in (row(a, m, ref=ref[0] if ref else None) for a, m in abl) if r]
@@ -622,6 +624,10 @@ def report(results: dict) -> str:
          ("universal", "dataset-free"), ("no_harmony", "dataset-free")),
         ("UniversalTrainer vs the same network without prompts (UniSeg/Hermes: prompts help)",
          ("universal", "dataset-free"), ("no_prompts", "dataset-free")),
+        ("without prompts: harmonization vs InstanceNorm (harmonization's effect without prompts)",
+         ("no_prompts", "dataset-free"), ("no_harmony_no_prompts", "dataset-free")),
+        ("without harmonization: prompts vs no prompts (the prompts' effect on nnU-Net's InstanceNorm network)",
+         ("no_harmony", "dataset-free"), ("no_harmony_no_prompts", "dataset-free")),
         ("UniversalTrainer (every stage) vs harmonization in stage 1 only (paper: more layers help)",
          ("universal", "dataset-free"), ("first_stage", "dataset-free")),
         ("UniversalTrainer (U-Harmony parameters at 0.1x) vs the paper's full learning rate",

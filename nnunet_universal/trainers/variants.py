@@ -55,6 +55,13 @@ class UniversalTrainer_NoPrompts(UniversalTrainer):
     network_overrides: ClassVar[dict[str, Any]] = {"modality_prompt": False, "task_prompt": False}
 
 
+class UniversalTrainer_NoHarmonyNoPrompts(UniversalTrainer):
+    """Neither U-Harmony nor prompts: per-domain heads and gate on nnU-Net's InstanceNorm U-Net (separates the
+    two components' effects in the ablation table)."""
+
+    network_overrides: ClassVar[dict[str, Any]] = {"harmony": False, "modality_prompt": False, "task_prompt": False}
+
+
 class UniversalTrainer_NoModalityDropout(UniversalTrainer):
     """Training without modality dropout (available slots are never hidden)."""
 
@@ -82,6 +89,7 @@ VARIANTS: tuple[type[UniversalTrainer], ...] = (
     UniversalTrainer_FullRateHarmony,
     UniversalTrainer_NoGate,
     UniversalTrainer_NoPrompts,
+    UniversalTrainer_NoHarmonyNoPrompts,
     UniversalTrainer_NoModalityDropout,
     UniversalTrainer_NaiveJoint,
     UniversalTrainer_MarginalJoint,
