@@ -11,7 +11,9 @@ measurement (so that peak memory belongs to one arm alone):
   drawn once from nnU-Net's training loader and saved to disk, ``--warmup`` steps untimed, ``--steps`` timed;
 * ``infer`` / ``infer_tta``: the sliding window of one preprocessed case (``predict_sliding_window_return_logits``:
   Gaussian weighting, without / with nnU-Net's mirroring TTA; for ours ``UniversalPredictor`` with case-level
-  routing, i.e. dataset-free mode).
+  routing, i.e. dataset-free mode);
+* ``infer_nocache`` (ours only): ``infer`` without the encoding cache that keeps the routing pass's encoder outputs
+  for the prediction pass (``NNUNET_UNIVERSAL_ENCODING_CACHE_MB=0``: less memory, every tile encoded twice).
   Preprocessing and export are the same code for both and are left out, so the ratio is the network's cost.
 * peak memory of the timed steps (after the warm-up, as on a GPU): on CPU the peak RSS (``VmHWM``, reset after the
   warm-up) of the subprocess, and its increase over the RSS before the first step (removes the interpreter + torch
@@ -43,6 +45,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ARMS = ("nnUNetTrainer", "UniversalTrainer")
 WHATS = ("train", "infer", "infer_tta")  # training step; sliding window without / with mirroring (nnU-Net default)
+#: the universal arm only: dataset-free inference without the encoding cache (``NNUNET_UNIVERSAL_ENCODING_CACHE_MB=0``),
+#: the memory-for-time trade of the routing pass's cached encoder outputs
+UNIVERSAL_ONLY = ("infer_nocache",)
 GOALS = {"train_step": 1.10, "inference": 1.05, "peak_memory": 1.15}
 DATASET_ID, DATASET_NAME = 590, "SpeedBench"
 SOURCES = (("brats-mets", 591), ("ucsf-bmsr", 592), ("brainmetshare", 593))
@@ -164,6 +169,8 @@ def worker(work: Path, arm: str, what: str, device: str, threads: int, steps: in
         # nnU-Net sets the mirroring axes in on_train_start (not in initialize): the same call, without training
         trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         predictor = _predictor(trainer, device, mirroring=what == "infer_tta")
+        if what == "infer_nocache":
+            predictor.encoding_cache_mb = 0
         from nnunet_universal.inference.routing import sliding_window_slicers
 
         padded = [max(a, b) for a, b in zip(data.shape[1:], trainer.configuration_manager.patch_size, strict=True)]
@@ -256,9 +263,11 @@ def _run_worker(args: argparse.Namespace, arm: str, what: str, profile: Path | N
 def summarize(runs: list[dict], device: str) -> dict:
     """Medians per arm and measurement, and the universal / stock ratios against the goals."""
     per: dict[str, dict] = {}
-    for what in WHATS:
+    for what in (*WHATS, *UNIVERSAL_ONLY):
         for arm in ARMS:
             rs = [r for r in runs if r["arm"] == arm and r["what"] == what]
+            if not rs:
+                continue
             times = [t for r in rs for t in r["times_s"]]
             mem_key = "cuda_max_allocated_mb" if device == "cuda" else "max_rss_mb"
             per.setdefault(arm, {})[what] = {
@@ -276,6 +285,10 @@ def summarize(runs: list[dict], device: str) -> dict:
               "inference_tta": u["infer_tta"]["min_s"] / s["infer_tta"]["min_s"],
               "inference_tta_median": u["infer_tta"]["median_s"] / s["infer_tta"]["median_s"],
               "peak_memory_inference": u["infer"]["peak_mb"] / s["infer"]["peak_mb"]}
+    if "infer_nocache" in u:
+        ratios["inference_no_cache"] = u["infer_nocache"]["min_s"] / s["infer"]["min_s"]
+        ratios["inference_no_cache_median"] = u["infer_nocache"]["median_s"] / s["infer"]["median_s"]
+        ratios["peak_memory_inference_no_cache"] = u["infer_nocache"]["peak_mb"] / s["infer"]["peak_mb"]
     if device != "cuda":
         ratios["peak_memory_over_baseline"] = (u["train"]["peak_over_baseline_mb"]
                                                / max(s["train"]["peak_over_baseline_mb"], 1e-9))
@@ -321,6 +334,13 @@ def to_markdown(res: dict) -> str:
              f"{r['peak_memory']:.3f}x | {_goal(res, 'peak_memory')} |",
              f"| inference peak memory (MB) | {s['infer']['peak_mb']:.0f} | {u['infer']['peak_mb']:.0f} | "
              f"{r['peak_memory_inference']:.2f}x | |"]
+    if "inference_no_cache" in r:
+        un = u["infer_nocache"]
+        lines += [f"| inference without the encoding cache (s; `NNUNET_UNIVERSAL_ENCODING_CACHE_MB=0`) | "
+                  f"{s['infer']['min_s']:.3f} ({s['infer']['median_s']:.3f}) | {un['min_s']:.3f} "
+                  f"({un['median_s']:.3f}) | {r['inference_no_cache']:.3f}x ({r['inference_no_cache_median']:.3f}x) | |",
+                  f"| inference peak memory without the encoding cache (MB) | {s['infer']['peak_mb']:.0f} | "
+                  f"{un['peak_mb']:.0f} | {r['peak_memory_inference_no_cache']:.2f}x | |"]
     if "peak_memory_incl_warmup" in r:
         lines.append(f"| training peak memory incl. the warm-up step (MB; first-use kernel builds happen there) | "
                      f"{s['train']['peak_incl_warmup_mb']:.0f} | {u['train']['peak_incl_warmup_mb']:.0f} | "
@@ -352,7 +372,7 @@ def main() -> int:
     p.add_argument("--shape", type=int, nargs=3, default=None, help="synthetic volume shape (default: the sources')")
     p.add_argument("--profile", action="store_true", help="also profile the universal training step")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    p.add_argument("--worker", choices=WHATS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=(*WHATS, *UNIVERSAL_ONLY), help=argparse.SUPPRESS)
     p.add_argument("--arm", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--profile-to", type=Path, help=argparse.SUPPRESS)
@@ -370,8 +390,10 @@ def main() -> int:
     make_batch(args.work, args.device)
     runs = []
     for r in range(args.rounds):
-        for what in WHATS:
+        for what in (*WHATS, *UNIVERSAL_ONLY):
             for arm in ARMS if r % 2 == 0 else ARMS[::-1]:
+                if what in UNIVERSAL_ONLY and arm != "UniversalTrainer":
+                    continue
                 runs.append(_run_worker(args, arm, what, None))
                 print(f"round {r} {what} {arm}: median {statistics.median(runs[-1]['times_s']):.3f} s, "
                       f"max RSS {runs[-1]['max_rss_mb']:.0f} MB", flush=True)
