@@ -4,7 +4,8 @@
     .venv/bin/python scripts/benchmark_accuracy.py --size small --report   # tables from the results JSON only
 
 A fixed synthetic suite (three brain MR domains with different sequence sets, label protocols and appearance:
-BraTS-METS-like, UCSF-BMSR-like, BrainMetShare-like; ``--with-ct`` adds the LiTS-like CT domain) goes through the
+BraTS-METS-like, UCSF-BMSR-like, BrainMetShare-like; ``--with-ct`` adds the LiTS-like CT domain, a separate suite
+with its own work folder and ``accuracy_<size>_ct`` results) goes through the
 commands a user runs, each as a subprocess: ``nnunet-universal synth/convert/merge/plan``, ``nnUNetv2_plan_and_
 preprocess`` (single-dataset baselines), ``nnunet-universal train`` (= ``nnUNetv2_train``; every arm, fold 0,
 resumed with ``--c``),
@@ -128,6 +129,11 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def suite_name(size: str, with_ct: bool) -> str:
+    """``small``, ``small_ct``, ...: names the work folder and the results files of one suite."""
+    return size + ("_ct" if with_ct else "")
+
+
 class Suite:
     """Paths, environment and command runner of one benchmark size in one work folder."""
 
@@ -137,7 +143,8 @@ class Suite:
         self.stock_trainer = stock_trainer
         self.device, self.threads = device, threads
         self.raw, self.pre = work / "nnUNet_raw", work / "nnUNet_preprocessed"
-        self.results_json = results / f"accuracy_{size}.json"
+        # the CT suite is another dataset: its own results file (and, in main(), its own work folder)
+        self.results_json = results / f"accuracy_{suite_name(size, 'lits' in sources)}.json"
         self.plans = "nnUNetUniversalPlans" + self._plans_suffix()
         self.stock_plans = "nnUNetPlans" + self._plans_suffix()
 
@@ -536,7 +543,8 @@ def report(results: dict) -> str:
              f"first-stage features {cfg.get('base_features')}, "
              f"test-time mirroring {'on' if cfg.get('tta') else 'off'}, repeats {seeds}. Dice in % (mean ± std "
              f"{spread}). Machine: {'; '.join(results.get('machine', {}).values())}.", "",
-             f"Command: `python scripts/benchmark_accuracy.py --size {cfg.get('size')}` "
+             f"Command: `python scripts/benchmark_accuracy.py --size {cfg.get('size')}"
+             f"{' --with-ct' if 'lits' in cfg.get('sources', []) else ''}` "
              f"(tables: `--report`).", ""]
     if e0 is None:
         return "\n".join(lines + ["No results yet."]) + "\n"
@@ -653,13 +661,15 @@ def report(results: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--work", type=Path, default=None, help="work folder (default bench_work/accuracy_<size>)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="work folder (default bench_work/accuracy_<size>[_ct])")
     p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS), help="arms to run, in this order")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                    help="prediction modes to run for each arm ('missing': one slot withheld); default all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="repeat indices (nnU-Net training is not seeded: each index is an independent run)")
-    p.add_argument("--with-ct", action="store_true", help="add the LiTS-like CT domain")
+    p.add_argument("--with-ct", action="store_true",
+                   help="add the LiTS-like CT domain (a separate suite: accuracy_<size>_ct.json/.md)")
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of every subprocess")
     p.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--stock-trainer", default=STOCK_TRAINER,
@@ -669,7 +679,7 @@ def main() -> int:
     p.add_argument("--report", action="store_true", help="only (re)write the Markdown tables from the JSON")
     args = p.parse_args()
     sources = ["brats-mets", "ucsf-bmsr", "brainmetshare", *(["lits"] if args.with_ct else [])]
-    work = (args.work or REPO / "bench_work" / f"accuracy_{args.size}").resolve()
+    work = (args.work or REPO / "bench_work" / f"accuracy_{suite_name(args.size, args.with_ct)}").resolve()
     s = Suite(work, args.size, sources, args.threads, args.device, args.results.resolve(),
               args.stock_trainer)
     if not args.report:
