@@ -11,10 +11,10 @@ measurement (so that peak memory belongs to one arm alone):
   drawn once from nnU-Net's training loader and saved to disk, ``--warmup`` steps untimed, ``--steps`` timed;
 * ``infer`` / ``infer_tta``: the sliding window of one preprocessed case (``predict_sliding_window_return_logits``:
   Gaussian weighting, without / with nnU-Net's mirroring TTA; for ours ``UniversalPredictor`` with case-level
-  routing, i.e. dataset-free mode);
+  routing, i.e. dataset-free mode).
+  Preprocessing and export are the same code for both and are left out, so the ratio is the network's cost.
 * ``infer_nocache`` (ours only): ``infer`` without the encoding cache that keeps the routing pass's encoder outputs
   for the prediction pass (``NNUNET_UNIVERSAL_ENCODING_CACHE_MB=0``: less memory, every tile encoded twice).
-  Preprocessing and export are the same code for both and are left out, so the ratio is the network's cost.
 * peak memory of the timed steps (after the warm-up, as on a GPU): on CPU the peak RSS (``VmHWM``, reset after the
   warm-up) of the subprocess, and its increase over the RSS before the first step (removes the interpreter + torch
   + network + data baseline, which is the same for both arms; what remains is activations, gradients, optimizer
