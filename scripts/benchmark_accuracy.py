@@ -288,7 +288,8 @@ def _make_inputs(s: Suite) -> None:
         dom = meta["cases"][c]["domain"]
         _link_case(s.merged() / "imagesTs", c, inputs / f"domain_{dom}", c)
         for k, slot in enumerate(slots):
-            if slot in meta["cases"][c]["slots"]:
+            # a slot is withheld only where the case keeps another one (a CT case without CT has no input left)
+            if slot in meta["cases"][c]["slots"] and len(meta["cases"][c]["slots"]) > 1:
                 _link_case(s.merged() / "imagesTs", c, inputs / f"without_{slot}", c, skip_channel=k)
         src = next(x for x in s.sources if SOURCES[x][1] == dom)
         _link_case(s.single(src) / "imagesTr", back[c][1], inputs / f"single_{dom}", c)
@@ -408,7 +409,8 @@ def run_arm(s: Suite, arm: Arm, seed: int, modes: tuple[str, ...] = MODES) -> No
         model = train(s, MERGED_ID, arm.trainer, s.plans, seed, log)
     slots = _read_json(s.merged() / "dataset.json")["universal"]["slots"]
     todo = [(m, None) for m in arm.modes if m in modes]
-    todo += [("dataset-free", w) for w in (slots if arm.missing and "missing" in modes else [])]
+    todo += [("dataset-free", w) for w in (slots if arm.missing and "missing" in modes else [])
+             if (s.work / "inputs" / f"without_{w}").is_dir()]
     for mode, withheld in todo:
         key = f"{arm.name}|seed{seed}|{mode}|{withheld or 'all'}"
         results = _read_json(s.results_json, {})
