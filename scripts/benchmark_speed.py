@@ -307,10 +307,21 @@ def _goal(res: dict, key: str) -> str:
     return f"<= {GOALS[key]:.2f}x ({'met' if met else 'missed'})"
 
 
+def _times(m: dict) -> str:
+    """One arm's time cell: fastest (median) seconds."""
+    return f"{m['min_s']:.3f} ({m['median_s']:.3f})"
+
+
+def _ratio(r: dict, key: str) -> str:
+    """A time ratio cell: of the fastest runs (of the medians)."""
+    return f"{r[key]:.3f}x ({r[key + '_median']:.3f}x)"
+
+
 def to_markdown(res: dict) -> str:
     per, r = res["summary"]["per_arm"], res["summary"]["ratios"]
     s, u = per["nnUNetTrainer"], per["UniversalTrainer"]
     mem = "CUDA max allocated" if res["device"] == "cuda" else "peak RSS of the process"
+    tta_met = "met" if r["inference_tta"] <= GOALS["inference"] else "missed"
     lines = [f"Speed on `{res['machine']}` ({res['device']}, {res['threads']} torch threads), patch "
              f"{res['patch_size']}, batch {res['batch_size']}; {s['train']['n']} steps / {s['infer']['n']} cases per "
              f"arm, arms alternating. Times: fastest (median) run; the ratio uses the fastest runs, the least "
@@ -320,16 +331,12 @@ def to_markdown(res: dict) -> str:
              "| | nnUNetTrainer | UniversalTrainer | ratio | goal |", "|---|---|---|---|---|",
              f"| parameters | {s['train']['n_params']:,} | {u['train']['n_params']:,} | "
              f"{u['train']['n_params'] / s['train']['n_params']:.2f}x | |",
-             f"| training step (s) | {s['train']['min_s']:.3f} ({s['train']['median_s']:.3f}) | "
-             f"{u['train']['min_s']:.3f} ({u['train']['median_s']:.3f}) | {r['train_step']:.3f}x "
-             f"({r['train_step_median']:.3f}x) | {_goal(res, 'train_step')} |",
-             f"| sliding-window inference per case, no mirroring (s) | {s['infer']['min_s']:.3f} "
-             f"({s['infer']['median_s']:.3f}) | {u['infer']['min_s']:.3f} ({u['infer']['median_s']:.3f}) | "
-             f"{r['inference']:.3f}x ({r['inference_median']:.3f}x) | {_goal(res, 'inference')} |",
-             f"| sliding-window inference per case, mirroring TTA (s) | {s['infer_tta']['min_s']:.3f} "
-             f"({s['infer_tta']['median_s']:.3f}) | {u['infer_tta']['min_s']:.3f} ({u['infer_tta']['median_s']:.3f}) | "
-             f"{r['inference_tta']:.3f}x ({r['inference_tta_median']:.3f}x) | <= {GOALS['inference']:.2f}x "
-             f"({'met' if r['inference_tta'] <= GOALS['inference'] else 'missed'}) |",
+             f"| training step (s) | {_times(s['train'])} | {_times(u['train'])} | {_ratio(r, 'train_step')} | "
+             f"{_goal(res, 'train_step')} |",
+             f"| sliding-window inference per case, no mirroring (s) | {_times(s['infer'])} | {_times(u['infer'])} | "
+             f"{_ratio(r, 'inference')} | {_goal(res, 'inference')} |",
+             f"| sliding-window inference per case, mirroring TTA (s) | {_times(s['infer_tta'])} | "
+             f"{_times(u['infer_tta'])} | {_ratio(r, 'inference_tta')} | <= {GOALS['inference']:.2f}x ({tta_met}) |",
              f"| training peak memory (MB, {mem}) | {s['train']['peak_mb']:.0f} | {u['train']['peak_mb']:.0f} | "
              f"{r['peak_memory']:.3f}x | {_goal(res, 'peak_memory')} |",
              f"| inference peak memory (MB) | {s['infer']['peak_mb']:.0f} | {u['infer']['peak_mb']:.0f} | "
@@ -337,8 +344,7 @@ def to_markdown(res: dict) -> str:
     if "inference_no_cache" in r:
         un = u["infer_nocache"]
         lines += [f"| inference without the encoding cache (s; `NNUNET_UNIVERSAL_ENCODING_CACHE_MB=0`) | "
-                  f"{s['infer']['min_s']:.3f} ({s['infer']['median_s']:.3f}) | {un['min_s']:.3f} "
-                  f"({un['median_s']:.3f}) | {r['inference_no_cache']:.3f}x ({r['inference_no_cache_median']:.3f}x) | |",
+                  f"{_times(s['infer'])} | {_times(un)} | {_ratio(r, 'inference_no_cache')} | |",
                   f"| inference peak memory without the encoding cache (MB) | {s['infer']['peak_mb']:.0f} | "
                   f"{un['peak_mb']:.0f} | {r['peak_memory_inference_no_cache']:.2f}x | |"]
     if "peak_memory_incl_warmup" in r:
