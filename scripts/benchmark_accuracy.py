@@ -104,17 +104,13 @@ def _read_json(path: Path, default=None):
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    _write_text(path, json.dumps(obj, indent=1))
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from nnunet_universal.synthetic.io import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
 
 
 @contextlib.contextmanager

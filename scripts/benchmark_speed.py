@@ -358,10 +358,10 @@ def to_markdown(res: dict) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Atomic write (temp file + rename), the package's helper."""
+    from nnunet_universal.synthetic.io import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
 
 
 def main() -> int:

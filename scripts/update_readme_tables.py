@@ -17,7 +17,6 @@ prose, the discussion) is written by hand and left alone.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
@@ -81,9 +80,9 @@ def main() -> int:
         print(f"{args.readme}: generated tables up to date")
         return 0
     if new != current:
-        tmp = args.readme.with_name(f".{args.readme.name}.tmp")
-        tmp.write_text(new)
-        os.replace(tmp, args.readme)
+        from nnunet_universal.synthetic.io import atomic_write_bytes
+
+        atomic_write_bytes(args.readme, new.encode())
         print(f"rewrote {args.readme}")
     else:
         print(f"{args.readme}: already up to date")
