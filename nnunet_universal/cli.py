@@ -52,7 +52,7 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     from nnunet_universal.dataset_conversion.merge import merge_datasets
 
     out = merge_datasets(a.dataset_id, a.name, a.datasets, identical=a.identical or [], slots=a.slots,
-                         workers=a.workers, skip_bad=a.skip_bad, holdout=a.holdout)
+                         workers=a.workers, skip_bad=a.skip_bad, holdout=a.holdout, force=a.force)
     print(f"wrote {out}")
     return 0
 
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cases per domain held out as a test set (imagesTs + labelsTs), chosen by a fixed rule")
     s.add_argument("-j", "--workers", type=int, default=2)
     s.add_argument("--skip-bad", action="store_true")
+    s.add_argument("--force", action="store_true",
+                   help="re-merge into an existing dataset id even if that renumbers its classes/channels or changes a "
+                        "dataset already planned or trained (then delete its preprocessed data and re-run 'plan')")
     s.set_defaults(func=_cmd_merge)
 
     s = add("plan", "fingerprint, plan and preprocess a merged dataset (plans: nnUNetUniversalPlans)",
@@ -206,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
     s.add_argument("--domain", help="oracle mode: the domain is given, the gate is bypassed")
     s.add_argument("--routing", choices=["soft", "hard"], default=None,
-                   help="dataset-free: combine the domain heads weighted by the case's routing (soft) or use only "
-                        "the inferred domain's head (hard); default: the model's plans (soft unless planned)")
+                   help="dataset-free: use only the inferred domain's head (hard: a case is never painted with "
+                        "another domain's labels; unsure cases are flagged in the routing report) or combine the "
+                        "heads weighted by the case's routing (soft); default: the model's plans (hard)")
     s.add_argument("--save-domain-maps", action="store_true", help="also write each domain head's label map")
     s.add_argument("-device", "--device", default="cuda", choices=["cuda", "cpu", "mps"])
     s.add_argument("--step-size", type=float, default=0.5)

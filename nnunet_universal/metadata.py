@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,20 +198,11 @@ def load_universal(dataset_json: dict[str, Any] | str | os.PathLike, where: str 
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
-    """Write JSON to ``path`` through a temp file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, sort_keys=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON to ``path`` through a temp file in the same folder and an atomic rename, with the mode a plain
+    ``open()`` gives (the umask is respected: a shared cluster's group can read the dataset)."""
+    from nnunet_universal.synthetic.io import atomic_write_json as _write
+
+    _write(obj, Path(path), indent=indent)
 
 
 # ---- the plans' ``universal`` block ---------------------------------------------------------------
@@ -222,12 +212,19 @@ NETWORK_CLASS = "nnunet_universal.nn.universal_unet.UniversalUNet"
 PLANS_NAME = "nnUNetUniversalPlans"
 
 
+#: Version of the network design the plans' ``modules`` describe. 2: bounded FiLM prompts (off by default), gate on
+#: appearance statistics of every encoder stage with a learned temperature, confidence-flagged hard routing.
+#: Plans without a version (1) describe the spatial-prompt network, whose checkpoints do not load into this one.
+MODULES_VERSION = 2
+
+
 @dataclass
 class NetworkOptions:
     """Switches and sizes of the modules injected into nnU-Net's planned U-Net.
 
     Defaults live here and are written into the plans; trainer variants override single fields through
-    class attributes (ablations of the U-Harmony paper, Table 3, and the joint baselines).
+    class attributes (ablations of the U-Harmony paper, Table 3, and the joint baselines). The defaults are the
+    best configuration measured by ``scripts/benchmark_accuracy.py`` (README, Benchmarks).
     """
 
     harmony: bool = True  # HarmonyNorm replaces every InstanceNorm (False: plain InstanceNorm)
@@ -237,20 +234,29 @@ class NetworkOptions:
     restore: bool = True  # HarmonyRestore after each decoder stage (paper Eq. 3)
     head: str = "domain"  # "domain": one head per domain + gate; "union": one plain head on the union labels
     gate: bool = True  # domain gate + prototypes (False: oracle heads only; dataset-free mode then mixes uniformly)
-    routing: str = "soft"  # "soft" mixture of heads or "hard" (arg-max domain)
-    routing_temperature: float = 0.1  # tau in r ~ G * exp(cos(phi, p)/tau)
+    routing: str = "hard"  # "hard": only the most likely domain's head; "soft": heads mixed by the routing weights
+    routing_confidence: float = 0.8  # a case whose top routing weight is below this is reported as uncertain
+    routing_temperature: float = 0.1  # initial tau in r ~ G * exp(cos(phi, p)/tau) (1/tau is learned)
     prototype_momentum: float = 0.99  # running-mean momentum of the domain prototypes
-    modality_prompt: bool = True  # MedUniSeg-style per-slot prompt added at the input
-    task_prompt: bool = True  # UniSeg-style universal/task prompt fused at the bottleneck
-    prompt_channels: int = 8  # channels of the task prompt at the bottleneck
+    modality_prompt: bool = False  # per-slot FiLM from the slot-availability vector at the input (nn/prompts.py)
+    task_prompt: bool = False  # FiLM of the bottleneck from the domain weights (nn/prompts.py)
+    prompt_hidden: int = 32  # hidden width of the prompts' conditioning MLPs
+    version: int = MODULES_VERSION  # network design (see MODULES_VERSION)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> NetworkOptions:
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "plans") -> NetworkOptions:
         d = dict(d or {})
+        if d and int(d.get("version", 1)) != MODULES_VERSION:
+            raise MetadataError(
+                f"{where}: universal.modules describe network design version {d.get('version', 1)} (written by an "
+                f"older nnunet-universal, with spatial prompts); this version builds design {MODULES_VERSION}, whose "
+                "weights are laid out differently. Re-run 'nnunet-universal plan -d ID' to rewrite the plans and "
+                "train again; models trained with the old design need the nnunet-universal version that trained them."
+            )
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise MetadataError(f"plans universal.modules has unknown options {sorted(unknown)}")
+            raise MetadataError(f"{where}: plans universal.modules has unknown options {sorted(unknown)}")
         return cls(**d)
 
 
@@ -279,4 +285,4 @@ def read_plans_universal(plans: dict[str, Any], where: str = "plans") -> tuple[U
     meta = UniversalMeta.from_dict(
         {"schema_version": block.get("schema_version"), "slots": block["slots"], "domains": block["domains"]}, where
     )
-    return meta, NetworkOptions.from_dict(block.get("modules"))
+    return meta, NetworkOptions.from_dict(block.get("modules"), where)

@@ -1,19 +1,52 @@
 """Accuracy benchmark: universal training vs single-dataset and joint nnU-Net baselines, ablations, missing slots.
 
-    .venv/bin/python scripts/benchmark_accuracy.py --size small            # run (resumes; skips finished arms)
-    .venv/bin/python scripts/benchmark_accuracy.py --size small --report   # tables from the results JSON only
+    .venv/bin/python scripts/benchmark_accuracy.py --size small                 # run (resumes; skips finished arms)
+    .venv/bin/python scripts/benchmark_accuracy.py --size small --suite shared  # the shared-sequence suite
+    .venv/bin/python scripts/benchmark_accuracy.py --size small --report        # tables from the results JSON only
 
-A fixed synthetic suite (three brain MR domains with different sequence sets, label protocols and appearance:
-BraTS-METS-like, UCSF-BMSR-like, BrainMetShare-like; ``--with-ct`` adds the LiTS-like CT domain, a separate suite
-with its own work folder and ``accuracy_<size>_ct`` results) goes through the
-commands a user runs, each as a subprocess: ``nnunet-universal synth/convert/merge/plan``, ``nnUNetv2_plan_and_
-preprocess`` (single-dataset baselines), ``nnunet-universal train`` (= ``nnUNetv2_train``; every arm, fold 0,
-resumed with ``--c``),
-``nnunet-universal predict`` / ``nnUNetv2_predict`` and ``nnunet-universal evaluate`` on the merge's held-out
-test cases (``--holdout``). Every arm trains for the same ``NNUNET_UNIVERSAL_SCHEDULE`` (epochs:iterations:
-validation iterations) on the same fold-0 training cases (the single-dataset baselines get the merged split mapped
-back to their case ids). Arms whose ``checkpoint_final.pth`` exists are not retrained, and evaluations already in
-``benchmarks/results/accuracy_<size>.json`` are not redone, so an interrupted run continues where it stopped.
+Suites (``--suite``; each has its own work folder ``bench_work/accuracy_<size>[_<suite>]`` and results
+``benchmarks/results/accuracy_<size>[_<suite>].{json,md}``):
+
+- ``mr`` (default, no suffix): three brain MR domains with different sequence sets, label protocols and
+  appearance (BraTS-METS-like, UCSF-BMSR-like, BrainMetShare-like; UCSF and BrainMetShare ET merged with
+  ``--identical``).
+- ``shared`` (``_shared``): two brain MR domains with the same four sequences (T1, T1c, T2, FLAIR) but different
+  institutions and label protocols (BraTS-METS-like and MSD-BrainTumour-like, converted with
+  ``nnunet-universal convert msd``); no ``--identical`` pairs. The gate cannot route by which channels are
+  present, only by the images' appearance; the report's routing section says so.
+- ``ct`` (``_ct``): ``mr`` plus the LiTS-like CT domain (``--with-ct`` is a deprecated alias).
+
+The suite goes through the commands a user runs, each as a subprocess: ``nnunet-universal synth/convert/merge/
+plan``, ``nnUNetv2_plan_and_preprocess`` (single-dataset baselines), ``nnunet-universal train`` (=
+``nnUNetv2_train``; every arm, fold 0, resumed with ``--c``), ``nnunet-universal predict`` / ``nnUNetv2_predict``
+and ``nnunet-universal evaluate`` on the merge's held-out test cases (``--holdout``). Every arm trains for the same
+``NNUNET_UNIVERSAL_SCHEDULE`` (epochs:iterations:validation iterations) on the same fold-0 training cases (the
+single-dataset baselines get the merged split mapped back to their case ids), except the equal-compute arm, which
+trains the number-of-domains multiple of the epochs (as many iterations as all single-dataset models together).
+Arms whose ``checkpoint_final.pth`` exists are not retrained, and evaluations already in the results JSON are not
+redone, so an interrupted run continues where it stopped.
+
+Arms (``--arms``): ``universal`` (UniversalTrainer: harmonization, no prompts, hard routing; predicted
+dataset-free, with the domain given (oracle) and with ``--routing soft``), ``single`` (one stock nnU-Net per
+domain), ``joint_stock`` / ``joint_naive`` / ``joint_marginal`` (joint baselines), ``universal_equal_compute``
+(UniversalTrainer, equal total compute) and the ablations (``prompts``: bounded modality and task FiLM prompts;
+``no_harmony``: InstanceNorm; ``first_stage``, ``no_poly_affine``, ``no_restore``, ``full_rate_harmony``,
+``no_modality_dropout``, ``no_gate``).
+
+Provenance: every run entry records ``train_commit`` and ``predict_commit`` (``git rev-parse HEAD``, ``-dirty``
+when ``nnunet_universal``, ``scripts`` or ``pyproject.toml`` have uncommitted changes; entries written before
+this field count as ``unknown``). The report refuses to put runs of different commits into one table or
+comparison unless ``--allow-mixed-commits`` is given (the table's title then lists the commits).
+
+Statistics: ± is the sample standard deviation (ddof 1; 0.0 for one value), over the test cases for an arm run once
+and over the repeats' means otherwise. Each paired comparison gets two 95 % bootstrap intervals (fixed RNG seed):
+over the test cases (resampled within domains; the test set's uncertainty only) and a hierarchical one that per
+draw resamples each arm's repeats, then the test cases within domains, so it includes the run-to-run variance of
+training; with it a two-sided bootstrap p-value, "significant" when the interval excludes 0, and the smallest
+detectable effect (2.8 x bootstrap SE: α 0.05 two-sided, 80 % power). An arm with one run has no run-level
+interval ("one run: training variance unknown"). The routing section gives, per gated arm and pooled over the
+repeats, the routing accuracy, the mean top routing weight, its expected calibration error (10 equal-width bins),
+the cases flagged uncertain and the Dice the misrouted cases lose against the oracle.
 
 Stock nnU-Net arms (single-dataset baselines, plain joint nnU-Net) need a stock trainer that obeys the same
 schedule: ``nnUNetTrainerScheduled`` (nnUNetTrainer + ``NNUNET_UNIVERSAL_SCHEDULE``), found through
@@ -32,8 +65,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -42,8 +77,31 @@ STOCK_TRAINER = "nnUNetTrainerScheduled"
 MERGED_ID, MERGED_NAME = 610, "BenchUniversal"
 #: synthetic source -> (converted dataset id, domain name)
 SOURCES = {"brats-mets": (611, "brats_mets"), "ucsf-bmsr": (612, "ucsf_bmsr"), "brainmetshare": (613, "brainmetshare"),
-           "lits": (614, "lits")}
+           "lits": (614, "lits"), "msd-braintumour": (615, "msd_braintumour")}
 IDENTICAL = ["ucsf_bmsr.ET=brainmetshare.ET"]
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """The synthetic sources of one suite and the classes its merge declares identical."""
+
+    sources: tuple[str, ...]
+    identical: tuple[str, ...]
+    description: str
+
+
+#: ``--suite`` -> sources; the work folder and results are ``accuracy_<size>`` (mr) or ``accuracy_<size>_<suite>``
+SUITES = {
+    "mr": SuiteSpec(("brats-mets", "ucsf-bmsr", "brainmetshare"), tuple(IDENTICAL),
+                    "brain MR domains with different sequence sets, label protocols and appearance"),
+    "shared": SuiteSpec(("brats-mets", "msd-braintumour"), (),
+                        "brain MR domains with the same four sequences (T1, T1c, T2, FLAIR) but different "
+                        "institutions and label protocols"),
+    "ct": SuiteSpec(("brats-mets", "ucsf-bmsr", "brainmetshare", "lits"), tuple(IDENTICAL),
+                    "domains: the three brain MR domains and a LiTS-like CT domain"),
+}
+SHARED_ROUTING_NOTE = ("In this suite both domains have the same four sequences (T1, T1c, T2, FLAIR): routing "
+                       "cannot use which channels are present, only the images' appearance.")
 
 #: cases per domain, synthetic shape (None: the sources' defaults), lesion radius scale (``synth --lesion-scale``),
 #: held-out cases per domain, validation cases per domain in fold 0, schedule (epochs, iterations, val iterations),
@@ -51,10 +109,11 @@ IDENTICAL = ["ucsf_bmsr.ET=brainmetshare.ET"]
 #: At the default shapes (about 4 mm voxels) the sources' own metastases are a few voxels each; lesion scale 2.5
 #: (radii x2.5, 0.2-3 % of the volume) keeps the task learnable within the CPU budget of 640 iterations (a stock
 #: nnU-Net trained on the suite's UCSF-like cases alone reaches pseudo-Dice 0.7 within 64 iterations).
+#: ``small``: 10 test cases per domain (power for the paired comparisons), 10 for training (1 of them validation).
 SIZES = {
     "tiny": {"cases": 5, "shape": None, "lesion_scale": 2.5, "holdout": 1, "val_per_domain": 1,
              "schedule": (1, 2, 1), "base_features": 8, "tta": False},  # a smoke test of the suite, not a benchmark
-    "small": {"cases": 14, "shape": None, "lesion_scale": 2.5, "holdout": 4, "val_per_domain": 1,
+    "small": {"cases": 20, "shape": None, "lesion_scale": 2.5, "holdout": 10, "val_per_domain": 1,
               "schedule": (40, 16, 2), "base_features": 16, "tta": False},
     "medium": {"cases": 40, "shape": [120, 120, 78], "lesion_scale": 1.0, "holdout": 10, "val_per_domain": 3,
                "schedule": (100, 100, 10), "base_features": 32, "tta": True},
@@ -71,10 +130,12 @@ class Arm:
     modes: tuple[str, ...] = ("dataset-free",)
     missing: bool = False  # also predict with each slot withheld
     label: str = ""
+    #: epochs of the schedule times this; "domains": times the suite's number of domains (equal total compute)
+    schedule_multiplier: int | str = 1
 
 
 ARMS = {a.name: a for a in (
-    Arm("universal", "UniversalTrainer", "universal", ("dataset-free", "oracle", "dataset-free-hard"), True,
+    Arm("universal", "UniversalTrainer", "universal", ("dataset-free", "oracle", "dataset-free-soft"), True,
         "UniversalTrainer"),
     Arm("single", STOCK_TRAINER, "single", ("oracle",), label="single-dataset nnU-Net (one model per domain)"),
     Arm("joint_naive", "UniversalTrainer_NaiveJoint", "universal", ("dataset-free", "oracle"),
@@ -82,6 +143,9 @@ ARMS = {a.name: a for a in (
     Arm("joint_marginal", "UniversalTrainer_MarginalJoint", "universal", ("dataset-free", "oracle"),
         label="joint, marginal loss"),
     Arm("joint_stock", STOCK_TRAINER, "stock", label="joint, plain nnU-Net (network and loss)"),
+    Arm("universal_equal_compute", "UniversalTrainer", "universal",
+        label="UniversalTrainer, equal total compute ({k} x iterations)", schedule_multiplier="domains"),
+    Arm("prompts", "UniversalTrainer_Prompts", "universal", label="with prompts (bounded modality and task FiLM)"),
     Arm("no_modality_dropout", "UniversalTrainer_NoModalityDropout", "universal", missing=True,
         label="no modality dropout"),
     Arm("no_harmony", "UniversalTrainer_NoHarmony", "universal", label="no harmonization (InstanceNorm)"),
@@ -90,20 +154,22 @@ ARMS = {a.name: a for a in (
     Arm("no_restore", "UniversalTrainer_NoRestore", "universal", label="no restoration"),
     Arm("full_rate_harmony", "UniversalTrainer_FullRateHarmony", "universal",
         label="U-Harmony parameters at the full learning rate (paper; default before session 5)"),
-    Arm("no_prompts", "UniversalTrainer_NoPrompts", "universal", label="no prompts"),
-    Arm("no_harmony_no_prompts", "UniversalTrainer_NoHarmonyNoPrompts", "universal",
-        label="no harmonization, no prompts (heads and gate only)"),
     Arm("no_gate", "UniversalTrainer_NoGate", "universal", ("oracle",), label="dataset-specific heads, no gate"),
 )}
+#: arms of earlier results files whose trainers no longer exist (``--report`` still renders them)
+LEGACY_LABELS = {"no_prompts": "no prompts",
+                 "no_harmony_no_prompts": "no harmonization, no prompts (heads and gate only)"}
+#: arms without a routing gate of their own (the routing section leaves them out)
+UNGATED = ("single", "joint_stock", "joint_naive", "joint_marginal", "no_gate")
 
 
 # ---- small helpers ---------------------------------------------------------------------------------
 
-def _read_json(path: Path, default=None):
+def _read_json(path: Path, default: Any = None) -> Any:
     return json.loads(path.read_text()) if path.is_file() else default
 
 
-def _write_json(path: Path, obj) -> None:
+def _write_json(path: Path, obj: Any) -> None:
     _write_text(path, json.dumps(obj, indent=1))
 
 
@@ -114,7 +180,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def _locked(path: Path) -> Iterator[None]:
     """Exclusive advisory lock on ``path``'s sibling ``.lock`` file for a read-modify-write of ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(f".{path.name}.lock"), "w") as f:
@@ -125,27 +191,59 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def suite_name(size: str, with_ct: bool) -> str:
-    """``small``, ``small_ct``, ...: names the work folder and the results files of one suite."""
-    return size + ("_ct" if with_ct else "")
+def git_commit(repo: Path = REPO) -> str:
+    """``git rev-parse HEAD`` of ``repo``, with ``-dirty`` when the package, scripts or pyproject.toml have
+    uncommitted changes; ``unknown`` outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "nnunet_universal", "scripts",
+                                "pyproject.toml"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "") if head else "unknown"
+
+
+def suite_name(size: str, suite: str = "mr") -> str:
+    """``small``, ``small_shared``, ``small_ct``, ...: names the work folder and the results files of one suite."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
+    return size + ("" if suite == "mr" else f"_{suite}")
+
+
+def suite_of(sources: list[str] | tuple[str, ...]) -> str:
+    """The suite whose sources these are (results files from before ``--suite`` record only the sources)."""
+    if "lits" in sources:
+        return "ct"
+    return "shared" if "msd-braintumour" in sources else "mr"
 
 
 class Suite:
     """Paths, environment and command runner of one benchmark size in one work folder."""
 
-    def __init__(self, work: Path, size: str, sources: list[str], threads: int, device: str, results: Path,
+    def __init__(self, work: Path, size: str, suite: str, threads: int, device: str, results: Path,
                  stock_trainer: str = STOCK_TRAINER) -> None:
-        self.work, self.size, self.cfg, self.sources = work, size, SIZES[size], sources
+        self.work, self.size, self.cfg, self.suite = work, size, SIZES[size], suite
+        self.sources, self.identical = list(SUITES[suite].sources), list(SUITES[suite].identical)
         self.stock_trainer = stock_trainer
         self.device, self.threads = device, threads
         self.raw, self.pre = work / "nnUNet_raw", work / "nnUNet_preprocessed"
-        # the CT suite is another dataset: its own results file (and, in main(), its own work folder)
-        self.results_json = results / f"accuracy_{suite_name(size, 'lits' in sources)}.json"
+        # every suite is another dataset: its own results file (and, in main(), its own work folder)
+        self.results_json = results / f"accuracy_{suite_name(size, suite)}.json"
         self.plans = "nnUNetUniversalPlans" + self._plans_suffix()
         self.stock_plans = "nnUNetPlans" + self._plans_suffix()
 
     def _plans_suffix(self) -> str:
         return "" if self.cfg["base_features"] == 32 else f"_f{self.cfg['base_features']}"
+
+    def multiplier(self, arm: Arm) -> int:
+        """The factor on the schedule's epochs of ``arm`` in this suite."""
+        m = arm.schedule_multiplier
+        return len(self.sources) if m == "domains" else int(m)
+
+    def results_dir(self, seed: int, k: int = 1) -> Path:
+        """``nnUNet_results`` of one repeat (``_x{k}``: trained for k times the epochs)."""
+        return self.work / (f"nnUNet_results_seed{seed}" + (f"_x{k}" if k != 1 else ""))
 
     def merged(self) -> Path:
         return self.raw / f"Dataset{MERGED_ID}_{MERGED_NAME}"
@@ -154,18 +252,20 @@ class Suite:
         did = SOURCES[source][0]
         return next(self.raw.glob(f"Dataset{did}_*"))
 
-    def env(self, seed: int = 0) -> dict[str, str]:
+    def env(self, seed: int = 0, k: int = 1) -> dict[str, str]:
+        """Environment of every subprocess: the suite's nnU-Net folders, the schedule (epochs times ``k``)."""
         from nnunet_universal.trainers.discovery import ext_trainer_value
 
         e, s = dict(os.environ), self.cfg["schedule"]
         e.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.pre),
-                 nnUNet_results=str(self.work / f"nnUNet_results_seed{seed}"), nnUNet_compile="f",
+                 nnUNet_results=str(self.results_dir(seed, k)), nnUNet_compile="f",
                  nnUNet_def_n_proc="1", nnUNet_universal_fp_samples="20000",
-                 NNUNET_UNIVERSAL_SCHEDULE=f"{s[0]}:{s[1]}:{s[2]}", OMP_NUM_THREADS=str(self.threads),
+                 NNUNET_UNIVERSAL_SCHEDULE=f"{s[0] * k}:{s[1]}:{s[2]}", OMP_NUM_THREADS=str(self.threads),
                  nnUNet_extTrainer=ext_trainer_value(os.environ.get("nnUNet_extTrainer", "")))
         return e
 
-    def run(self, cmd: list[str], log: str, seed: int = 0, extra_env: dict[str, str] | None = None) -> float:
+    def run(self, cmd: list[str], log: str, seed: int = 0, extra_env: dict[str, str] | None = None,
+            k: int = 1) -> float:
         """Run a CLI command (stdout/stderr appended to logs/{log}.log); return its wall time in seconds."""
         logf = self.work / "logs" / f"{log}.log"
         logf.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +273,7 @@ class Suite:
         with open(logf, "a") as f:
             f.write(f"\n$ {' '.join(cmd)}\n")
             f.flush()
-            rc = subprocess.run(cmd, env={**self.env(seed), **(extra_env or {})}, stdout=f,
+            rc = subprocess.run(cmd, env={**self.env(seed, k), **(extra_env or {})}, stdout=f,
                                 stderr=subprocess.STDOUT).returncode
         if rc != 0:
             raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {rc}); see {logf}")
@@ -216,8 +316,9 @@ def prepare(s: Suite) -> None:
                    if src == "brainmetshare" else [])
         s.run([nu, "convert", "msd" if src == "msd-braintumour" else src, str(top), "-d", str(did), "-j", "1",
                *spacing], "prepare")
+    identical = ["--identical", *s.identical] if s.identical else []
     s.run([nu, "merge", *[str(SOURCES[x][0]) for x in s.sources], "-d", str(MERGED_ID), "-n", MERGED_NAME,
-           "--identical", *IDENTICAL, "--holdout", str(cfg["holdout"]), "-j", "1"], "prepare")
+           *identical, "--holdout", str(cfg["holdout"]), "-j", "1"], "prepare")
     merged_pre = s.pre / s.merged().name
     if not (merged_pre / "nnUNetUniversalPlans.json").is_file() or not (merged_pre / "gt_segmentations").is_dir():
         s.run([nu, "plan", "-d", str(MERGED_ID), "-np", "1"], "prepare")
@@ -302,10 +403,14 @@ def _trainer_available(s: Suite, name: str) -> bool:
                           stderr=subprocess.DEVNULL).returncode == 0
 
 
-def train(s: Suite, dataset: int, trainer: str, plans: str, seed: int, log: str) -> Path:
-    """``nnunet-universal train DATASET 3d_fullres 0`` (``--c`` after an interruption); skipped when finished."""
+def train(s: Suite, dataset: int, trainer: str, plans: str, seed: int, log: str, k: int = 1) -> Path:
+    """``nnunet-universal train DATASET 3d_fullres 0`` (``--c`` after an interruption); skipped when finished.
+
+    ``k``: epochs of the schedule times ``k``, into ``nnUNet_results_seed{seed}_x{k}``. Each session adds its wall
+    time and the code's commit to ``state/{log}.json``.
+    """
     name = s.merged().name if dataset == MERGED_ID else next(s.raw.glob(f"Dataset{dataset}_*")).name
-    model = s.work / f"nnUNet_results_seed{seed}" / name / f"{trainer}__{plans}__3d_fullres"
+    model = s.results_dir(seed, k) / name / f"{trainer}__{plans}__3d_fullres"
     fold = model / "fold_0"
     if (fold / "checkpoint_final.pth").is_file():
         return model
@@ -316,10 +421,15 @@ def train(s: Suite, dataset: int, trainer: str, plans: str, seed: int, log: str)
     cmd = [str(BIN / "nnunet-universal"), "train", str(dataset), "3d_fullres", "0", "-tr", trainer, "-p", plans,
            "-device", s.device, *cont]
     print(f"[{time.strftime('%H:%M:%S')}] train {log} {'(continued)' if cont else ''}", flush=True)
-    wall = s.run(cmd, log, seed, {"nnUNet_n_proc_DA": "0"})  # augmentation in-process (planning needs >= 1)
+    commit = git_commit()
+    wall = s.run(cmd, log, seed, {"nnUNet_n_proc_DA": "0"}, k)  # augmentation in-process (planning needs >= 1)
     state = s.work / "state" / f"{log}.json"
     prev = _read_json(state, {"wall_s": 0.0, "sessions": 0})
-    _write_json(state, {"wall_s": prev["wall_s"] + wall, "sessions": prev["sessions"] + 1, "command": " ".join(cmd)})
+    # a model trained over several sessions at different commits keeps them all (the report then sees them mixed)
+    commits = list(dict.fromkeys([*prev.get("commits", [prev.get("commit", "unknown")] if prev["sessions"] else []),
+                                  commit]))
+    _write_json(state, {"wall_s": prev["wall_s"] + wall, "sessions": prev["sessions"] + 1, "command": " ".join(cmd),
+                        "commit": commit, "commits": commits, "schedule_multiplier": k})
     return model
 
 
@@ -349,44 +459,63 @@ def predict(s: Suite, arm: Arm, model: Path | dict[str, Path], mode: str, withhe
             out: Path) -> float:
     """Predict the test cases of one (mode, withheld slot) into ``out``; returns the wall time."""
     tta = [] if s.cfg["tta"] else ["--disable-tta"]
-    log, wall = f"{arm.name}_seed{seed}_predict", 0.0
+    log, wall, k = f"{arm.name}_seed{seed}_predict", 0.0, s.multiplier(arm)
     if arm.kind == "single":
         for src in s.sources:
             raw_out = out.parent / f".{out.name}_{SOURCES[src][1]}"
             wall += s.run([str(BIN / "nnUNetv2_predict"), "-i", str(s.work / "inputs" / f"single_{SOURCES[src][1]}"),
                            "-o", str(raw_out), "-d", str(SOURCES[src][0]), "-c", "3d_fullres", "-tr", arm.trainer,
                            "-p", s.stock_plans, "-f", "0", "-device", s.device, "-npp", "1", "-nps", "1",
-                           *(["--disable_tta"] if tta else [])], log, seed)
+                           *(["--disable_tta"] if tta else [])], log, seed, k=k)
             _remap_to_union(s, src, raw_out, out)
         return wall
     if arm.kind == "stock":
         return s.run([str(BIN / "nnUNetv2_predict"), "-i", str(s.merged() / "imagesTs"), "-o", str(out), "-d",
                       str(MERGED_ID), "-c", "3d_fullres", "-tr", arm.trainer, "-p", s.plans, "-f", "0", "-device",
-                      s.device, "-npp", "1", "-nps", "1", *(["--disable_tta"] if tta else [])], log, seed)
+                      s.device, "-npp", "1", "-nps", "1", *(["--disable_tta"] if tta else [])], log, seed, k=k)
     nu = str(BIN / "nnunet-universal")
     if withheld is not None:
         folders = [(s.work / "inputs" / f"without_{withheld}", [])]
     else:
-        extra = ["--routing", "hard"] if mode == "dataset-free-hard" else []  # only the inferred domain's head
+        # dataset-free: the model's default routing (hard); dataset-free-soft: heads weighted by the routing
+        extra = ["--routing", "soft"] if mode == "dataset-free-soft" else []
         folders = [(p, ["--domain", p.name.removeprefix("domain_")] if mode == "oracle" else extra)
                    for p in sorted((s.work / "inputs").glob("domain_*"))]
     for folder, extra in folders:
         wall += s.run([nu, "predict", "-m", str(model), "-i", str(folder), "-o", str(out), "-f", "0",
-                       "-device", s.device, *extra, *tta], log, seed)
+                       "-device", s.device, *extra, *tta], log, seed, k=k)
     return wall
 
 
+#: fields of a case's routing record (``metrics.json``) kept as ``routing_<field>`` where present
+ROUTING_FIELDS = ("mode", "rule", "confidence", "runner_up", "uncertain", "conflicting", "decision")
+
+
 def _condense(metrics: dict) -> dict:
-    """The parts of ``metrics.json`` the tables need: per-domain summaries and compact per-case scores."""
-    cases = [{"case": c["case"], "domain": c["domain"], "mean_dice": c["mean_dice"],
-              "dice": {k: v["dice"] for k, v in {**c["classes"], **c["regions"]}.items()},
-              "routing": (c.get("routing") or {}).get("inferred_domain")} for c in metrics["cases"]]
+    """The parts of ``metrics.json`` the tables need: per-domain summaries and compact per-case scores (with the
+    routing record's inferred domain as ``routing``, its gate weights as ``routing_weights`` and, where present,
+    ``routing_<field>`` of :data:`ROUTING_FIELDS`, e.g. ``routing_uncertain``)."""
+    cases = []
+    for c in metrics["cases"]:
+        r = c.get("routing") or {}
+        cases.append({"case": c["case"], "domain": c["domain"], "mean_dice": c["mean_dice"],
+                      "dice": {k: v["dice"] for k, v in {**c["classes"], **c["regions"]}.items()},
+                      "routing": r.get("inferred_domain"), "routing_weights": r.get("weights") or None,
+                      **{f"routing_{k}": r[k] for k in ROUTING_FIELDS if k in r}})
     doms = {d: {k: v[k] for k in ("n_cases", "dice", "hd95", "classes", "regions", "lesions", "routing",
                                   "cross_domain_fp", "lesion_headline")} for d, v in metrics["domains"].items()}
     return {"domains": doms, "routing": metrics.get("routing"), "cases": cases}
 
 
-MODES = ("dataset-free", "oracle", "dataset-free-hard", "missing")
+#: prediction modes; "missing" stands for the runs with one slot withheld (dataset-free)
+MODES = ("dataset-free", "oracle", "dataset-free-soft", "missing")
+
+
+def _train_states(s: Suite, log: str) -> list[dict]:
+    """The ``state/`` records of one arm and repeat (``{log}.json``; the single-dataset arm: ``{log}_<domain>``)."""
+    state = s.work / "state"
+    paths = [state / f"{log}.json", *sorted(state.glob(f"{log}_*.json"))]
+    return [_read_json(p) for p in paths if p.is_file()]
 
 
 def run_arm(s: Suite, arm: Arm, seed: int, modes: tuple[str, ...] = MODES) -> None:
@@ -397,12 +526,12 @@ def run_arm(s: Suite, arm: Arm, seed: int, modes: tuple[str, ...] = MODES) -> No
         if not _trainer_available(s, arm.trainer):
             print(f"skip {arm.name}: trainer {arm.trainer} not found (nnUNetTrainer obeying NNUNET_UNIVERSAL_SCHEDULE)")
             return
-    log = f"{arm.name}_seed{seed}"
+    log, k = f"{arm.name}_seed{seed}", s.multiplier(arm)
     if arm.kind == "single":
-        model = {src: train(s, SOURCES[src][0], arm.trainer, s.stock_plans, seed, f"{log}_{SOURCES[src][1]}")
+        model = {src: train(s, SOURCES[src][0], arm.trainer, s.stock_plans, seed, f"{log}_{SOURCES[src][1]}", k)
                  for src in s.sources}
     else:
-        model = train(s, MERGED_ID, arm.trainer, s.plans, seed, log)
+        model = train(s, MERGED_ID, arm.trainer, s.plans, seed, log, k)
     slots = _read_json(s.merged() / "dataset.json")["universal"]["slots"]
     todo = [(m, None) for m in arm.modes if m in modes]
     todo += [("dataset-free", w) for w in (slots if arm.missing and "missing" in modes else [])
@@ -415,24 +544,29 @@ def run_arm(s: Suite, arm: Arm, seed: int, modes: tuple[str, ...] = MODES) -> No
         out = s.work / "predictions" / f"seed{seed}" / arm.name / (mode + (f"_without_{withheld}" if withheld else ""))
         shutil.rmtree(out, ignore_errors=True)
         print(f"[{time.strftime('%H:%M:%S')}] predict {key}", flush=True)
+        predict_commit = git_commit()
         wall = predict(s, arm, model, mode, withheld, seed, out)
         s.run([str(BIN / "nnunet-universal"), "evaluate", str(out), "-d", str(MERGED_ID), "--gt",
-               str(s.merged() / "labelsTs"), "-o", str(out / "evaluation")], f"{log}_evaluate", seed)
-        states = [_read_json(p) for p in sorted((s.work / "state").glob(f"{log}*.json"))]
+               str(s.merged() / "labelsTs"), "-o", str(out / "evaluation")], f"{log}_evaluate", seed, k=k)
+        states = _train_states(s, log)
+        train_commits = dict.fromkeys(c for x in states for c in x.get("commits", [x.get("commit", "unknown")]))
+        sched = s.cfg["schedule"]
         entry = {"arm": arm.name, "trainer": arm.trainer, "seed": seed, "mode": mode, "withheld": withheld,
                  "train_wall_s": sum(x["wall_s"] for x in states), "train_sessions": sum(x["sessions"] for x in states),
                  "train_commands": [x["command"] for x in states], "predict_wall_s": wall,
+                 "train_commit": ",".join(train_commits) or "unknown", "predict_commit": predict_commit,
+                 "schedule_multiplier": k, "schedule": [sched[0] * k, sched[1], sched[2]],
                  **_condense(_read_json(out / "evaluation" / "metrics.json"))}
         with _locked(s.results_json):  # several instances (disjoint --arms) may share one results file
             _record(s, key, entry)
 
 
 def _record(s: Suite, key: str, entry: dict) -> None:
-    """Add one evaluated run to ``accuracy_<size>.json`` (read-modify-write; the caller holds the lock)."""
+    """Add one evaluated run to ``accuracy_<suite>.json`` (read-modify-write; the caller holds the lock)."""
     results = _read_json(s.results_json, {})
     results.setdefault("runs", {})[key] = entry
-    results["config"] = {"size": s.size, **s.cfg, "sources": s.sources, "plans": s.plans,
-                         "stock_trainer": s.stock_trainer,
+    results["config"] = {"size": s.size, "suite": s.suite, **s.cfg, "sources": s.sources, "identical": s.identical,
+                         "plans": s.plans, "stock_trainer": s.stock_trainer,
                          "stock_plans": s.stock_plans, "threads": s.threads, "device": s.device}
     results.setdefault("machine", {}).update({platform.node(): f"{platform.platform()}, {os.cpu_count()} cores, "
                                                                f"device {s.device}"})
@@ -441,15 +575,54 @@ def _record(s: Suite, key: str, entry: dict) -> None:
 
 # ---- report -----------------------------------------------------------------------------------------
 
+class MixedCommitsError(ValueError):
+    """Runs of different code commits in one table or comparison (without ``--allow-mixed-commits``)."""
+
+
 def _entries(runs: dict, arm: str, mode: str, withheld: str | None = None) -> list[dict]:
     return [r for r in runs.values() if r["arm"] == arm and r["mode"] == mode and r["withheld"] == withheld]
 
 
-def _stat(values: list[float]) -> tuple[float, float, int] | None:
+def _commits_of(entry: dict) -> list[str]:
+    """The training and prediction commits of one run entry (``unknown`` where the entry predates the fields)."""
+    train = [c for c in str(entry.get("train_commit") or "unknown").split(",") if c] or ["unknown"]
+    return list(dict.fromkeys([*train, entry.get("predict_commit") or "unknown"]))
+
+
+def _short(commit: str) -> str:
+    """A commit hash cut to 12 hex digits (keeping ``-dirty``)."""
+    if commit == "unknown":
+        return commit
+    dirty = commit.endswith("-dirty")
+    return commit.removesuffix("-dirty")[:12] + ("-dirty" if dirty else "")
+
+
+def _commit_note(what: str, entries: list[dict], allow: bool) -> str:
+    """``""`` when ``entries`` share one commit; else, with ``allow``, a note listing the commits and their arms
+    (for the table's title); without it a :class:`MixedCommitsError` naming them."""
+    by: dict[str, list[str]] = {}
+    for e in entries:
+        for c in _commits_of(e):
+            arms = by.setdefault(c, [])
+            if e["arm"] not in arms:
+                arms.append(e["arm"])
+    if len(by) <= 1:
+        return ""
+    listing = "; ".join(f"{_short(c)}: {', '.join(arms)}" for c, arms in by.items())
+    if not allow:
+        raise MixedCommitsError(f"{what} would mix runs of different commits ({listing}); rerun those arms at one "
+                                "commit, or pass --allow-mixed-commits to render it with the commits listed")
+    return f" (mixed commits: {listing})"
+
+
+def _stat(values: list[float | None]) -> tuple[float, float, int] | None:
+    """Mean, sample standard deviation (ddof 1; 0.0 for one value) and count of the values that are not None."""
     import numpy as np
 
     v = [x for x in values if x is not None]
-    return (float(np.mean(v)), float(np.std(v)), len(v)) if v else None
+    if not v:
+        return None
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else 0.0), len(v)
 
 
 def _fmt(st: tuple[float, float, int] | None, scale: float = 100.0) -> str:
@@ -483,18 +656,23 @@ def _mean_over_domains(entries: list[dict], domains: list[str]) -> tuple[float, 
     return _stat(per_seed)
 
 
+def _shared_seeds(runs: dict, a: tuple[str, str], b: tuple[str, str]) -> set[int] | None:
+    """Two modes of one arm: the repeats that have both (the same trained models); two arms: None (all)."""
+    if a[0] != b[0]:
+        return None
+    return {e["seed"] for e in _entries(runs, *a)} & {e["seed"] for e in _entries(runs, *b)}
+
+
 def _paired(runs: dict, a: tuple[str, str], b: tuple[str, str], domains: list[str], draws: int = 10000,
             ) -> tuple[float, float, float, int] | None:
     """Paired difference of mean Dice, arm/mode ``a`` minus ``b``, on the test cases both have: each case's Dice
     averaged over the arm's repeats (two modes of one arm: the repeats both have), then the table's mean over
     domains; with a 95 % bootstrap interval over the
     test cases (resampled within each domain, fixed seed). The interval is the test set's uncertainty, not the
-    run-to-run spread of training (the ± of the tables)."""
+    run-to-run spread of training (the ± of the tables; see :func:`_hierarchical`)."""
     import numpy as np
 
-    # two modes of one arm: the same trained models, so only the repeats that have both
-    seeds = ({e["seed"] for e in _entries(runs, *a)} & {e["seed"] for e in _entries(runs, *b)}
-             if a[0] == b[0] else None)
+    seeds = _shared_seeds(runs, a, b)
 
     def per_case(arm: str, mode: str) -> dict[str, tuple[str, float]]:
         vals: dict[str, list[float]] = {}
@@ -519,167 +697,393 @@ def _paired(runs: dict, a: tuple[str, str], b: tuple[str, str], domains: list[st
             sum(len(v) for v in diffs.values()))
 
 
+def _hierarchical(runs: dict, a: tuple[str, str], b: tuple[str, str], domains: list[str], draws: int = 10000,
+                  ) -> dict[str, Any] | None:
+    """Hierarchical paired bootstrap of the difference of mean Dice, arm/mode ``a`` minus ``b``, that includes the
+    run-to-run variance of training.
+
+    Per draw (numpy, fixed seed): resample each arm's repeats with replacement (two modes of one arm: one resample
+    of their shared repeats, the same models), then the test cases within each domain; the statistic is the mean
+    over domains of the mean over the resampled cases of (mean over A's resampled runs of the case Dice - the same
+    for B). Returns the point estimate, the 95 % interval (``lo``, ``hi``), the two-sided bootstrap p-value
+    ``2 min(P(≤ 0), P(≥ 0))``, ``significant`` (the interval excludes 0), the bootstrap SE and the smallest
+    detectable effect ``2.8 SE`` (α 0.05 two-sided, 80 % power); ``{"one_run": [arms]}`` when an arm has a single
+    run (training variance unknown); None when an arm or a domain has no test case.
+    """
+    import numpy as np
+
+    seeds = _shared_seeds(runs, a, b)
+
+    def per_run(arm: str, mode: str) -> dict[int, dict[str, tuple[str, float]]]:
+        return {e["seed"]: {c["case"]: (c["domain"], c["mean_dice"]) for c in e["cases"]}
+                for e in _entries(runs, arm, mode) if seeds is None or e["seed"] in seeds}
+
+    ra, rb = per_run(*a), per_run(*b)
+    if not ra or not rb:
+        return None
+    common = set.intersection(*(set(r) for r in (*ra.values(), *rb.values())))
+    cases = sorted(common)
+    dom = {c: next(iter(ra.values()))[c][0] for c in cases}
+    groups = [np.array([i for i, c in enumerate(cases) if dom[c] == d]) for d in domains]
+    if any(len(g) == 0 for g in groups):
+        return None
+    if len(ra) < 2 or len(rb) < 2:
+        return {"one_run": list(dict.fromkeys(x[0] for x, r in ((a, ra), (b, rb)) if len(r) < 2))}
+    sa, sb = sorted(ra), sorted(rb)
+    mat_a = np.array([[ra[s][c][1] for c in cases] for s in sa], dtype=float)  # runs x cases
+    mat_b = np.array([[rb[s][c][1] for c in cases] for s in sb], dtype=float)
+    rng = np.random.default_rng(0)
+    ia = rng.integers(0, len(sa), (draws, len(sa)))
+    ib = ia if seeds is not None else rng.integers(0, len(sb), (draws, len(sb)))
+    diff = mat_a[ia].mean(axis=1) - mat_b[ib].mean(axis=1)  # draws x cases: run-resampled per-case difference
+    boot = np.mean([np.take_along_axis(diff, g[rng.integers(0, len(g), (draws, len(g)))], axis=1).mean(axis=1)
+                    for g in groups], axis=0)
+    point = float(np.mean([(mat_a.mean(axis=0) - mat_b.mean(axis=0))[g].mean() for g in groups]))
+    lo, hi = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
+    se = float(np.std(boot, ddof=1))
+    return {"diff": point, "lo": lo, "hi": hi, "p": min(1.0, 2 * min(float(np.mean(boot <= 0)),
+                                                                     float(np.mean(boot >= 0)))),
+            "significant": not lo <= 0 <= hi, "se": se, "mde": 2.8 * se, "runs": (len(sa), len(sb)),
+            "n": len(cases), "draws": draws}
+
+
+def _fmt_p(p: float, draws: int) -> str:
+    return f"p < {2 / draws:.2g}" if p == 0 else f"p = {p:.3f}" if p < 0.1 else f"p = {p:.2f}"
+
+
 def _routing(entries: list[dict], domain: str | None) -> str:
     hits = [c["routing"] == c["domain"] for e in entries for c in e["cases"]
             if c["routing"] is not None and (domain is None or c["domain"] == domain)]
     return f"{100 * sum(hits) / len(hits):.0f}% ({sum(hits)}/{len(hits)})" if hits else "–"
 
 
-def report(results: dict) -> str:
-    """Markdown tables (paper Tables 1-3 style, missing slots, routing) from ``accuracy_<size>.json``."""
+def _ece(confidence: list[float], correct: list[bool], bins: int = 10) -> float:
+    """Expected calibration error: over ``bins`` equal-width confidence bins of [0, 1] (1.0 in the last), the
+    case-weighted mean of |accuracy - mean confidence| of each bin."""
+    import numpy as np
+
+    conf, hit = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
+    if conf.size == 0:
+        raise ValueError("ECE of no cases")
+    idx = np.minimum((conf * bins).astype(int), bins - 1)
+    return float(sum(np.sum(idx == b) / conf.size * abs(hit[idx == b].mean() - conf[idx == b].mean())
+                     for b in range(bins) if np.any(idx == b)))
+
+
+def _routing_stats(runs: dict, arm: str) -> dict[str, Any] | None:
+    """Routing of one arm's dataset-free runs (all slots), pooled over the repeats: cases, accuracy, mean top weight
+    and its ECE (cases with weights), cases flagged uncertain (None when no record has the field), and the misrouted
+    cases' mean Dice dataset-free and oracle (same repeat's oracle run; None without one)."""
+    free = _entries(runs, arm, "dataset-free")
+    oracle = {e["seed"]: {c["case"]: c["mean_dice"] for c in e["cases"]} for e in _entries(runs, arm, "oracle")}
+    routed = [(e["seed"], c) for e in free for c in e["cases"] if c.get("routing") is not None]
+    if not routed:
+        return None
+    weighted = [c for _, c in routed if c.get("routing_weights") or c.get("routing_confidence") is not None]
+    top = [max(c["routing_weights"].values()) if c.get("routing_weights") else c["routing_confidence"]
+           for c in weighted]
+    flags = [c.get("routing_uncertain") for _, c in routed if c.get("routing_uncertain") is not None]
+    wrong = [(s, c) for s, c in routed if c["routing"] != c["domain"]]
+    cost = [(c["mean_dice"], oracle[s][c["case"]]) for s, c in wrong if c["case"] in oracle.get(s, {})]
+    return {"n": len(routed), "correct": len(routed) - len(wrong),
+            "mean_top": sum(top) / len(top) if top else None,
+            "ece": _ece(top, [c["routing"] == c["domain"] for c in weighted]) if top else None,
+            "uncertain": sum(map(bool, flags)) if flags else None, "misrouted": len(wrong),
+            "misrouted_free": sum(x for x, _ in cost) / len(cost) if cost else None,
+            "misrouted_oracle": sum(y for _, y in cost) / len(cost) if cost else None, "misrouted_paired": len(cost)}
+
+
+def _arm_order(runs: dict) -> list[str]:
+    """The arms in ``ARMS`` order, then arms of older results whose trainers no longer exist."""
+    present = {r["arm"] for r in runs.values()}
+    return [*ARMS, *sorted(present - set(ARMS))]
+
+
+def report(results: dict, allow_mixed_commits: bool = False) -> str:
+    """Markdown tables (paper Tables 1-3 style, missing slots, routing, claims) from ``accuracy_<suite>.json``.
+
+    Raises :class:`MixedCommitsError` when a table or comparison would mix runs of different commits, unless
+    ``allow_mixed_commits``.
+    """
     runs, cfg = results.get("runs", {}), results.get("config", {})
+    suite = cfg.get("suite") or suite_of(cfg.get("sources", []))
     domains = sorted({c["domain"] for r in runs.values() for c in r["cases"]})
-    lab = {a.name: a.label for a in ARMS.values()}
     seeds = sorted({r["seed"] for r in runs.values()})
+
+    def lab(name: str) -> str:
+        arm = ARMS.get(name)
+        text = arm.label if arm else LEGACY_LABELS.get(name, name)
+        if "{k}" in text:
+            ks = sorted({r.get("schedule_multiplier") for r in runs.values() if r["arm"] == name} - {None})
+            text = text.format(k="/".join(map(str, ks)) if ks else len(domains))
+        return text
+
     spread = ("over test cases" if len(seeds) <= 1 else
               "over the test cases for arms run once; over the repeats' means for arms run more than once; "
               "the mean column's ± is over repeats, 0.0 for one")
     e0 = next(iter(runs.values()), None)
-    lines = [f"Accuracy benchmark `--size {cfg.get('size')}`: {len(domains)} synthetic domains, "
+    spec = SUITES.get(suite)
+    what = f" ({spec.description})" if spec else ""
+    suite_flag = "" if suite == "mr" else f" --suite {suite}"
+    equal = ("(the equal-compute arm: epochs x the number of domains)"
+             if any(r["arm"] == "universal_equal_compute" for r in runs.values()) else "")
+    lines = [f"Accuracy benchmark `--size {cfg.get('size')}{suite_flag}`: {len(domains)} synthetic domains{what}, "
              f"{cfg.get('cases')} cases per domain ({cfg.get('holdout')} held out for testing), "
-             f"schedule {cfg.get('schedule')} (epochs, iterations, validation iterations) for every arm, "
+             f"schedule {cfg.get('schedule')} (epochs, iterations, validation iterations) for every arm"
+             f"{' ' + equal if equal else ''}, "
              f"first-stage features {cfg.get('base_features')}, "
-             f"test-time mirroring {'on' if cfg.get('tta') else 'off'}, repeats {seeds}. Dice in % (mean ± std "
-             f"{spread}). Machine: {'; '.join(results.get('machine', {}).values())}.", "",
-             f"Command: `python scripts/benchmark_accuracy.py --size {cfg.get('size')}"
-             f"{' --with-ct' if 'lits' in cfg.get('sources', []) else ''}` "
-             f"(tables: `--report`).", ""]
+             f"test-time mirroring {'on' if cfg.get('tta') else 'off'}, repeats {seeds}. Dice in % (mean ± sample "
+             f"std, ddof 1, {spread}). Machine: {'; '.join(results.get('machine', {}).values())}.", "",
+             f"Command: `python scripts/benchmark_accuracy.py --size {cfg.get('size')}{suite_flag}` "
+             "(tables: `--report`).", ""]
     if e0 is None:
         return "\n".join(lines + ["No results yet."]) + "\n"
+
+    lines += ["Runs per arm (repeats; commits of training and prediction):", ""]
+    for a in _arm_order(runs):
+        es = [r for r in runs.values() if r["arm"] == a]
+        if es:
+            commits = dict.fromkeys(c for e in es for c in _commits_of(e))
+            n = len({e["seed"] for e in es})
+            lines.append(f"- {lab(a)} (`{a}`): {n} run{'s' if n != 1 else ''}; "
+                         f"commit{'s' if len(commits) > 1 else ''} {', '.join(map(_short, commits))}")
+    if any("unknown" in _commits_of(e) for e in runs.values()):
+        lines += ["", "Commit `unknown`: runs recorded before the results kept their commit (trained with the arms' "
+                  "trainers as they were then; the labels describe the current trainers)."]
+    lines.append("")
 
     def row(name: str, mode: str, extra: list[str] | None = None, ref: float | None = None) -> str | None:
         es = _entries(runs, name, mode)
         if not es:
             return None
         mean = _mean_over_domains(es, domains)
-        cells = [f"{lab.get(name, name)} ({mode})", *[_fmt(_domain_dice(es, d)) for d in domains], _fmt(mean)]
+        cells = [f"{lab(name)} ({mode})", *[_fmt(_domain_dice(es, d)) for d in domains], _fmt(mean)]
         if ref is not None:
             cells.append("–" if mean is None else f"{100 * (mean[0] - ref):+.1f}")
         cells.append(f"{sum(e['train_wall_s'] for e in es) / len(es) / 60:.0f}")
         return "| " + " | ".join(cells + (extra or [])) + " |"
 
+    def title(text: str, rows: list) -> str:
+        """The section's ``###`` line, with the commits listed when its runs mix them (or the refusal)."""
+        es = [e for x in rows for e in ([x] if isinstance(x, dict) else _entries(runs, *x))]
+        name = text.split(" (")[0]
+        return f"### {text}{_commit_note(f'table {name!r}', es, allow_mixed_commits)}"
+
     head = "| arm | " + " | ".join(domains) + " | mean |"
     main = [("single", "oracle"), ("joint_stock", "dataset-free"), ("joint_naive", "dataset-free"),
-            ("joint_marginal", "dataset-free"), ("joint_marginal", "oracle"), ("universal", "oracle"),
-            ("universal", "dataset-free"), ("universal", "dataset-free-hard")]
-    lines += ["### Universal model vs single-dataset and joint baselines (Dice %, per domain)", "",
+            ("joint_marginal", "dataset-free"), ("joint_marginal", "oracle"),
+            ("universal_equal_compute", "dataset-free"), ("universal", "oracle"), ("universal", "dataset-free"),
+            ("universal", "dataset-free-soft"), ("universal", "dataset-free-hard")]  # -hard: results before v2
+    lines += [title("Universal model vs single-dataset and joint baselines (Dice %, per domain)", main), "",
               head + " train min |", "|---|" + "---:|" * (len(domains) + 2)]
     lines += [r for r in (row(a, m) for a, m in main) if r]
 
     targets = [(d, t) for d in domains for t in sorted(next(c["dice"] for r in runs.values() for c in r["cases"]
                                                             if c["domain"] == d))]
-    lines += ["", "### Per class and region (Dice %)", "",
+    lines += ["", title("Per class and region (Dice %)", main), "",
               "| arm | " + " | ".join(f"{d}.{t}" for d, t in targets) + " |", "|---|" + "---:|" * len(targets)]
     for a, m in main:
         es = _entries(runs, a, m)
         if es:
-            lines.append(f"| {lab.get(a, a)} ({m}) | " + " | ".join(_fmt(_domain_dice(es, d, t)) for d, t in targets)
+            lines.append(f"| {lab(a)} ({m}) | " + " | ".join(_fmt(_domain_dice(es, d, t)) for d, t in targets)
                          + " |")
 
     ref = _mean_over_domains(_entries(runs, "universal", "dataset-free"), domains)
-    abl = [("universal", "dataset-free"), ("universal", "oracle"), ("no_gate", "oracle"),
+    abl = [("universal", "dataset-free"), ("universal", "oracle"), ("universal", "dataset-free-soft"),
+           ("universal", "dataset-free-hard"), ("no_gate", "oracle"), ("prompts", "dataset-free"),
            ("no_harmony", "dataset-free"), ("first_stage", "dataset-free"), ("no_poly_affine", "dataset-free"),
            ("no_restore", "dataset-free"), ("full_rate_harmony", "dataset-free"), ("no_prompts", "dataset-free"),
-           ("no_harmony_no_prompts", "dataset-free"), ("no_modality_dropout", "dataset-free")]
-    lines += ["", "### Ablations (Dice %; Δ: mean vs the full UniversalTrainer, dataset-free)", "",
+           ("no_harmony_no_prompts", "dataset-free"), ("no_modality_dropout", "dataset-free"),
+           ("universal_equal_compute", "dataset-free")]
+    lines += ["", title("Ablations (Dice %; Δ: mean vs the full UniversalTrainer, dataset-free)", abl), "",
               head + " Δ mean | train min |", "|---|" + "---:|" * (len(domains) + 3)]
     lines += [r for r in (row(a, m, ref=ref[0] if ref else None) for a, m in abl) if r]
 
     slots = [r["withheld"] for r in runs.values() if r["withheld"]]
     if slots:
-        lines += ["", "### Missing modality: one slot withheld at test time (dataset-free; mean case Dice % over the "
-                  "test cases that have the slot, full input -> withheld, averaged over the repeats that have both "
-                  "runs; routing accuracy with the slot withheld, pooled over those repeats)", "",
+        miss = [r for r in runs.values() if r["arm"] in ("universal", "no_modality_dropout")
+                and r["mode"] == "dataset-free"]
+        lines += ["", title("Missing modality: one slot withheld at test time (dataset-free; mean case Dice % over "
+                            "the test cases that have the slot, full input -> withheld, averaged over the repeats "
+                            "that have both runs; routing accuracy with the slot withheld, pooled over those "
+                            "repeats)", miss), "",
                   "| withheld slot | cases | UniversalTrainer | routing | no modality dropout | routing |",
                   "|---|---:|---|---|---|---|"]
         for slot in dict.fromkeys(slots):
-            cells = []
+            cells, n = [], "–"
             for arm in ("universal", "no_modality_dropout"):
                 full, wo = _entries(runs, arm, "dataset-free"), _entries(runs, arm, "dataset-free", slot)
                 if not (full and wo):
                     cells += ["–", "–"]
                     continue
                 cases = {c["case"] for c in wo[0]["cases"]}
-                seeds = {e["seed"] for e in wo} & {e["seed"] for e in full}  # paired: repeats with both runs
+                both = {e["seed"] for e in wo} & {e["seed"] for e in full}  # paired: repeats with both runs
                 # mean over those repeats of the mean case Dice (full input on the same cases / slot withheld)
                 a = _stat([_stat([c["mean_dice"] for c in e["cases"] if c["case"] in cases])[0]
-                           for e in full if e["seed"] in seeds])
-                b = _stat([_stat([c["mean_dice"] for c in e["cases"]])[0] for e in wo if e["seed"] in seeds])
+                           for e in full if e["seed"] in both])
+                b = _stat([_stat([c["mean_dice"] for c in e["cases"]])[0] for e in wo if e["seed"] in both])
                 cells += [f"{100 * a[0]:.1f} -> {100 * b[0]:.1f} ({100 * (b[0] - a[0]):+.1f})",
-                          _routing([e for e in wo if e["seed"] in seeds], None)]
-                n = len(cases)
+                          _routing([e for e in wo if e["seed"] in both], None)]
+                n = str(len(cases))
             lines.append(f"| {slot} | {n} | " + " | ".join(cells) + " |")
 
-    gated = [a for a in ARMS if a not in ("single", "joint_stock", "joint_naive", "joint_marginal", "no_gate")]
-    lines += ["", "### Gate routing accuracy per domain (dataset-free, all slots)", "",
+    gated = [a for a in _arm_order(runs) if a not in UNGATED]
+    free = [(a, "dataset-free") for a in gated]
+    lines += ["", title("Gate routing accuracy per domain (dataset-free, all slots)", free), "",
               "| arm | " + " | ".join(domains) + " | all |", "|---|" + "---:|" * (len(domains) + 1)]
     for a in gated:
         es = _entries(runs, a, "dataset-free")
         if es:
-            lines.append(f"| {lab[a]} | " + " | ".join(_routing(es, d) for d in domains) + f" | {_routing(es, None)} |")
-
-    comparisons = [
-        ("gated head (dataset-free) vs its own heads with the domain given (oracle) (paper: within 1.3)",
-         ("universal", "dataset-free"), ("universal", "oracle")),
-        ("gated head, only the inferred domain's head (dataset-free, --routing hard) vs oracle",
-         ("universal", "dataset-free-hard"), ("universal", "oracle")),
-        *[(f"UniversalTrainer (dataset-free) vs {lab[a]}", ("universal", "dataset-free"),
-           (a, "oracle" if a == "single" else "dataset-free"))
-          for a in ("joint_stock", "joint_naive", "joint_marginal", "single")],
-        ("UniversalTrainer vs the same network without harmonization (paper: harmonization helps)",
-         ("universal", "dataset-free"), ("no_harmony", "dataset-free")),
-        ("UniversalTrainer vs the same network without prompts (UniSeg/Hermes: prompts help)",
-         ("universal", "dataset-free"), ("no_prompts", "dataset-free")),
-        ("without prompts: harmonization vs InstanceNorm (harmonization's effect without prompts)",
-         ("no_prompts", "dataset-free"), ("no_harmony_no_prompts", "dataset-free")),
-        ("without harmonization: prompts vs no prompts (the prompts' effect on nnU-Net's InstanceNorm network)",
-         ("no_harmony", "dataset-free"), ("no_harmony_no_prompts", "dataset-free")),
-        ("UniversalTrainer (every stage) vs harmonization in stage 1 only (paper: more layers help)",
-         ("universal", "dataset-free"), ("first_stage", "dataset-free")),
-        ("UniversalTrainer (U-Harmony parameters at 0.1x) vs the paper's full learning rate",
-         ("universal", "dataset-free"), ("full_rate_harmony", "dataset-free")),
-    ]
-    claims = []
-    for text, a, b in comparisons:
-        d = _paired(runs, a, b, domains)
-        if d:
-            claims.append(f"{text}: {100 * d[0]:+.1f} Dice points (95 % interval over the {d[3]} test cases "
-                          f"{100 * d[1]:+.1f} to {100 * d[2]:+.1f})")
-    if claims:
-        lines += ["", "### The paper's claims on this suite (paired per test case, each case averaged over the "
-                  "repeats; the interval is a bootstrap over test cases within domains and leaves out the "
-                  "run-to-run spread of training)", ""] + [f"- {c}" for c in claims]
-    lines += ["", "### Runs", "", "| run | train wall (min) | sessions | predict wall (s) |", "|---|---:|---:|---:|"]
+            lines.append(f"| {lab(a)} | " + " | ".join(_routing(es, d) for d in domains) + f" | {_routing(es, None)} |")
+    lines += _routing_section(runs, gated, suite, lab, title, free + [(a, "oracle") for a in gated])
+    lines += _claims(runs, domains, lab, allow_mixed_commits)
+    lines += ["", "### Runs", "", "| run | train wall (min) | sessions | predict wall (s) | commit (train / predict) |",
+              "|---|---:|---:|---:|---|"]
     for k, r in sorted(runs.items()):
         name = k.replace("|", " / ")
-        lines.append(f"| {name} | {r['train_wall_s'] / 60:.1f} | {r['train_sessions']} | {r['predict_wall_s']:.0f} |")
+        commits = f"{_short(r.get('train_commit') or 'unknown')} / {_short(r.get('predict_commit') or 'unknown')}"
+        lines.append(f"| {name} | {r['train_wall_s'] / 60:.1f} | {r['train_sessions']} | {r['predict_wall_s']:.0f} "
+                     f"| {commits} |")
     return "\n".join(lines) + "\n"
+
+
+def _routing_section(runs: dict, gated: list[str], suite: str, lab: Callable[[str], str],
+                     title: Callable[[str, list], str], rows: list[tuple[str, str]]) -> list[str]:
+    """The routing section: per gated arm, accuracy, mean top weight, ECE, uncertain cases, cost of misrouting."""
+    stats = {a: _routing_stats(runs, a) for a in gated}
+    lines = ["", title("Gate routing: confidence, calibration and the cost of misrouting (dataset-free, all "
+                       "slots, pooled over the repeats)", rows), ""]
+    if suite == "shared":
+        lines += [SHARED_ROUTING_NOTE, ""]
+    lines += ["Top weight: the routing weight of the inferred domain; ECE: expected calibration error of the top "
+              "weight as the confidence that the inferred domain is the case's (10 equal-width bins); misrouted: "
+              "mean case Dice % of the misrouted cases dataset-free -> with the domain given (oracle, same repeat), "
+              "what a wrong routing costs.", "",
+              "| arm | cases | accuracy | mean top weight | ECE | flagged uncertain "
+              "| misrouted: dataset-free -> oracle |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    for a in gated:
+        st = stats[a]
+        if st is None:
+            continue
+        if st["misrouted"] == 0:
+            cost = "none"
+        elif st["misrouted_free"] is None:
+            cost = f"{st['misrouted']} cases, no oracle run"
+        else:
+            f, o = 100 * st["misrouted_free"], 100 * st["misrouted_oracle"]
+            cost = f"{st['misrouted_paired']} cases: {f:.1f} -> {o:.1f} ({o - f:+.1f})"
+        top = "–" if st["mean_top"] is None else f"{st['mean_top']:.2f}"
+        ece = "–" if st["ece"] is None else f"{st['ece']:.3f}"
+        unc = "–" if st["uncertain"] is None else str(st["uncertain"])
+        lines.append(f"| {lab(a)} | {st['n']} | {100 * st['correct'] / st['n']:.0f}% | {top} | {ece} | {unc} "
+                     f"| {cost} |")
+    return lines
+
+
+#: (claim, arm/mode a, arm/mode b): the paired comparisons of the claims section (absent arms are left out)
+COMPARISONS = [
+    ("gated head (dataset-free, hard routing) vs its own heads with the domain given (oracle) (paper: within 1.3)",
+     ("universal", "dataset-free"), ("universal", "oracle")),
+    ("soft routing (heads weighted by the routing weights) vs hard routing (the default)",
+     ("universal", "dataset-free-soft"), ("universal", "dataset-free")),
+    ("gated head, only the inferred domain's head (dataset-free, --routing hard) vs oracle",  # results before v2
+     ("universal", "dataset-free-hard"), ("universal", "oracle")),
+    *[(f"UniversalTrainer (dataset-free) vs {{{a}}}", ("universal", "dataset-free"),
+       (a, "oracle" if a == "single" else "dataset-free"))
+      for a in ("joint_stock", "joint_naive", "joint_marginal", "single")],
+    ("UniversalTrainer with equal total compute (dataset-free) vs single-dataset nnU-Net (one model per domain; "
+     "the same total iterations)", ("universal_equal_compute", "dataset-free"), ("single", "oracle")),
+    ("UniversalTrainer with equal total compute vs UniversalTrainer (the schedule's iterations)",
+     ("universal_equal_compute", "dataset-free"), ("universal", "dataset-free")),
+    ("UniversalTrainer vs the same network without harmonization (paper: harmonization helps)",
+     ("universal", "dataset-free"), ("no_harmony", "dataset-free")),
+    ("with prompts vs UniversalTrainer without (UniSeg/Hermes: prompts help)",
+     ("prompts", "dataset-free"), ("universal", "dataset-free")),
+    # arms of results before v2 (UniversalTrainer then had prompts)
+    ("UniversalTrainer vs the same network without prompts (UniSeg/Hermes: prompts help)",
+     ("universal", "dataset-free"), ("no_prompts", "dataset-free")),
+    ("without prompts: harmonization vs InstanceNorm (harmonization's effect without prompts)",
+     ("no_prompts", "dataset-free"), ("no_harmony_no_prompts", "dataset-free")),
+    ("without harmonization: prompts vs no prompts (the prompts' effect on nnU-Net's InstanceNorm network)",
+     ("no_harmony", "dataset-free"), ("no_harmony_no_prompts", "dataset-free")),
+    ("UniversalTrainer (every stage) vs harmonization in stage 1 only (paper: more layers help)",
+     ("universal", "dataset-free"), ("first_stage", "dataset-free")),
+    ("UniversalTrainer (U-Harmony parameters at 0.1x) vs the paper's full learning rate",
+     ("universal", "dataset-free"), ("full_rate_harmony", "dataset-free")),
+]
+
+
+def claim_text(runs: dict, text: str, a: tuple[str, str], b: tuple[str, str], domains: list[str],
+               lab: Callable[[str], str], allow_mixed_commits: bool = False) -> str | None:
+    """One line of the claims section: the paired difference with its per-case and hierarchical intervals."""
+    d = _paired(runs, a, b, domains)
+    if d is None:
+        return None
+    text = text.format(**{x: lab(x) for x in {a[0], b[0]}}) if "{" in text else text
+    note = _commit_note(f"comparison {text!r}", _entries(runs, *a) + _entries(runs, *b), allow_mixed_commits)
+    h = _hierarchical(runs, a, b, domains)
+    if h is None:
+        hier = "run-level interval not computed (no test cases common to all runs)"
+    elif "one_run" in h:
+        hier = (f"run-level interval not computed ({', '.join(lab(x) for x in h['one_run'])}: one run: training "
+                "variance unknown)")
+    else:
+        hier = (f"with the run-to-run variance ({h['runs'][0]} and {h['runs'][1]} runs, {h['n']} cases) "
+                f"{100 * h['lo']:+.1f} to {100 * h['hi']:+.1f}, {_fmt_p(h['p'], h['draws'])}, "
+                f"{'significant' if h['significant'] else 'not significant'}, smallest detectable effect "
+                f"≈ {100 * h['mde']:.1f} points")
+    return (f"{text}{note}: {100 * d[0]:+.1f} Dice points (95 % interval over the {d[3]} test cases "
+            f"{100 * d[1]:+.1f} to {100 * d[2]:+.1f}; {hier})")
+
+
+def _claims(runs: dict, domains: list[str], lab: Callable[[str], str], allow_mixed_commits: bool) -> list[str]:
+    """The claims section (empty when no comparison has both sides)."""
+    claims = [c for text, a, b in COMPARISONS
+              if (c := claim_text(runs, text, a, b, domains, lab, allow_mixed_commits)) is not None]
+    if not claims:
+        return []
+    return ["", "### The paper's claims on this suite (paired per test case, each case averaged over the repeats; "
+            "first interval: bootstrap over the test cases within domains, the test set's uncertainty only; second: "
+            "hierarchical bootstrap over each arm's repeats and then the test cases, which includes the run-to-run "
+            "variance of training, with its two-sided bootstrap p-value, significant when the interval excludes 0, "
+            "and the smallest detectable effect, 2.8 x bootstrap SE for α 0.05 and 80 % power)", ""] + [
+        f"- {c}" for c in claims]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--suite", choices=list(SUITES), default=None,
+                   help="mr (default): three brain MR domains with different sequence sets; shared: two brain MR "
+                        "domains with the same four sequences (accuracy_<size>_shared); ct: mr plus a CT domain "
+                        "(accuracy_<size>_ct)")
     p.add_argument("--work", type=Path, default=None,
-                   help="work folder (default bench_work/accuracy_<size>[_ct])")
+                   help="work folder (default bench_work/accuracy_<size>[_<suite>])")
     p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS), help="arms to run, in this order")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                    help="prediction modes to run for each arm ('missing': one slot withheld); default all")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="repeat indices (nnU-Net training is not seeded: each index is an independent run)")
-    p.add_argument("--with-ct", action="store_true",
-                   help="add the LiTS-like CT domain (a separate suite: accuracy_<size>_ct.json/.md)")
+    p.add_argument("--with-ct", action="store_true", help="deprecated alias of --suite ct")
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of every subprocess")
     p.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--stock-trainer", default=STOCK_TRAINER,
                    help=f"trainer of the stock nnU-Net arms (default {STOCK_TRAINER}; it must obey the schedule)")
-    p.add_argument("--results", type=Path, default=RESULTS, help="folder of accuracy_<size>.json/.md")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of accuracy_<size>[_<suite>].json/.md")
     p.add_argument("--prepare-only", action="store_true", help="only build the datasets and plans")
     p.add_argument("--report", action="store_true", help="only (re)write the Markdown tables from the JSON")
+    p.add_argument("--allow-mixed-commits", action="store_true",
+                   help="let the report put runs of different code commits into one table or comparison (their "
+                        "titles list the commits); without it the report stops with the arms and commits")
     args = p.parse_args()
-    sources = ["brats-mets", "ucsf-bmsr", "brainmetshare", *(["lits"] if args.with_ct else [])]
-    work = (args.work or REPO / "bench_work" / f"accuracy_{suite_name(args.size, args.with_ct)}").resolve()
-    s = Suite(work, args.size, sources, args.threads, args.device, args.results.resolve(),
-              args.stock_trainer)
+    if args.with_ct:
+        if args.suite not in (None, "ct"):
+            p.error(f"--with-ct (deprecated alias of --suite ct) contradicts --suite {args.suite}")
+        print("--with-ct is deprecated: use --suite ct", file=sys.stderr)
+    suite = "ct" if args.with_ct else args.suite or "mr"
+    work = (args.work or REPO / "bench_work" / f"accuracy_{suite_name(args.size, suite)}").resolve()
+    s = Suite(work, args.size, suite, args.threads, args.device, args.results.resolve(), args.stock_trainer)
     if not args.report:
         t0 = time.perf_counter()
         prepare(s)
@@ -693,8 +1097,14 @@ def main() -> int:
                         print(f"arm {name} seed {seed} failed: {e}", flush=True)
     if s.results_json.is_file():
         md = s.results_json.with_suffix(".md")
-        _write_text(md, report(_read_json(s.results_json)))
+        try:
+            text = report(_read_json(s.results_json), args.allow_mixed_commits)
+        except MixedCommitsError as e:
+            sys.exit(f"{s.results_json}: {e}")
+        _write_text(md, text)
         print(f"wrote {md}")
+    elif args.report:
+        sys.exit(f"{s.results_json} does not exist (run the benchmark first)")
     return 0
 
 

@@ -138,6 +138,7 @@ class _ToyRoutedNet(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(1))
         self.router = nn.Identity()  # like UniversalUNet: a gate exists, so dataset-free routing is inferred
+        self.options = NetworkOptions()  # hard routing, the default rule
         self.context: dict = {}
         self.contexts_seen: list[dict] = []
 
@@ -146,6 +147,8 @@ class _ToyRoutedNet(nn.Module):
 
     def route(self, phi):
         return torch.cat([(phi < 0).float(), (phi >= 0).float()], dim=1)  # (B, 2)
+
+    routing_weights = route
 
     def set_context(self, domain=None, routing=None, availability=None):
         self.context = {"domain": domain, "routing": routing, "availability": availability}
@@ -454,12 +457,21 @@ def test_universal_predict_dataset_free_routing_json_and_domain_maps(model, free
         ref = sitk.ReadImage(str(model["full"] / f"{case}_0000.nii.gz"))
         assert sitk.ReadImage(str(pred)).GetSize() == ref.GetSize()
         rec = json.loads((free_run / f"{case}.routing.json").read_text())
-        assert set(rec) == {"case", "mode", "inferred_domain", "routing", "slots"}
-        assert rec["case"] == case and rec["mode"] == "dataset-free"
+        assert set(rec) == {"case", "mode", "rule", "given_domain", "inferred_domain", "confidence",
+                            "confidence_threshold", "runner_up", "uncertain", "conflicting", "action", "routing",
+                            "applied", "slots"}
+        assert rec["case"] == case and rec["mode"] == "dataset-free" and rec["rule"] == "hard"
+        assert rec["given_domain"] is None
         assert rec["slots"] == meta["cases"][case]["slots"]  # the slots given, not the zero-filled ones
         assert list(rec["routing"]) == ["mr_a", "mr_b", "ct"]
         assert sum(rec["routing"].values()) == pytest.approx(1.0, abs=1e-4)
         assert rec["inferred_domain"] == max(rec["routing"], key=rec["routing"].get)
+        assert rec["confidence"] == pytest.approx(max(rec["routing"].values()), abs=1e-6)
+        assert rec["uncertain"] == (rec["confidence"] < rec["confidence_threshold"])
+        assert rec["runner_up"] in meta["domains"] and rec["runner_up"] != rec["inferred_domain"]
+        # the default (hard) rule: only the inferred domain's head, so dataset-free equals that domain's oracle map
+        assert rec["applied"] == {d: float(d == rec["inferred_domain"]) for d in rec["routing"]}
+        _same_image(pred, free_run / "domain_maps" / rec["inferred_domain"] / f"{case}.nii.gz")
         for domain in meta["domains"]:  # each head's oracle map holds only that domain's union ids
             assert _labels(free_run / "domain_maps" / domain / f"{case}.nii.gz") <= {0} | _domain_ids(meta, domain)
     assert not list(free_run.glob(".export_*"))  # temp folders of the atomic export are gone
@@ -486,8 +498,9 @@ def test_universal_predict_slot_images_oracle_equals_domain_map(model, free_run)
               "--domain", "mr_a", "--case-id", "p1", "-o", str(out), "-device", "cpu", "--disable-tta"],
              model["env"]))
     rec = json.loads((out / "p1.routing.json").read_text())
-    assert rec == {"case": "p1", "mode": "oracle", "inferred_domain": "mr_a",
-                   "routing": {"mr_a": 1.0, "mr_b": 0.0, "ct": 0.0}, "slots": ["T1c", "FLAIR"]}
+    assert rec == {"case": "p1", "mode": "oracle", "rule": "oracle", "given_domain": "mr_a", "inferred_domain": None,
+                   "routing": {"mr_a": 1.0, "mr_b": 0.0, "ct": 0.0}, "applied": {"mr_a": 1.0, "mr_b": 0.0, "ct": 0.0},
+                   "slots": ["T1c", "FLAIR"]}
     _same_image(out / "p1.nii.gz", free_run / "domain_maps" / "mr_a" / "mr_a_001.nii.gz")
 
 
@@ -512,38 +525,57 @@ def test_export_zip_round_trip_predicts_identically(model, free_run, monkeypatch
                 == json.loads((free_run / f"{case}.routing.json").read_text()))
 
 
-def test_hard_case_level_routing_gives_each_case_one_domain(model, monkeypatch):
-    """The trained model with ``routing: hard`` in its plans: dataset-free, every case's label map holds the
-    union ids of exactly the domain its JSON names (plus background), never a mix."""
+def test_soft_routing_in_the_plans_mixes_the_heads_by_the_routing_weights(model, free_run, monkeypatch):
+    """The trained model with ``routing: soft`` in its plans (U-Harmony's rule): the same routing weights as the
+    default (hard) run, applied as they are, and the report says so."""
     from nnunet_universal.inference.api import predict
 
-    hard = model["root"] / "model_hard"
-    shutil.copytree(model["model_dir"], hard)
-    plans = json.loads((hard / "plans.json").read_text())
-    plans["universal"]["modules"]["routing"] = "hard"
-    (hard / "plans.json").write_text(json.dumps(plans))
+    soft = model["root"] / "model_soft"
+    shutil.copytree(model["model_dir"], soft)
+    plans = json.loads((soft / "plans.json").read_text())
+    plans["universal"]["modules"]["routing"] = "soft"
+    (soft / "plans.json").write_text(json.dumps(plans))
     monkeypatch.setenv("nnUNet_extTrainer", "")
-    out = model["root"] / "pred_hard"
-    predict(hard, out, input_dir=model["partial"], device="cpu", mirroring=False)
-    meta = model["meta"]
+    out = model["root"] / "pred_soft"
+    predict(soft, out, input_dir=model["partial"], device="cpu", mirroring=False)
     for case in CASES:
+        hard = json.loads((free_run / f"{case}.routing.json").read_text())
         rec = json.loads((out / f"{case}.routing.json").read_text())
-        assert sorted(rec["routing"].values()) == [0.0, 0.0, 1.0]
-        assert _labels(out / f"{case}.nii.gz") <= {0} | _domain_ids(meta, rec["inferred_domain"])
+        assert rec["rule"] == "soft" and rec["applied"] == rec["routing"]
+        assert rec["routing"] == pytest.approx(hard["routing"], abs=1e-5)
+        assert rec["inferred_domain"] == hard["inferred_domain"]
 
 
-def test_predict_routing_hard_uses_only_the_inferred_domains_head(model, free_run):
-    """``nnunet-universal predict --routing hard`` on the soft-planned model: each case's routing is one-hot on the
-    domain the soft run inferred, and its label map equals that domain head's oracle map of the soft run."""
-    out = model["root"] / "pred_cli_hard"
+def test_predict_routing_soft_flag_overrides_the_plans(model, free_run):
+    """``nnunet-universal predict --routing soft`` on the default (hard) model: the report records the soft rule
+    and the raw weights as applied; uncertain cases carry the soft rule's warning."""
+    out = model["root"] / "pred_cli_soft"
     _ok(_run([_bin("nnunet-universal"), "predict", "-m", str(model["model_dir"]), "-i", str(model["partial"]),
-              "-o", str(out), "-device", "cpu", "--disable-tta", "--routing", "hard"], model["env"]))
+              "-o", str(out), "-device", "cpu", "--disable-tta", "--routing", "soft"], model["env"]))
     for case in CASES:
-        soft = json.loads((free_run / f"{case}.routing.json").read_text())
+        hard = json.loads((free_run / f"{case}.routing.json").read_text())
         rec = json.loads((out / f"{case}.routing.json").read_text())
-        assert rec["inferred_domain"] == soft["inferred_domain"]
-        assert rec["routing"] == {d: float(d == soft["inferred_domain"]) for d in soft["routing"]}
-        _same_image(out / f"{case}.nii.gz", free_run / "domain_maps" / soft["inferred_domain"] / f"{case}.nii.gz")
+        assert rec["rule"] == "soft" and rec["applied"] == rec["routing"]
+        assert rec["inferred_domain"] == hard["inferred_domain"]
+        assert ("soft routing" in rec["action"]) == rec["uncertain"]
+
+
+def test_decide_routing_flags_unsure_cases_and_knows_identical_label_sets():
+    from nnunet_universal.inference.routing import decide_routing
+
+    labels = [[1, 2], [3], [3]]  # domains 1 and 2 annotate the same (declared identical) class
+    sure = decide_routing(torch.tensor([0.9, 0.06, 0.04]), "hard", 0.8, labels)
+    assert (sure.inferred, sure.uncertain, sure.conflicting) == (0, False, False)
+    assert sure.applied.tolist() == [1.0, 0.0, 0.0]
+    unsure = decide_routing(torch.tensor([0.5, 0.45, 0.05]), "hard", 0.8, labels)
+    assert (unsure.inferred, unsure.runner_up, unsure.uncertain, unsure.conflicting) == (0, 1, True, True)
+    assert unsure.applied.tolist() == [1.0, 0.0, 0.0]  # never mixed with the runner-up's labels
+    harmless = decide_routing(torch.tensor([0.05, 0.5, 0.45]), "hard", 0.8, labels)
+    assert (harmless.inferred, harmless.uncertain, harmless.conflicting) == (1, True, False)
+    soft = decide_routing(torch.tensor([0.5, 0.45, 0.05]), "soft", 0.8, labels)
+    assert soft.applied.tolist() == pytest.approx([0.5, 0.45, 0.05])
+    with pytest.raises(ValueError, match="'hard' or 'soft'"):
+        decide_routing(torch.tensor([1.0]), "oracle", 0.8, [[1]])
 
 
 def test_cli_errors_exit_2_with_clear_messages(model, tmp_path):

@@ -72,7 +72,8 @@ def test_shapes_from_real_plans(kind, cfg, shape, train):
     res = net.forward_train(x, domain, avail)
     assert isinstance(res, TrainOutput) and res.union is None and len(res.heads) == n_scales
     assert res.gate_logits.shape == (shape[0], 3)
-    width = net.encoder.output_channels[-1] + 2 * net.encoder.output_channels[0] + N_SLOTS
+    chans = list(net.encoder.output_channels)
+    width = chans[-1] + 2 * chans[0] + 2 * sum(chans) + N_SLOTS  # bottleneck, first-norm and stage styles, slots
     assert res.embedding.shape == (shape[0], width)
     for d, idx in res.samples.items():
         assert torch.equal(domain[idx], torch.full_like(idx, d))
@@ -223,8 +224,8 @@ SWITCHES = {
     "no_polynomial": {"polynomial": False},
     "no_restore": {"restore": False},
     "no_gate": {"gate": False},
-    "no_prompts": {"modality_prompt": False, "task_prompt": False},
-    "hard_routing": {"routing": "hard"},
+    "prompts": {"modality_prompt": True, "task_prompt": True},
+    "soft_routing": {"routing": "soft"},
     "union_head": {"head": "union"},
     "order_1": {"harmony_order": 1},
 }
@@ -268,13 +269,49 @@ def test_every_component_switches_off_independently(name):
             torch.testing.assert_close(r, torch.full((2, 3), 1 / 3))
         if opts.routing == "hard" and opts.gate:
             assert set(r.unique().tolist()) <= {0.0, 1.0}
+        elif opts.gate:
+            torch.testing.assert_close(r, net.routing_weights(net.embed(x)))
 
 
-def test_initialize_keeps_the_task_prompt_a_no_op():
-    net = _small_net()
-    net.apply(net.initialize)
-    assert net.task_prompt.inject.weight.abs().sum() == 0
-    assert net.heads.heads[0].weight.abs().sum() > 0
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_print_network_works_for_every_variant(name):
+    """``print(network)`` (nnU-Net prints it at training start) must not raise for any module combination."""
+    opts = dataclasses.replace(NetworkOptions(), **SWITCHES[name])
+    text = repr(_small_net(opts))
+    assert text.startswith("UniversalUNet(")
+    assert ("BoundedFiLM(" in text and "bound=0.5" in text) == opts.modality_prompt
+    assert ("HarmonyNorm(" in text) == opts.harmony
+    assert ("HarmonyRestore(" in text) == (opts.harmony and opts.restore)
+
+
+def test_prompts_start_as_no_ops_and_stay_bounded_under_sgd():
+    """The failure the spatial prompts showed (maps growing to +-50 on z-scored inputs within a few hundred SGD
+    steps): a bounded FiLM prompt pushed by a loss that rewards growth for 300 steps at nnU-Net's learning rate
+    keeps the modulated input within (1 +- bound) x +- bound."""
+    from nnunet_universal.nn.prompts import PROMPT_BOUND, ModalityPrompt, TaskPrompt
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 8, 8)
+    avail = torch.tensor([[True, True, True, True, False]] * 4)
+    prompt = ModalityPrompt(5)
+    torch.testing.assert_close(prompt(x, avail), x * avail[..., None, None].float())  # exact no-op at init
+    opt = torch.optim.SGD(prompt.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+    for _ in range(300):
+        loss = -(prompt(x, avail) ** 2).mean()  # rewards an ever larger input scale
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = prompt(x, avail)
+    bound = (1 + PROMPT_BOUND) * x.abs() + PROMPT_BOUND
+    assert (out.abs() <= bound + 1e-5).all()
+    assert out[:, 4].abs().max() == 0  # a missing slot stays zero
+    assert out.abs().max() > x.abs().max() * 1.2  # the prompt did learn (within its bound)
+    task = TaskPrompt(16, 3)
+    feat = torch.randn(2, 16, 3, 3)
+    torch.testing.assert_close(task(feat, torch.eye(3)[:2]), feat)
+    g, b = prompt.film.gain_shift(avail.float())  # translation invariant: one gain and shift per channel
+    assert g.shape == (4, 5) and b.shape == (4, 5)
 
 
 def test_build_checks_plans_against_the_requested_network(tmp_path):
@@ -305,8 +342,8 @@ def _styled(domain: int, n: int, gen: torch.Generator) -> torch.Tensor:
 
 def test_gate_learns_the_domain_from_appearance_alone():
     """Instance normalization removes each channel's mean and scale, so pooled bottleneck features hardly depend
-    on the input; the gate's embedding also carries the first normalization's input statistics and learns to
-    tell apart two domains that differ only in texture."""
+    on the input; the gate's embedding also carries the normalizations' input statistics and learns to
+    tell apart two domains that differ only in texture (same slots, same per-channel mean and std)."""
     net = _small_net(seed=3)
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.SGD(net.router.parameters(), lr=0.5, momentum=0.9)
@@ -322,7 +359,7 @@ def test_gate_learns_the_domain_from_appearance_alone():
     with torch.no_grad():
         x = torch.cat([_styled(0, 16, gen), _styled(1, 16, gen)])
         truth = torch.tensor([0] * 16 + [1] * 16)
-        gate_acc = (net.router.gate_logits(net.embed(x)).argmax(1) == truth).float().mean()
+        gate_acc = (net.router.routing_logits(net.embed(x)).argmax(1) == truth).float().mean()
         route_acc = (net.route(net.embed(x)).argmax(1) == truth).float().mean()
     assert gate_acc >= 0.95 and route_acc >= 0.95, (gate_acc, route_acc)
 
@@ -335,28 +372,10 @@ def test_gate_style_statistics_from_harmony_norm_equal_the_direct_computation():
     assert norm0.keep_stats
     x = torch.randn(2, 8, 12, 12) * 3 + 5
     norm0(x)
-    net._style_from_norm(norm0, (x,), None)
-    from_norm = net._style.clone()
-    net._style_hook(norm0, (x,))
-    torch.testing.assert_close(net._style, from_norm, rtol=1e-5, atol=1e-5)
+    net._style_from_norm(0, norm0, (x,), None)
+    from_norm = net._styles[0].clone()
+    net._style_hook(0, norm0, (x,))
+    torch.testing.assert_close(net._styles[0], from_norm, rtol=1e-5, atol=1e-5)
     flat = x.flatten(2)
     expected = torch.cat([flat.mean(2), 0.5 * torch.log(flat.var(2, unbiased=False) + 1e-5)], dim=1)
     torch.testing.assert_close(from_norm, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("spatial", [(7, 13), (5, 9, 11)])
-def test_modality_prompt_maps_are_the_interpolated_coarse_maps(spatial):
-    """The separable matrix form of the prompt maps equals F.interpolate of the coarse grid (values and grads)."""
-    from nnunet_universal.nn.prompts import ModalityPrompt, _interp_mode
-
-    torch.manual_seed(0)
-    prompt = ModalityPrompt(3, len(spatial))
-    torch.nn.init.normal_(prompt.mmap.weight, std=0.1)
-    maps = prompt.prompt_maps(spatial)
-    coarse = prompt.mmap(prompt.prompts).view(1, 3, *prompt.grid)
-    ref = torch.nn.functional.interpolate(coarse, size=spatial, mode=_interp_mode(len(spatial)), align_corners=False)
-    torch.testing.assert_close(maps, ref, rtol=1e-5, atol=1e-6)
-    g = torch.randn_like(ref)
-    grad = torch.autograd.grad((maps * g).sum(), prompt.mmap.weight)[0]
-    grad_ref = torch.autograd.grad((ref * g).sum(), prompt.mmap.weight)[0]
-    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)

@@ -44,7 +44,7 @@ def tiny_plans() -> dict:
     return {"dataset_name": "Dataset999_Tiny", "plans_name": "nnUNetUniversalPlans",
             "configurations": {"3d_fullres": {"patch_size": [8, 8, 8], "batch_size": 2, "architecture": arch}},
             "universal": plans_universal_block(meta, {s: "ZScoreNormalization" for s in SLOTS},
-                                               NetworkOptions(prompt_channels=4))}
+                                               NetworkOptions(modality_prompt=True, task_prompt=True, prompt_hidden=4))}
 
 
 def _train_two_steps(rank: int, find_unused: bool) -> dict:

@@ -281,14 +281,17 @@ def test_each_variant_is_one_class_attribute_away_from_the_base():
 
 def test_network_options_merge_plans_overrides_and_objective():
     from nnunet_universal.metadata import plans_universal_block
-    from nnunet_universal.trainers.variants import UniversalTrainer_MarginalJoint, UniversalTrainer_NoPrompts
+    from nnunet_universal.trainers.universal_trainer import UniversalTrainer
+    from nnunet_universal.trainers.variants import UniversalTrainer_MarginalJoint, UniversalTrainer_Prompts
 
     meta = _meta()
     plans = {"universal": plans_universal_block(meta, {s: "ZScoreNormalization" for s in SLOTS},
-                                                NetworkOptions(prompt_channels=4))}
+                                                NetworkOptions(prompt_hidden=4))}
     json.dumps(plans)
-    o = UniversalTrainer_NoPrompts.network_options(plans)
-    assert (o.modality_prompt, o.task_prompt, o.prompt_channels, o.head) == (False, False, 4, "domain")
+    o = UniversalTrainer.network_options(plans)
+    assert (o.modality_prompt, o.task_prompt, o.routing, o.head) == (False, False, "hard", "domain")
+    o = UniversalTrainer_Prompts.network_options(plans)
+    assert (o.modality_prompt, o.task_prompt, o.prompt_hidden, o.head) == (True, True, 4, "domain")
     o = UniversalTrainer_MarginalJoint.network_options(plans)
     assert (o.head, o.gate, o.task_prompt) == ("union", False, False)
 

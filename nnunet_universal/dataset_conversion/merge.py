@@ -17,11 +17,16 @@ links keep the old, checksummed bytes, and the changed stat marks the case stale
 rewritten in union ids (linked when the ids do not change); missing slots are zero-filled NIfTI files with the case's
 geometry (one shared file per geometry, linked).
 Resume and atomicity work as in conversion (:mod:`.writer`): markers per case, dataset.json written last.
+Re-merging into an existing merged dataset is a no-op or a resume when inputs and options are unchanged; a merge
+that would renumber its classes/channels, or change a dataset that was already planned or trained, needs
+``force`` (:func:`_guard_overwrite`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +48,7 @@ from nnunet_universal.dataset_conversion.common import (
     stat_fingerprint,
     zero_template,
 )
-from nnunet_universal.dataset_conversion.inputs import case_files, load_inputs
+from nnunet_universal.dataset_conversion.inputs import case_files, load_inputs, resolve_dataset
 from nnunet_universal.dataset_conversion.runner import (
     Outcome,
     finish_case,
@@ -56,7 +61,8 @@ from nnunet_universal.dataset_conversion.spec import LabelTable
 from nnunet_universal.dataset_conversion.splits import choose_holdout, make_splits
 from nnunet_universal.dataset_conversion.union import build_label_union, merged_slots
 from nnunet_universal.dataset_conversion.validation import check_geometry, normalize_label
-from nnunet_universal.metadata import CaseInfo, DomainInfo, UniversalMeta, atomic_write_json
+from nnunet_universal.metadata import CaseInfo, DomainInfo, UniversalMeta
+from nnunet_universal.synthetic.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 MERGE_VERSION = 1
@@ -78,6 +84,22 @@ class MergeJob:
     union_names: list[str]
     key: str
     origin: dict[str, str] = field(default_factory=dict)  # source dataset and case id (provenance)
+
+    def sources(self) -> dict[str, str]:
+        """The input files this case is made of, keyed as in provenance.json (``image:SLOT``, ``label``)."""
+        return {f"image:{s}": self.images[s] for s in self.case_slots} | {"label": self.label}
+
+    def same_content_as_before(self, layout: Layout) -> bool:
+        """Whether the case's previous marker records the same split, label map and source bytes (sha256):
+        re-merging it then only re-links identical files (e.g. after a reconversion of unchanged inputs)."""
+        try:
+            prov = json.loads(layout.marker(self.case_id).read_text())["provenance"]
+            old = {k: v["sha256"] for k, v in prov["sources"].items()}
+            same = prov["split"] == self.split and prov["label_map"] == {str(k): v for k, v in self.lut.items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return same and old.keys() == self.sources().keys() and all(
+            sha256_file(f) == old[k] for k, f in self.sources().items())
 
 
 def _reader(path: str, case: str) -> sitk.ImageFileReader:
@@ -122,7 +144,7 @@ def merge_case(job: MergeJob) -> Outcome:
     else:
         atomic_write_image(array_to_image(arr, seg), layout.root / rel, layout.tmp)
         outputs[rel] = "remapped"
-    sources = {f"image:{s}": job.images[s] for s in job.case_slots} | {"label": job.label}
+    sources = job.sources()
     marker = {"key": job.key, "case": cid, "outputs": list(outputs),
               "provenance": {**job.origin, "split": job.split,
                              "sources": {k: {"file": v, "sha256": sha256_file(v)} for k, v in sources.items()},
@@ -132,7 +154,7 @@ def merge_case(job: MergeJob) -> Outcome:
 
 def merge_datasets(dataset_id: int, name: str, datasets: list[str], identical: list[str] | None = None,
                    slots: list[str] | None = None, workers: int = 2, skip_bad: bool = False,
-                   holdout: int = 0) -> Path:
+                   holdout: int = 0, force: bool = False) -> Path:
     """Merge converted datasets into ``$nnUNet_raw/Dataset{dataset_id:03d}_{name}``; return that folder.
 
     Args:
@@ -142,9 +164,16 @@ def merge_datasets(dataset_id: int, name: str, datasets: list[str], identical: l
         workers: parallel worker processes (1 = in-process).
         skip_bad: skip invalid cases and write ``conversion_report.json``/``.md`` instead of stopping.
         holdout: cases per domain moved to imagesTs/labelsTs (see :mod:`.splits` for the rule).
+        force: overwrite an existing merged dataset even if the merge renumbers its classes or channels, or changes
+            a dataset that was already planned ($nnUNet_preprocessed) or trained ($nnUNet_results).
     """
     if not datasets:
         raise ConversionError("no dataset to merge", fix="pass converted dataset ids, e.g. 501 502")
+    if int(holdout) < 0:
+        raise ConversionError(f"--holdout must be 0 or more (cases per domain held out), got {holdout}",
+                              fix="pass --holdout 0 (no test set) or a positive number")
+    for ref in datasets:
+        _check_input_json(resolve_dataset(str(ref)) / "dataset.json")
     inputs = load_inputs(datasets)
     root = dataset_folder(dataset_id, name)
     if any(folder.resolve() == root.resolve() for folder, _, _ in inputs):
@@ -182,8 +211,9 @@ def merge_datasets(dataset_id: int, name: str, datasets: list[str], identical: l
             planned[mid] = (folder, dj, meta, case)
     held = choose_holdout({m: (meta.cases[c].domain, meta.cases[c].group or c)
                            for m, (_, _, meta, c) in planned.items()}, holdout)
+    options = {"datasets": [f.name for f, _, _ in inputs], "identical": list(identical or []),
+               "slots": list(slots) if slots else None, "holdout": int(holdout), "skip_bad": bool(skip_bad)}
 
-    layout.prepare()
     jobs, done = [], {}
     for mid, (folder, dj, meta, case) in planned.items():
         info = meta.cases[case]
@@ -206,10 +236,14 @@ def merge_datasets(dataset_id: int, name: str, datasets: list[str], identical: l
         if marker is not None:
             done[mid] = marker
             continue
-        layout.marker(mid).unlink(missing_ok=True)
         jobs.append(MergeJob(case_id=mid, split=split, root=str(root), slots=chans, case_slots=case_slots,
                              images=used, label=label, lut=lut, union_names=names, key=key,
                              origin={"dataset": folder.name, "case": case, "domain": info.domain}))
+    _guard_overwrite(root, dataset_id, options, union.dataset_labels(), chans, layout, jobs,
+                     set(done) | {j.case_id for j in jobs}, force)
+    layout.prepare()  # nothing was written before this line
+    for job in jobs:
+        layout.marker(job.case_id).unlink(missing_ok=True)
     logger.info("%s: %d case(s) up to date, %d to merge", root.name, len(done), len(jobs))
     if jobs:
         (root / "dataset.json").unlink(missing_ok=True)
@@ -220,9 +254,144 @@ def merge_datasets(dataset_id: int, name: str, datasets: list[str], identical: l
             done[o.case_id] = o.marker
     if not done:
         raise ConversionError("no valid case left to merge", fix=f"see {root}/conversion_report.md")
-    return _finish(root, layout, inputs, planned, done, skipped, domains, chans, union,
-                   {"datasets": [f.name for f, _, _ in inputs], "identical": list(identical or []),
-                    "slots": list(slots) if slots else None, "holdout": int(holdout), "skip_bad": bool(skip_bad)})
+    return _finish(root, layout, inputs, planned, done, skipped, domains, chans, union, options)
+
+
+def _check_input_json(path: Path) -> None:
+    """Fail with the file's name (and the key, the case) on an input dataset.json merge cannot read."""
+    fix = f"repair {path} or reconvert that dataset with 'nnunet-universal convert'"
+    try:
+        dj = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConversionError("no dataset.json: this is not a converted dataset", file=path,
+                              fix="convert it first with 'nnunet-universal convert'") from None
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})",
+                              file=path, fix=fix) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"cannot be read ({e})", file=path, fix="check the file and its permissions") from None
+    if not isinstance(dj, dict):
+        raise ConversionError(f"holds a JSON {type(dj).__name__}, not an object", file=path, fix=fix)
+    for key, kind in (("channel_names", dict), ("file_ending", str)):
+        if key not in dj:
+            raise ConversionError(f"has no {key!r} key", file=path, fix=fix)
+        if not isinstance(dj[key], kind):
+            raise ConversionError(f"{key!r} must be a JSON {'object' if kind is dict else 'string'}", file=path,
+                                  fix=fix)
+    if not all(str(k).isdigit() for k in dj["channel_names"]):
+        raise ConversionError(f"'channel_names' keys must be channel numbers, got {list(dj['channel_names'])}",
+                              file=path, fix=fix)
+    entries = dj.get("dataset")
+    if not isinstance(entries, dict):
+        return
+    for case, entry in entries.items():
+        where = f"its 'dataset' entry of case {case!r}"
+        if not isinstance(entry, dict):
+            raise ConversionError(f"{where} is not an object", case=case, file=path, fix=fix)
+        for key in ("images", "label"):
+            if key not in entry:
+                raise ConversionError(f"{where} has no {key!r} key", case=case, file=path,
+                                      fix="add it ('images': one file per channel, 'label': the label file) or "
+                                          "reconvert that dataset with 'nnunet-universal convert'")
+        images = entry["images"]
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise ConversionError(f"{where}: 'images' must be a list of file paths", case=case, file=path, fix=fix)
+        if len(images) != len(dj["channel_names"]):
+            raise ConversionError(f"{where} lists {len(images)} image(s) for {len(dj['channel_names'])} channel(s)",
+                                  case=case, file=path, fix=fix)
+        if not isinstance(entry["label"], str):
+            raise ConversionError(f"{where}: 'label' must be a file path", case=case, file=path, fix=fix)
+
+
+def _planned_state(dataset_id: int) -> tuple[list[str], list[Path]]:
+    """What nnU-Net already made of this dataset id: descriptions, and the folders that hold it."""
+    found: list[str] = []
+    folders: list[Path] = []
+    tag = f"Dataset{int(dataset_id):03d}_*"
+    for var in ("nnUNet_preprocessed", "nnUNet_results"):
+        base = os.environ.get(var)
+        if not base or not Path(base).is_dir():
+            continue
+        for folder in sorted(p for p in Path(base).glob(tag) if p.is_dir()):
+            if var == "nnUNet_preprocessed":  # plans files, data folders, nnU-Net's copy of the split
+                items = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.is_dir() or (
+                    p.suffix == ".json" and p.name not in ("dataset.json", "dataset_fingerprint.json")))
+                what = "preprocessed data"
+            else:
+                items = sorted(str(p.relative_to(folder)) for p in folder.glob("*/fold_*") if p.is_dir())
+                what = "trained models"
+            if items:
+                shown = ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+                found.append(f"{folder} holds {what} ({shown})")
+                folders.append(folder)
+    return found, folders
+
+
+def _dict_diff(what: str, old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    parts = [f"{k} {old[k]}->{new[k]}" for k in new if k in old and old[k] != new[k]]
+    parts += [f"new {k}" for k in new if k not in old] + [f"no more {k}" for k in old if k not in new]
+    if not parts:
+        return None
+    return f"{what} change: " + ", ".join(parts[:6]) + (f" and {len(parts) - 6} more" if len(parts) > 6 else "")
+
+
+def _guard_overwrite(root: Path, dataset_id: int, options: dict[str, Any], labels: dict[str, int],
+                     chans: list[str], layout: Layout, jobs: list[MergeJob], cases: set[str], force: bool) -> None:
+    """Refuse (unless ``force``) a merge that renumbers an existing merged dataset or changes a planned one.
+
+    A rerun with the same inputs and options is a no-op (or a resume) and always allowed.
+    """
+    prev = None
+    try:
+        prev = json.loads((root / "dataset.json").read_text())
+    except (OSError, ValueError):
+        pass
+    renumber: list[str] = []  # differences that change what an id means
+    changes: list[str] = []  # anything the merge would change
+    if isinstance(prev, dict):
+        uni = prev.get("universal") if isinstance(prev.get("universal"), dict) else {}
+        prov = uni.get("provenance") if isinstance(uni.get("provenance"), dict) else {}
+        old = prov.get("options") if isinstance(prov.get("options"), dict) else {}
+        if prov.get("tool") != "nnunet-universal merge":
+            renumber.append(f"it is not a merged dataset (written by {prov.get('tool') or 'another tool'})")
+        elif old.get("datasets") != options["datasets"]:
+            renumber.append(f"inputs {old.get('datasets')} -> {options['datasets']}")
+        if isinstance(prev.get("labels"), dict):
+            renumber.append(_dict_diff("label id", prev["labels"], labels) or "")
+        if isinstance(prev.get("channel_names"), dict):
+            old_ch = {v: int(k) for k, v in prev["channel_names"].items() if str(k).isdigit()}
+            renumber.append(_dict_diff("channel", old_ch, {s: i for i, s in enumerate(chans)}) or "")
+        renumber = [r for r in renumber if r]
+        changes += renumber
+        changes += [f"option {k}: {old.get(k)!r} -> {v!r}" for k, v in options.items()
+                    if k != "datasets" and old.get(k) != v]
+        prev_cases = set(uni.get("cases") or {}) if isinstance(uni.get("cases"), dict) else set()
+        if prev_cases != cases:
+            changes.append(f"{len(cases - prev_cases)} case(s) added, {len(prev_cases - cases)} removed")
+    elif root.exists():
+        changes.append(f"{root.name} has no complete dataset.json (an interrupted merge?)")
+    else:
+        changes.append(f"{root.name} does not exist in $nnUNet_raw")
+    found, folders = _planned_state(dataset_id)
+    if found and not changes:  # stale cases (e.g. inputs reconverted): do their bytes change?
+        changed = [j.case_id for j in jobs if not j.same_content_as_before(layout)]
+        if changed:
+            changes.append(f"{len(changed)} case(s) with new content, e.g. {changed[0]}")
+    if found and changes:
+        problem = (f"{root.name} was already planned or trained: {'; '.join(found)}. This merge would change the raw "
+                   f"dataset ({'; '.join(changes)}), which invalidates them: held-out cases may have been trained on, "
+                   f"and the old split and preprocessed data no longer match")
+        todo = (f"delete {' and '.join(map(str, folders))} (or move them away), then re-run 'nnunet-universal plan -d "
+                f"{int(dataset_id)}' and retrain")
+        if not force:
+            raise ConversionError(problem, fix=f"merge into a new id (-d), or re-merge with --force and then {todo}")
+        logger.warning("--force: %s. Now %s.", problem, todo)
+    elif renumber:
+        problem = (f"{root} already holds a different dataset: {'; '.join(renumber)}; merging into it would silently "
+                   f"renumber its classes/channels")
+        if not force:
+            raise ConversionError(problem, fix="merge into a new id (-d/-n), or pass --force to replace it")
+        logger.warning("--force: %s", problem)
 
 
 def _finish(root: Path, layout: Layout, inputs: list, planned: dict, done: dict[str, dict], skipped: list,

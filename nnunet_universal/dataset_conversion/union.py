@@ -8,6 +8,7 @@ Slots: the canonical order of :data:`registry.SLOTS` over the union of the domai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nnunet_universal.dataset_conversion.common import ConversionError
@@ -45,6 +46,48 @@ def _parse_identical(identical: list[str], known: list[str]) -> list[list[str]]:
     return pairs
 
 
+def _refuse_collapsed_domains(known: list[str], find: Callable[[str], str], pairs: list[list[str]]) -> None:
+    """Raise if a chain of ``--identical`` declarations joins two classes of one domain (they would share an id)."""
+    first: dict[tuple[str, str], str] = {}  # (group root, domain) -> first class of that domain in the group
+    for name in known:
+        key = (find(name), name.split(".", 1)[0])
+        if key not in first:
+            first[key] = name
+            continue
+        a, b = first[key], name
+        steps = _chain(a, b, pairs)
+        path = " = ".join([a, *(nxt for nxt, _ in steps)])
+        used = " ".join(f"{x}={y}" for _, (x, y) in steps)
+        raise ConversionError(
+            f"--identical chain {path} gives two classes of domain {key[1]!r} ({a.split('.', 1)[1]} and "
+            f"{b.split('.', 1)[1]}) one union id (declarations: {used})",
+            fix="drop or correct one of these --identical declarations; classes of one domain must stay distinct")
+
+
+def _chain(a: str, b: str, pairs: list[list[str]]) -> list[tuple[str, tuple[str, str]]]:
+    """Shortest path a -> b over the declarations: [(next class, declaration used), ...]."""
+    edges: dict[str, list[tuple[str, tuple[str, str]]]] = {}
+    for x, y in pairs:
+        edges.setdefault(x, []).append((y, (x, y)))
+        edges.setdefault(y, []).append((x, (x, y)))
+    prev: dict[str, tuple[str, tuple[str, str]] | None] = {a: None}
+    todo = [a]
+    while todo and b not in prev:
+        nxt = []
+        for node in todo:
+            for other, decl in edges.get(node, []):
+                if other not in prev:
+                    prev[other] = (node, decl)
+                    nxt.append(other)
+        todo = nxt
+    steps, node = [], b
+    while prev.get(node) is not None:
+        parent, decl = prev[node]
+        steps.append((node, decl))
+        node = parent
+    return steps[::-1]
+
+
 def build_label_union(metas: list[UniversalMeta], identical: list[str] | None) -> LabelUnion:
     """Assign union ids over the domains of ``metas`` (in order), honouring ``identical`` declarations."""
     entries: list[tuple[str, str, int]] = []  # (domain, class, local id)
@@ -61,11 +104,13 @@ def build_label_union(metas: list[UniversalMeta], identical: list[str] | None) -
         return x
 
     order = []  # first-written name of each group wins the name
-    for a, b in _parse_identical(identical or [], known):
+    pairs = _parse_identical(identical or [], known)
+    for a, b in pairs:
         order += [a, b]
         ra, rb = find(a), find(b)
         if ra != rb:
             parent[rb] = ra
+    _refuse_collapsed_domains(known, find, pairs)
     rank = {n: i for i, n in reversed(list(enumerate(order)))}
     group_name: dict[str, str] = {}
     for n in sorted(rank, key=rank.get):

@@ -135,8 +135,12 @@ def read_routing(path: Path, case: str, true_domain: str) -> dict[str, Any]:
         raise ValueError(f"{path}: mode {mode!r} is not one of {ROUTING_MODES}")
     if rec.get("case", case) != case:
         raise ValueError(f"{path}: describes case {rec['case']!r}, expected {case!r}")
-    return {"mode": mode, "inferred_domain": str(inferred), "correct": inferred == true_domain,
-            "weights": {str(k): float(v) for k, v in (rec.get("routing") or {}).items()}}
+    out = {"mode": mode, "inferred_domain": None if inferred is None else str(inferred),
+           "correct": inferred == true_domain,
+           "weights": {str(k): float(v) for k, v in (rec.get("routing") or {}).items()}}
+    out.update({k: rec[k] for k in ("rule", "given_domain", "confidence", "runner_up", "uncertain", "conflicting")
+                if k in rec})
+    return out
 
 
 def _locate_dataset(dataset_id: int | str) -> tuple[str, dict[str, Any], Path | None]:

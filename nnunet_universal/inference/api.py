@@ -5,8 +5,14 @@ missing slots, preprocess with the plans' own preprocessor, predict with :class:
 (case-level routing or a given domain), export with nnU-Net's ``export_prediction_from_logits``, and write
 ``{case}.routing.json``::
 
-    {"case": "case", "mode": "dataset-free", "inferred_domain": "mr_a",
-     "routing": {"mr_a": 0.97, "mr_b": 0.03, "ct": 0.0}, "slots": ["T1c", "FLAIR"]}
+    {"case": "case", "mode": "dataset-free", "rule": "hard", "given_domain": null, "inferred_domain": "mr_a",
+     "confidence": 0.62, "confidence_threshold": 0.8, "runner_up": "mr_b", "uncertain": true,
+     "conflicting": true, "action": "uncertain: only mr_a's head was used (hard routing), ...",
+     "routing": {"mr_a": 0.62, "mr_b": 0.37, "ct": 0.01}, "applied": {"mr_a": 1.0, "mr_b": 0.0, "ct": 0.0},
+     "slots": ["T1c", "FLAIR"]}
+
+``routing`` holds the gate's weights, ``applied`` the head weights the rule made of them (``mode`` "oracle": the
+given domain's one-hot, ``rule`` "uniform": a network without gate). Uncertain cases are also logged as warnings.
 
 With ``save_domain_maps`` each domain head's oracle label map (union ids) goes to
 ``domain_maps/{domain}/{case}{file_ending}``.
@@ -100,23 +106,14 @@ def _export(logits: torch.Tensor, properties: dict, predictor: UniversalPredicto
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _routing_record(case: CaseInput, predictor: UniversalPredictor, domain: str | None) -> dict:
-    """The ``{case}.routing.json`` content (schema in the module docstring; ``inferred_domain`` is None for a
-    network without gate in dataset-free mode)."""
-    routing = predictor.last_routing
-    names = predictor.meta.domain_names
-    if domain is not None:
-        inferred = domain
-    else:  # a network without gate mixes its heads uniformly: it infers no domain
-        inferred = names[int(routing.argmax())] if predictor.gated else None
-    weights = {n: round(float(w), 6) for n, w in zip(names, routing, strict=True)}
+def _routing_record(case: CaseInput, predictor: UniversalPredictor) -> dict:
+    """The ``{case}.routing.json`` content (schema in the module docstring)."""
     # slots used: given as a file and holding data (a zero-filled file, e.g. in a merged imagesTs, is missing)
     slots = case.slots(predictor.meta.slots)
     available = predictor.last_availability
     if available is not None:
         slots = [s for s in slots if bool(available[predictor.meta.slots.index(s)])]
-    return {"case": case.case_id, "mode": "oracle" if domain is not None else "dataset-free",
-            "inferred_domain": inferred, "routing": weights, "slots": slots}
+    return predictor.routing_record(case.case_id, slots)
 
 
 def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, images: dict[str, str] | None = None,
@@ -167,6 +164,7 @@ def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, im
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     output_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
+    uncertain: list[str] = []
     for case in tqdm(cases, desc="predict", unit="case"):
         raw, properties = read_case(case, predictor.plans_manager, num_channels)
         data, _, properties = preprocessor.run_case_npy(raw, None, properties, predictor.plans_manager,
@@ -175,12 +173,19 @@ def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, im
         logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
         target = output_dir / f"{case.case_id}{ending}"
         _export(logits, properties, predictor, target)
-        record = _routing_record(case, predictor, domain)
+        record = _routing_record(case, predictor)
         atomic_write_json(record, output_dir / f"{case.case_id}.routing.json")
         logger.info("%s: %s domain %s", case.case_id, record["mode"], record["inferred_domain"])
+        if record.get("uncertain"):
+            uncertain.append(case.case_id)
+            logger.warning("%s: routing uncertain (%s %.2f, runner-up %s): %s", case.case_id,
+                           record["inferred_domain"], record["confidence"], record["runner_up"], record["action"])
         written.append(target)
         if save_domain_maps:
             for name in meta.domain_names:
                 d_logits = predictor.predict_logits_for_domain(data, name).cpu()
                 _export(d_logits, properties, predictor, output_dir / "domain_maps" / name / target.name)
+    if uncertain:
+        logger.warning("%d of %d cases were routed with low confidence (see their .routing.json): %s",
+                       len(uncertain), len(cases), ", ".join(uncertain))
     return written

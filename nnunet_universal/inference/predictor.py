@@ -10,6 +10,12 @@ the whole case - the routing computed from ``phi`` aggregated over the case (dat
 Folds: the routing is computed with each fold's own weights (each fold's gate matches its heads); the
 routing reported for the case (:attr:`UniversalPredictor.last_routing`) is the mean over folds.
 
+Decision rule (the plans' ``routing`` option, ``set_routing`` overrides it): ``hard`` (default) uses only the most
+likely domain's head, so a case is never painted with labels of a domain it was not routed to; a case whose top
+weight is below ``routing_confidence`` is flagged as uncertain in the routing record, together with the runner-up
+domain and whether the two annotate different labels (:func:`~nnunet_universal.inference.routing.decide_routing`).
+``soft`` mixes the heads by the weights (U-Harmony's rule).
+
 Networks without a gate (ablation ``gate=False``) mix their heads uniformly in dataset-free mode; union-head
 baselines have no domain heads, so oracle mode restricts their union prediction to the domain's labels
 (unannotated classes merged into background), as the trainer's final validation does.
@@ -27,7 +33,12 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import nn
 
-from nnunet_universal.inference.routing import case_availability, case_routing, unwrap_network
+from nnunet_universal.inference.routing import (
+    case_availability,
+    case_routing,
+    decide_routing,
+    unwrap_network,
+)
 from nnunet_universal.metadata import MetadataError, NetworkOptions, UniversalMeta, read_plans_universal
 from nnunet_universal.nn.encoding_cache import DEFAULT_CACHE_MB
 
@@ -47,6 +58,7 @@ class UniversalPredictor(nnUNetPredictor):
         self.network_options: NetworkOptions | None = None
         self.oracle_domain: str | None = None
         self._fold_routings: list[torch.Tensor] = []
+        self._fold_applied: list[torch.Tensor] = []
         self.last_availability: torch.Tensor | None = None
         self._tile_cache = None  # the case's encoding cache while its sliding window runs
         #: memory for encoder outputs shared by the routing and prediction passes (dataset-free mode);
@@ -86,7 +98,8 @@ class UniversalPredictor(nnUNetPredictor):
         except MetadataError as e:
             raise MetadataError(f"not a universal model: {e}") from None
         net = unwrap_network(self.network)
-        missing = [m for m in ("set_context", "clear_context", "embed", "route") if not hasattr(net, m)]
+        missing = [m for m in ("set_context", "clear_context", "embed", "route", "routing_weights")
+                   if not hasattr(net, m)]
         if missing:
             raise MetadataError(
                 f"not a universal model: trainer {self.trainer_name} built a {type(net).__name__}, which has no "
@@ -107,14 +120,55 @@ class UniversalPredictor(nnUNetPredictor):
     # ---- per-case context ----------------------------------------------------------------------
     @property
     def last_routing(self) -> torch.Tensor | None:
-        """Routing of the last case, (D,): mean over the folds' routings (one-hot in oracle mode)."""
+        """Routing weights of the last case, (D,), before the decision rule: mean over the folds' weights (one-hot
+        in oracle mode, uniform without gate)."""
         if not self._fold_routings:
             return None
         return torch.stack(self._fold_routings).mean(0)
 
+    @property
+    def last_applied(self) -> torch.Tensor | None:
+        """Head weights used for the last case, (D,): mean over folds of the rule's output."""
+        if not self._fold_applied:
+            return None
+        return torch.stack(self._fold_applied).mean(0)
+
+    def routing_record(self, case_id: str, slots: list[str] | None = None) -> dict:
+        """The last case's ``{case}.routing.json`` content: mode, rule, given/inferred domain, raw and applied
+        weights, confidence, runner-up, whether the case is uncertain/conflicting and what was done about it."""
+        names = self.meta.domain_names
+        raw, applied = self.last_routing, self.last_applied
+        rec: dict = {"case": case_id}
+        if self.oracle_domain is not None:
+            rec.update(mode="oracle", rule="oracle", given_domain=self.oracle_domain, inferred_domain=None)
+        elif not self.gated:  # no gate (ablation): the heads are mixed uniformly, no domain is inferred
+            rec.update(mode="dataset-free", rule="uniform", given_domain=None, inferred_domain=None)
+        else:
+            opts = unwrap_network(self.network).options
+            decision = decide_routing(raw, opts.routing, opts.routing_confidence,
+                                      [self.meta.domain_label_ids(n) for n in names])
+            runner = None if decision.runner_up is None else names[decision.runner_up]
+            if not decision.uncertain:
+                action = "confident"
+            elif decision.rule == "hard":
+                action = (f"uncertain: only {names[decision.inferred]}'s head was used (hard routing), "
+                          f"{runner} was not mixed in; check the case or predict it with --domain NAME")
+            else:
+                action = (f"uncertain: heads mixed by weight (soft routing), labels of {runner} may be painted; "
+                          "predict with --routing hard or --domain NAME to avoid that")
+            rec.update(mode="dataset-free", rule=decision.rule, given_domain=None,
+                       inferred_domain=names[decision.inferred], confidence=round(decision.confidence, 6),
+                       confidence_threshold=opts.routing_confidence, runner_up=runner,
+                       uncertain=decision.uncertain, conflicting=decision.conflicting, action=action)
+        rec["routing"] = {n: round(float(w), 6) for n, w in zip(names, raw, strict=True)}
+        rec["applied"] = {n: round(float(w), 6) for n, w in zip(names, applied, strict=True)}
+        if slots is not None:
+            rec["slots"] = list(slots)
+        return rec
+
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
         """Stock fold ensemble of one case; resets the per-case routing record first. data: (C, *spatial)."""
-        self._fold_routings = []
+        self._fold_routings, self._fold_applied = [], []
         logits = super().predict_logits_from_preprocessed_data(data)
         if self.oracle_domain is not None and self.union_head:
             from nnunet_universal.trainers.final_validation import restrict_to_domain
@@ -158,12 +212,18 @@ class UniversalPredictor(nnUNetPredictor):
                     cache = stack.enter_context(net.encoding_cache(self.encoding_cache_mb * 2**20))
                 routing, _ = case_routing(self.network, input_image, self.configuration_manager.patch_size,
                                           self.tile_step_size, availability=availability)
-                context = {"routing": routing.to(self.device)}
+                decision = decide_routing(routing, net.options.routing, net.options.routing_confidence,
+                                          [self.meta.domain_label_ids(n) for n in self.meta.domain_names])
+                applied = decision.applied
+                context = {"routing": applied.to(self.device)}
             else:
                 n = len(self.meta.domains)
-                routing = torch.full((n,), 1.0 / n)
+                routing = applied = torch.full((n,), 1.0 / n)
                 context = {"routing": routing.to(self.device)}
+            if self.oracle_domain is not None:
+                applied = routing
             self._fold_routings.append(routing)
+            self._fold_applied.append(applied)
             logger.debug("case routing %s, availability %s", routing.tolist(), availability.tolist())
             net.set_context(availability=availability.to(self.device), **context)
             stack.callback(net.clear_context)

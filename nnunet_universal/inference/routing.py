@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
@@ -83,7 +84,8 @@ def case_routing(network: nn.Module, data: torch.Tensor, patch_size: Sequence[in
         availability: (C,) bool channels to treat as present; default :func:`case_availability` of ``data``.
 
     Returns:
-        (routing (D,) float on the CPU, availability (C,) bool on the CPU).
+        (routing weights (D,) float on the CPU, before any decision rule (:func:`decide_routing`), availability
+        (C,) bool on the CPU).
     """
     net = unwrap_network(network)
     device = next(net.parameters()).device
@@ -110,7 +112,48 @@ def case_routing(network: nn.Module, data: torch.Tensor, patch_size: Sequence[in
                 phi = net.embed(x, availability=avail).float()  # (B, F)
                 phi_sum = phi.sum(0) if phi_sum is None else phi_sum + phi.sum(0)
                 n += phi.shape[0]
-            routing = net.route((phi_sum / n)[None]).float()[0]  # (D,)
+            routing = net.routing_weights((phi_sum / n)[None]).float()[0]  # (D,)
     finally:
         net.train(was_training)
     return routing.cpu(), availability
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """What a case's routing weights were turned into (recorded in ``{case}.routing.json``).
+
+    applied: (D,) head weights used for the case (one-hot under the hard rule); inferred: index of the most
+    likely domain; runner_up: the second most likely (None with one domain); confidence: the top weight;
+    uncertain: confidence below the threshold; conflicting: uncertain and the runner-up domain annotates other
+    union labels than the inferred one (so the choice changes which labels can be painted).
+    """
+
+    rule: str
+    applied: torch.Tensor
+    inferred: int
+    runner_up: int | None
+    confidence: float
+    uncertain: bool
+    conflicting: bool
+
+
+def decide_routing(weights: torch.Tensor, rule: str, confidence_threshold: float,
+                   domain_labels: Sequence[Sequence[int]]) -> RoutingDecision:
+    """Apply the routing rule to a case's weights (D,).
+
+    ``"hard"`` (default): only the most likely domain's head, whatever the confidence, so that a case is never
+    painted with the labels of a domain it was not routed to; an unsure case is flagged (``uncertain``) instead of
+    mixed. ``"soft"``: the heads mixed by the weights (U-Harmony's rule). ``domain_labels[d]``: union label ids of
+    domain ``d``; two domains whose label sets are equal (all classes declared ``--identical``) do not conflict.
+    """
+    if rule not in ("hard", "soft"):
+        raise ValueError(f"routing rule must be 'hard' or 'soft', got {rule!r}")
+    w = weights.detach().float().cpu()
+    order = torch.argsort(w, descending=True).tolist()
+    top, runner = order[0], (order[1] if len(order) > 1 else None)
+    conf = float(w[top])
+    uncertain = conf < confidence_threshold
+    conflicting = bool(uncertain and runner is not None
+                       and sorted(domain_labels[runner]) != sorted(domain_labels[top]))
+    applied = torch.nn.functional.one_hot(torch.tensor(top), len(w)).float() if rule == "hard" else w.clone()
+    return RoutingDecision(rule, applied, top, runner, conf, uncertain, conflicting)

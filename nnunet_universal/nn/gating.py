@@ -1,7 +1,9 @@
 """Domain gate and prototypes of the domain-gated head (U-Harmony, paper 000 §2.2).
 
 ``G = softmax(W_G phi + B_G)``; prototypes ``p_d`` are running means of ``phi`` over domain ``d``;
-routing ``r ∝ G ⊙ exp(cos(phi, p_d) / tau)``, normalized over domains.
+routing ``r ∝ G ⊙ exp(s cos(phi, p_d))``, normalized over domains. The paper fixes ``s = 1/tau``; here ``s`` is
+learned (initialised at ``1/tau``) because the trainer's gate loss is the cross-entropy of the *routing*
+log-weights, not of ``G`` alone: the weights that decide a case's domain are the ones trained to be calibrated.
 
 Prototype updates are made equal under DDP and on one process with the union of the data: per step and
 per domain, the batch sum of ``phi`` and the count are all-reduced first, then
@@ -9,6 +11,8 @@ per domain, the batch sum of ``phi`` and the count are all-reduced first, then
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -34,10 +38,15 @@ class DomainRouter(nn.Module):
     Args:
         num_features: F, the size of the pooled bottleneck features ``phi``.
         num_domains: D.
-        temperature: tau of the prototype similarity term.
+        temperature: initial tau of the prototype similarity term (its inverse ``s`` is learned, within
+            [1, 100]).
         momentum: m of the prototypes' running mean.
-    Buffers (in the state dict): ``prototypes`` (D, F), ``prototype_initialized`` (D,) bool.
+    Buffers (in the state dict): ``prototypes`` (D, F), ``prototype_initialized`` (D,) bool; parameter
+    ``log_scale`` (log s).
     """
+
+    #: bounds of the learned similarity scale s = 1/tau
+    SCALE_RANGE = (1.0, 100.0)
 
     def __init__(self, num_features: int, num_domains: int, temperature: float = 0.1,
                  momentum: float = 0.99) -> None:
@@ -50,6 +59,7 @@ class DomainRouter(nn.Module):
         self.temperature = float(temperature)
         self.momentum = float(momentum)
         self.gate = nn.Linear(num_features, num_domains)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.temperature)))
         self.register_buffer("prototypes", torch.zeros(num_domains, num_features))
         self.register_buffer("prototype_initialized", torch.zeros(num_domains, dtype=torch.bool))
 
@@ -64,10 +74,21 @@ class DomainRouter(nn.Module):
             cos = F.normalize(phi.float(), dim=1) @ F.normalize(self.prototypes.float(), dim=1).T
             return cos * self.prototype_initialized.to(cos.dtype)
 
-    def route(self, phi: Tensor, hard: bool = False, gate_logits: Tensor | None = None) -> Tensor:
-        """Routing weights (B, D): softmax(gate) ⊙ exp(cos/tau), normalized; one-hot of its arg-max if ``hard``."""
-        logits = self.gate_logits(phi) if gate_logits is None else gate_logits.float()
-        r = torch.softmax(F.log_softmax(logits, dim=1) + self.similarity(phi) / self.temperature, dim=1)
+    def scale(self) -> Tensor:
+        """The learned similarity scale s = 1/tau (scalar tensor, clamped to :attr:`SCALE_RANGE`)."""
+        lo, hi = self.SCALE_RANGE
+        return self.log_scale.float().clamp(math.log(lo), math.log(hi)).exp()
+
+    def routing_logits(self, phi: Tensor) -> Tensor:
+        """(B, F) -> (B, D) routing log-weights (up to a constant): ``log_softmax(gate) + s cos(phi, p)``.
+
+        The trainer's gate loss is their cross-entropy with the true domain (fp32 also under autocast)."""
+        with torch.autocast(device_type=phi.device.type, enabled=False):
+            return F.log_softmax(self.gate_logits(phi), dim=1) + self.scale() * self.similarity(phi)
+
+    def route(self, phi: Tensor, hard: bool = False) -> Tensor:
+        """Routing weights (B, D): softmax(gate) ⊙ exp(s cos), normalized; one-hot of its arg-max if ``hard``."""
+        r = torch.softmax(self.routing_logits(phi), dim=1)
         if hard:
             r = F.one_hot(r.argmax(dim=1), self.num_domains).to(r.dtype)
         return r

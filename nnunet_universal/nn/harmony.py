@@ -147,8 +147,7 @@ class HarmonyNorm(nn.Module):
 
     def extra_repr(self) -> str:
         poly = f"{self.basis} basis" if self.poly_weight is not None else "off"
-        mix = "off" if self.mix is None else "residual"
-        return f"{self.num_channels}, eps={self.eps}, order={self.order}, polynomial={poly}, mix={mix}"
+        return f"{self.num_channels}, eps={self.eps}, order={self.order}, polynomial={poly}"
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, C, *spatial)
         if x.ndim < 3:

@@ -1,28 +1,29 @@
-"""Prompts: a modality prompt at the input (MedUniSeg's MMap) and a task prompt at the bottleneck (UniSeg's FUSE).
+"""Prompts as bounded, translation-invariant feature modulation (off in the default model, DESIGN §5.4).
 
-Both start as exact no-ops (their last linear map is zero-initialized), so a freshly built network computes
-what the planned nnU-Net network computes, and the prompts grow from there.
+The first design (MedUniSeg's MMap at the input, UniSeg's FUSE at the bottleneck) added *spatial maps* in patch
+coordinates: the maps grew to +-50 on z-scored inputs within a few hundred SGD steps and gave the network an
+absolute-position cue ("lesion at the patch centre", which nnU-Net's foreground-centred patches reward and
+sliding-window inference breaks); it cost 4-31 Dice points in the accuracy suite. Here both prompts are
+channel-wise FiLM (``x' = x (1 + g) + b``) computed from a *vector*, so they:
+
+* cannot act as a position cue (the same modulation at every voxel);
+* cannot swamp the signal: ``g, b = bound * tanh(.)`` with ``bound`` = :data:`PROMPT_BOUND`, so the modulated
+  channel stays within ``[(1 - bound) x - bound, (1 + bound) x + bound]`` whatever the optimizer does;
+* start as exact no-ops (zero-initialised last layer).
+
+ModalityPrompt conditions each input slot on the slot-availability vector (which sequences were acquired with
+it: the modality context MedUniSeg's prompt encodes). TaskPrompt conditions the bottleneck on the domain
+weights; training feeds one-hot true domains and dataset-free inference feeds the (hard, by default) routing,
+so both see the same kind of input.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
-from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from torch import Tensor, nn
 
-#: Length of each slot's learnable prompt vector (MedUniSeg, paper 004 §5.8: 512 was best).
-MODALITY_PROMPT_LENGTH = 512
-#: Coarse grid the prompt vector is mapped to before interpolation to the input (MedUniSeg: 12x12 / 4x6x6).
-MODALITY_PROMPT_GRID = {2: (12, 12), 3: (6, 6, 6)}
-#: Spatial size of the learnable universal task prompt (resized to the bottleneck).
-TASK_PROMPT_GRID = 4
-
-
-def _interp_mode(ndim: int) -> str:
-    return {1: "linear", 2: "bilinear", 3: "trilinear"}[ndim]
+#: Largest relative gain/shift a prompt can apply (tanh-bounded): x' in [(1-B) x - B, (1+B) x + B].
+PROMPT_BOUND = 0.5
 
 
 def derive_availability(x: Tensor, rtol: float = 1e-6) -> Tensor:
@@ -37,95 +38,66 @@ def derive_availability(x: Tensor, rtol: float = 1e-6) -> Tensor:
     return (hi - lo) > rtol * scale
 
 
-class ModalityPrompt(nn.Module):
-    """MedUniSeg MMap (paper 004, Eq. 2): ``input = I + MMap(F_mod[slot])`` for each available slot.
+class BoundedFiLM(nn.Module):
+    """Condition vector (B, K) -> per-channel gain and shift (B, C) each, both in (-bound, bound).
 
-    One learnable prompt vector per modality slot, one shared linear map to a coarse grid, linear
-    interpolation to the input's spatial shape; the map is added to the slot's channel only where the slot
-    is available. x: (B, C, *spatial), availability: (B, C) bool.
+    A hidden layer with LeakyReLU, then a zero-initialised linear map: the modulation is exactly the identity at
+    initialisation. ``modulate(x, cond)``: x (B, C, *spatial) -> ``x (1 + g) + b``.
     """
 
-    def __init__(self, num_slots: int, ndim: int, length: int = MODALITY_PROMPT_LENGTH) -> None:
+    def __init__(self, cond_features: int, channels: int, hidden: int = 32, bound: float = PROMPT_BOUND) -> None:
         super().__init__()
-        self.grid = MODALITY_PROMPT_GRID[ndim]
-        self.prompts = nn.Parameter(torch.randn(num_slots, length))
-        self.mmap = nn.Linear(length, math.prod(self.grid))
-        nn.init.zeros_(self.mmap.weight)
-        nn.init.zeros_(self.mmap.bias)
+        if not 0 < bound < 1:
+            raise ValueError(f"prompt bound must be in (0, 1), got {bound}")
+        self.channels, self.bound = channels, float(bound)
+        self.net = nn.Sequential(nn.Linear(cond_features, hidden), nn.LeakyReLU(0.01),
+                                 nn.Linear(hidden, 2 * channels))
+        self.reset_output()
 
-        self._matrices: dict[tuple, list[Tensor]] = {}
+    def reset_output(self) -> None:
+        """Zero the last layer: the modulation becomes the identity (also after nnU-Net's He init)."""
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
 
-    def _interpolation(self, spatial: tuple[int, ...], device: torch.device) -> list[Tensor]:
-        """Per axis, the (size, grid) matrix of ``F.interpolate``'s linear interpolation (align_corners=False)."""
-        key = (spatial, device)
-        if key not in self._matrices:
-            with torch.no_grad():
-                self._matrices[key] = [
-                    F.interpolate(torch.eye(g, device=device)[None], size=n, mode="linear", align_corners=False)[0].T
-                    for g, n in zip(self.grid, spatial, strict=True)]
-        return self._matrices[key]
+    def gain_shift(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """cond (B, K) -> (gain (B, C), shift (B, C)) in fp32, each in (-bound, bound)."""
+        with torch.autocast(device_type=cond.device.type, enabled=False):
+            out = self.bound * torch.tanh(self.net(cond.float()))
+        return out[:, :self.channels], out[:, self.channels:]
 
-    def prompt_maps(self, spatial: tuple[int, ...]) -> Tensor:
-        """(1, C, *spatial) prompt maps of all slots: the coarse maps interpolated (bi/trilinearly) to ``spatial``.
+    def modulate(self, x: Tensor, cond: Tensor) -> Tensor:
+        gain, shift = self.gain_shift(cond)
+        view = (*gain.shape, *([1] * (x.ndim - 2)))
+        return torch.addcmul(shift.view(view).to(x.dtype), x, (1.0 + gain).view(view).to(x.dtype))
 
-        Multi-linear interpolation is separable: one small matrix per axis. ``F.interpolate`` computes the same
-        values, but its backward scatters into the coarse grid with atomic adds, 9 % of a 3D training step's
-        GPU time (``scripts/profile_speed.py``); matrix products are a fraction of that.
-        """
-        coarse = self.mmap(self.prompts).view(self.prompts.shape[0], *self.grid)
-        axes = "xyz"[:len(spatial)]
-        spec = f"c{axes.upper()}," + ",".join(f"{a}{a.upper()}" for a in axes) + f"->c{axes}"
-        with torch.autocast(device_type=coarse.device.type, enabled=False):
-            return torch.einsum(spec, coarse.float(), *self._interpolation(spatial, coarse.device))[None]
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, bound={self.bound}"
+
+
+class ModalityPrompt(nn.Module):
+    """Per-slot gain/shift from the availability vector, applied to available slots only.
+
+    x: (B, C, *spatial), availability: (B, C) bool -> (B, C, *spatial); missing slots stay zero.
+    """
+
+    def __init__(self, num_slots: int, hidden: int = 32, bound: float = PROMPT_BOUND) -> None:
+        super().__init__()
+        self.film = BoundedFiLM(num_slots, num_slots, hidden, bound)
 
     def forward(self, x: Tensor, availability: Tensor) -> Tensor:
-        maps = self.prompt_maps(tuple(x.shape[2:])).to(x.dtype)
-        mask = availability.to(x.dtype).view(*availability.shape, *([1] * (x.ndim - 2)))
-        return torch.addcmul(x, mask, maps)
+        avail = availability.to(x.dtype)
+        out = self.film.modulate(x, avail)
+        return out * avail.view(*avail.shape, *([1] * (x.ndim - 2)))
 
 
 class TaskPrompt(nn.Module):
-    """UniSeg FUSE (paper 003, Eq. 1): universal prompt + bottleneck features -> one prompt per domain.
+    """Bottleneck gain/shift from the domain weights (B, D): one-hot true domains in training, the routing at
+    inference. feat: (B, C, *s) -> (B, C, *s)."""
 
-    ``{F_task_d} = Split(f(cat(F_uni, F)))``; the selected (training: the true domain's; dataset-free:
-    the routing-weighted mix) prompt is injected into the bottleneck features through a zero-initialized
-    1x1 convolution, ``F' = F + W F_tp``. UniSeg concatenates ``F_tp`` to the decoder input instead; the
-    sum is that concatenation's first linear layer without changing the planned decoder's channel count.
-    ``f`` is three conv blocks (UniSeg's best, Table 7) without normalization: the bottleneck of a planned
-    network can be 1-2 voxels per axis, where instance statistics are degenerate.
-    """
-
-    def __init__(self, conv_op: type[nn.Module], channels: int, num_domains: int, prompt_channels: int,
-                 nonlin: type[nn.Module] = nn.LeakyReLU, nonlin_kwargs: dict | None = None) -> None:
+    def __init__(self, channels: int, num_domains: int, hidden: int = 32, bound: float = PROMPT_BOUND) -> None:
         super().__init__()
-        ndim = convert_conv_op_to_dim(conv_op)
-        nonlin_kwargs = dict(nonlin_kwargs or {"inplace": True})
-        self.num_domains, self.prompt_channels = num_domains, prompt_channels
-        self.universal = nn.Parameter(torch.randn(1, prompt_channels, *([TASK_PROMPT_GRID] * ndim)))
-        hidden = max(num_domains * prompt_channels, 32)
-        self.fuse = nn.Sequential(
-            conv_op(channels + prompt_channels, hidden, 3, 1, 1), nonlin(**nonlin_kwargs),
-            conv_op(hidden, hidden, 3, 1, 1), nonlin(**nonlin_kwargs),
-            conv_op(hidden, num_domains * prompt_channels, 1),
-        )
-        self.inject = conv_op(prompt_channels, channels, 1)
-        self.reset_injection()
-
-    def reset_injection(self) -> None:
-        """Zero the injection so that the prompt starts as a no-op (also after nnU-Net's He init)."""
-        nn.init.zeros_(self.inject.weight)
-        nn.init.zeros_(self.inject.bias)
-
-    def domain_prompts(self, feat: Tensor) -> Tensor:
-        """feat: (B, C, *s) -> per-domain prompt features (B, D, K, *s)."""
-        spatial = tuple(feat.shape[2:])
-        uni = F.interpolate(self.universal, size=spatial, mode=_interp_mode(len(spatial)), align_corners=False)
-        uni = uni.to(feat.dtype).expand(feat.shape[0], -1, *spatial)
-        out = self.fuse(torch.cat([uni, feat], dim=1))
-        return out.view(feat.shape[0], self.num_domains, self.prompt_channels, *spatial)
+        self.num_domains = num_domains
+        self.film = BoundedFiLM(num_domains, channels, hidden, bound)
 
     def forward(self, feat: Tensor, weights: Tensor) -> Tensor:
-        """feat: (B, C, *s); weights: (B, D) domain weights (one-hot for a known domain) -> (B, C, *s)."""
-        prompts = self.domain_prompts(feat)
-        selected = torch.einsum("bd,bdk...->bk...", weights.to(prompts.dtype), prompts)
-        return feat + self.inject(selected)
+        return self.film.modulate(feat, weights)

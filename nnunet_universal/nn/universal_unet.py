@@ -27,8 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
-from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -37,7 +36,7 @@ from nnunet_universal.nn.encoding_cache import CachedEncoding, EncodingCache
 from nnunet_universal.nn.gating import DomainRouter, uniform_routing
 from nnunet_universal.nn.harmony import MAX_ORDER, STABLE_MAX_ORDER, HarmonyNorm, HarmonyRestore
 from nnunet_universal.nn.heads import DomainHeads, validate_domains
-from nnunet_universal.nn.injection import inject_harmony
+from nnunet_universal.nn.injection import encoder_stage_scopes, inject_harmony
 from nnunet_universal.nn.prompts import ModalityPrompt, TaskPrompt, derive_availability
 
 logger = logging.getLogger(__name__)
@@ -59,12 +58,14 @@ def _check_options(options: NetworkOptions) -> None:
         raise ValueError(f"NetworkOptions.head must be 'domain' or 'union', got {options.head!r}")
     if options.routing not in ("soft", "hard"):
         raise ValueError(f"NetworkOptions.routing must be 'soft' or 'hard', got {options.routing!r}")
+    if not 0.0 < options.routing_confidence <= 1.0:
+        raise ValueError(f"NetworkOptions.routing_confidence must be in (0, 1], got {options.routing_confidence}")
     if options.harmony_stages not in ("all", "first"):
         raise ValueError(f"NetworkOptions.harmony_stages must be 'all' or 'first', got {options.harmony_stages!r}")
     if not 1 <= options.harmony_order <= MAX_ORDER:
         raise ValueError(f"NetworkOptions.harmony_order must be in 1..{MAX_ORDER}, got {options.harmony_order}")
-    if options.prompt_channels < 1:
-        raise ValueError(f"NetworkOptions.prompt_channels must be >= 1, got {options.prompt_channels}")
+    if options.prompt_hidden < 1:
+        raise ValueError(f"NetworkOptions.prompt_hidden must be >= 1, got {options.prompt_hidden}")
     if options.harmony and options.polynomial and options.harmony_order > STABLE_MAX_ORDER:
         logger.warning("harmony_order=%d is above %d, the largest order that trained stably in the measured proxy "
                        "(scripts/benchmark_network.py --quality); expect divergence", options.harmony_order,
@@ -80,22 +81,44 @@ def first_norm(encoder: nn.Module) -> nn.Module:
     raise TypeError("the planned encoder has no normalization layer to take the gate's style statistics from")
 
 
+def style_norms(encoder: nn.Module) -> list[nn.Module]:
+    """The normalizations whose input statistics describe a case's appearance (DESIGN §5.3): the encoder's first
+    one, then the last one of every encoder stage (outside residual shortcuts), in execution order."""
+    kinds = tuple(k for k in (HarmonyNorm, getattr(encoder, "norm_op", None)) if isinstance(k, type))
+    norms = [first_norm(encoder)]
+    for scope in encoder_stage_scopes(encoder):
+        last = None
+        for name, m in scope.named_modules():
+            if isinstance(m, kinds) and "skip" not in name.split("."):
+                last = m
+        if last is None:
+            raise TypeError("an encoder stage of the planned network has no normalization layer")
+        norms.append(last)
+    return norms
+
+
 def embedding_size(encoder: nn.Module, num_slots: int) -> int:
-    """F of :func:`gate_embedding` for a planned encoder: bottleneck channels + 2 x first-stage channels + slots."""
-    return int(encoder.output_channels[-1]) + 2 * int(encoder.output_channels[0]) + num_slots
+    """F of :func:`gate_embedding` for a planned encoder: bottleneck channels + 2 x the channels of every style
+    normalization (:func:`style_norms`: first norm, then each stage's last) + slots."""
+    stage_channels = [int(c) for c in encoder.output_channels]
+    return stage_channels[-1] + 2 * stage_channels[0] + 2 * sum(stage_channels) + num_slots
 
 
-def gate_embedding(pooled: Tensor, style: Tensor | None, availability: Tensor) -> Tensor:
-    """The gate's embedding phi (B, F): pooled bottleneck features, the first stage's style statistics and the
-    slots present, each L2-normalized so that each part weighs equally in the prototypes' cosine similarity.
+def gate_embedding(pooled: Tensor, styles: list[Tensor | None], availability: Tensor) -> Tensor:
+    """The gate's embedding phi (B, F): pooled bottleneck features, the style statistics of the first
+    normalization's input, those of every encoder stage's last normalization, and the slots present; each part
+    L2-normalized so that each weighs equally in the prototypes' cosine similarity.
 
     Pooled features alone are nearly input-independent: every stage ends in an instance normalization, which
     removes each channel's mean and scale, exactly where the domain's appearance lives (the demo's gate stayed
-    at chance with them). The statistics of the first normalization's *input* keep that appearance.
+    at chance with them). The per-channel mean and log-std of the normalizations' *inputs* keep that appearance,
+    at every scale (the feature statistics style-transfer and domain-classification work use), so that datasets
+    with the same sequences but another scanner, contrast or resolution can still be told apart.
+    styles: (B, 2 C) per style normalization, in :func:`style_norms` order.
     """
-    if style is None:
+    if not styles or any(st is None for st in styles):
         raise RuntimeError("the gate's style statistics were not recorded; call the encoder through UniversalUNet")
-    parts = (pooled, style, availability.to(pooled.dtype))
+    parts = (pooled, styles[0], torch.cat([st.float() for st in styles[1:]], dim=1), availability.to(pooled.dtype))
     return torch.cat([F.normalize(p.float(), dim=1) for p in parts], dim=1) / math.sqrt(len(parts))
 
 
@@ -137,7 +160,6 @@ class UniversalUNet(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         conv_op = encoder.conv_op
-        ndim = convert_conv_op_to_dim(conv_op)
         n_stages = len(encoder.output_channels)
 
         # U-Harmony: HarmonyNorm everywhere (or in stage 0), HarmonyRestore after the matching decoder stages
@@ -158,7 +180,7 @@ class UniversalUNet(nn.Module):
                                                            polynomial=options.polynomial, **hk, **restore_only)
                     decoder.stages[s].register_forward_hook(functools.partial(self._restore_hook, s, k))
 
-        self.modality_prompt = ModalityPrompt(num_slots, ndim) if options.modality_prompt else None
+        self.modality_prompt = ModalityPrompt(num_slots, options.prompt_hidden) if options.modality_prompt else None
         self.heads: DomainHeads | None = None
         self.router: DomainRouter | None = None
         self.task_prompt: TaskPrompt | None = None
@@ -172,32 +194,24 @@ class UniversalUNet(nn.Module):
                 self.router = DomainRouter(embedding_size(encoder, num_slots), self.num_domains,
                                            options.routing_temperature, options.prototype_momentum)
             if options.task_prompt:
-                self.task_prompt = TaskPrompt(conv_op, encoder.output_channels[-1], self.num_domains,
-                                              options.prompt_channels, encoder.nonlin or nn.LeakyReLU,
-                                              encoder.nonlin_kwargs)
+                self.task_prompt = TaskPrompt(encoder.output_channels[-1], self.num_domains, options.prompt_hidden)
             self.heads.apply(InitWeights_He(1e-2))
         self._context: dict[str, Any] = {}
         self._encoding_cache: EncodingCache | None = None
-        # style statistics of the first encoder normalization's input, for the gate's embedding (gated nets only:
-        # an extra reduction per forward that nothing else needs)
-        self._style: Tensor | None = None
+        # style statistics of the style normalizations' inputs, for the gate's embedding (gated nets only: HarmonyNorm
+        # computes them anyway, an InstanceNorm needs an extra reduction per forward that nothing else needs)
+        self._styles: list[Tensor | None] = []
         if self.router is not None:
-            norm0 = first_norm(encoder)
-            if isinstance(norm0, HarmonyNorm):  # it computes these statistics anyway: keep them
-                norm0.keep_stats = True
-                norm0.register_forward_hook(self._style_from_norm)
-            else:
-                norm0.register_forward_pre_hook(self._style_hook)
+            norms = style_norms(encoder)
+            self._styles = [None] * len(norms)
+            for i, norm in enumerate(norms):
+                if isinstance(norm, HarmonyNorm):  # it computes these statistics anyway: keep them
+                    norm.keep_stats = True
+                    norm.register_forward_hook(functools.partial(self._style_from_norm, i))
+                else:
+                    norm.register_forward_pre_hook(functools.partial(self._style_hook, i))
 
     # ---- nnU-Net integration ---------------------------------------------------------------------------
-    @staticmethod
-    def initialize(module: nn.Module) -> None:
-        """nnU-Net-style init (``net.apply(net.initialize)``): He for convs, zero last norm of residual blocks."""
-        InitWeights_He(1e-2)(module)
-        init_last_bn_before_add_to_0(module)
-        if isinstance(module, TaskPrompt):
-            module.reset_injection()
-
     def _restore_hook(self, stage: int, enc_stage: int, module: nn.Module, args: Any, output: Tensor) -> Tensor:
         stats = self._stat_norms[enc_stage].last_stats
         if stats is None or stats[0].shape[0] != output.shape[0]:
@@ -205,19 +219,19 @@ class UniversalUNet(nn.Module):
                                "through UniversalUNet.forward / forward_train")
         return self.restores[str(stage)](output, *stats)
 
-    def _style_hook(self, module: nn.Module, args: Any) -> None:
-        """Per-channel mean and log-std of the first normalization's input (B, 2 * C0): the appearance that
-        instance normalization removes, so that the gate still sees it. Std as InstanceNorm's, sqrt(var + eps)."""
+    def _style_hook(self, index: int, module: nn.Module, args: Any) -> None:
+        """Per-channel mean and log-std of a style normalization's input (B, 2 C): the appearance that instance
+        normalization removes, so that the gate still sees it. Std as InstanceNorm's, sqrt(var + eps)."""
         flat = args[0].detach().float().flatten(2)
         mean = flat.mean(2, keepdim=True)
         centred = flat - mean  # two passes: exact where the mean dwarfs the spread (torch.std_mean is ~7x slower)
         var = torch.linalg.vecdot(centred, centred) / flat.shape[2]
-        self._style = torch.cat([mean.squeeze(2), 0.5 * torch.log(var + 1e-5)], dim=1)
+        self._styles[index] = torch.cat([mean.squeeze(2), 0.5 * torch.log(var + 1e-5)], dim=1)
 
-    def _style_from_norm(self, module: nn.Module, args: Any, output: Tensor) -> None:
-        """The same statistics, as the first HarmonyNorm computed them: (mean, sqrt(var + eps)) of its input."""
+    def _style_from_norm(self, index: int, module: nn.Module, args: Any, output: Tensor) -> None:
+        """The same statistics, as a HarmonyNorm computed them: (mean, sqrt(var + eps)) of its input."""
         mean, sigma = module.last_stats
-        self._style = torch.cat([mean.float(), torch.log(sigma.float())], dim=1)
+        self._styles[index] = torch.cat([mean.detach().float(), torch.log(sigma.detach().float())], dim=1)
 
     def _clear_stats(self) -> None:
         for norm in self._stat_norms:
@@ -291,11 +305,11 @@ class UniversalUNet(nn.Module):
         x = x * mask  # missing slots are zero inside the network, whatever preprocessing made of them
         if self.modality_prompt is not None:
             x = self.modality_prompt(x, availability)
-        self._style = None
+        self._styles = [None] * len(self._styles)
         skips = list(self.encoder(x))
         pooled = skips[-1].float().mean(dim=tuple(range(2, x.ndim)))
-        phi = gate_embedding(pooled, self._style, availability) if self.router is not None else pooled
-        self._style = None
+        phi = gate_embedding(pooled, self._styles, availability) if self.router is not None else pooled
+        self._styles = [None] * len(self._styles)
         return skips, phi
 
     def _decode(self, skips: list[Tensor]) -> list[Tensor]:
@@ -330,8 +344,15 @@ class UniversalUNet(nn.Module):
         return phi
 
     def route(self, phi: Tensor) -> Tensor:
-        """(B, F) -> (B, D) routing weights (rows sum to 1; one-hot with routing='hard'; uniform without gate)."""
+        """(B, F) -> (B, D) head weights under the network's rule (rows sum to 1; one-hot with routing='hard';
+        uniform without gate): what a tile routed on its own uses (stock ``nnUNetv2_predict``)."""
         return self._weights(phi, None, None)
+
+    def routing_weights(self, phi: Tensor) -> Tensor:
+        """(B, F) -> (B, D) the gate's calibrated routing weights before any decision rule (uniform without gate)."""
+        if self.router is None:
+            return uniform_routing(phi.shape[0], self.num_domains, phi.device)
+        return self.router.route(phi, hard=False)
 
     def forward(self, x: Tensor, domain: Tensor | None = None, availability: Tensor | None = None,
                 routing: Tensor | None = None, *, train: bool = False) -> Tensor | list[Tensor] | TrainOutput:
@@ -389,8 +410,8 @@ class UniversalUNet(nn.Module):
             return TrainOutput(heads=[], samples=samples, gate_logits=None, embedding=phi,
                                union=self._decode(skips))
         gate_logits = None
-        if self.router is not None:
-            gate_logits = self.router.gate_logits(phi)
+        if self.router is not None:  # the routing log-weights (before this step's prototype update)
+            gate_logits = self.router.routing_logits(phi)
             if self.training:
                 self.router.update_prototypes(phi, domain)
         if self.task_prompt is not None:

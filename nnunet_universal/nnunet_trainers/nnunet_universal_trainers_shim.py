@@ -9,9 +9,8 @@ from nnunet_universal.trainers.variants import (  # noqa: F401
     UniversalTrainer_NaiveJoint,
     UniversalTrainer_NoGate,
     UniversalTrainer_NoHarmony,
-    UniversalTrainer_NoHarmonyNoPrompts,
     UniversalTrainer_NoModalityDropout,
     UniversalTrainer_NoPolyAffine,
-    UniversalTrainer_NoPrompts,
     UniversalTrainer_NoRestore,
+    UniversalTrainer_Prompts,
 )

@@ -96,11 +96,12 @@ class _CasePredictor:
         free = self.predictor.predict_logits_from_preprocessed_data(data).cpu()
         record = None
         if self.options.gate:
-            weights = self.predictor.last_routing.tolist()
-            names = self.meta.domain_names
-            record = {"mode": "dataset-free", "inferred_domain": names[int(np.argmax(weights))],
-                      "weights": dict(zip(names, weights, strict=True))}
-        return {"oracle": (oracle, {"mode": "oracle", "inferred_domain": domain}), "dataset_free": (free, record)}
+            rec = self.predictor.routing_record("")
+            record = {k: rec[k] for k in ("mode", "rule", "inferred_domain", "confidence", "runner_up", "uncertain",
+                                          "conflicting")}
+            record["weights"] = rec["routing"]
+        return {"oracle": (oracle, {"mode": "oracle", "given_domain": domain, "inferred_domain": None}),
+                "dataset_free": (free, record)}
 
 
 def nnunet_style_summary(mode_summary: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from nnunet_universal.trainers.universal_trainer import UniversalTrainer
 
 
 class UniversalTrainer_NoHarmony(UniversalTrainer):
-    """U-Harmony off: nnU-Net's InstanceNorm everywhere, no restoration (Table 3, "IN")."""
+    """U-Harmony off: nnU-Net's InstanceNorm everywhere, no restoration (Table 3, "IN"); heads and gate kept."""
 
     network_overrides: ClassVar[dict[str, Any]] = {"harmony": False}
 
@@ -49,17 +49,11 @@ class UniversalTrainer_NoGate(UniversalTrainer):
     network_overrides: ClassVar[dict[str, Any]] = {"gate": False}
 
 
-class UniversalTrainer_NoPrompts(UniversalTrainer):
-    """No modality prompt at the input and no task prompt at the bottleneck."""
+class UniversalTrainer_Prompts(UniversalTrainer):
+    """With the prompts: bounded per-slot FiLM from the slot availability at the input and a bounded FiLM of the
+    bottleneck from the domain weights (``nn/prompts.py``; off in the default after the accuracy benchmark)."""
 
-    network_overrides: ClassVar[dict[str, Any]] = {"modality_prompt": False, "task_prompt": False}
-
-
-class UniversalTrainer_NoHarmonyNoPrompts(UniversalTrainer):
-    """Neither U-Harmony nor prompts: per-domain heads and gate on nnU-Net's InstanceNorm U-Net (separates the
-    two components' effects in the ablation table)."""
-
-    network_overrides: ClassVar[dict[str, Any]] = {"harmony": False, "modality_prompt": False, "task_prompt": False}
+    network_overrides: ClassVar[dict[str, Any]] = {"modality_prompt": True, "task_prompt": True}
 
 
 class UniversalTrainer_NoModalityDropout(UniversalTrainer):
@@ -88,8 +82,7 @@ VARIANTS: tuple[type[UniversalTrainer], ...] = (
     UniversalTrainer_NoRestore,
     UniversalTrainer_FullRateHarmony,
     UniversalTrainer_NoGate,
-    UniversalTrainer_NoPrompts,
-    UniversalTrainer_NoHarmonyNoPrompts,
+    UniversalTrainer_Prompts,
     UniversalTrainer_NoModalityDropout,
     UniversalTrainer_NaiveJoint,
     UniversalTrainer_MarginalJoint,

@@ -1,0 +1,203 @@
+"""scripts/benchmark_accuracy.py's report and statistics on synthetic results (no training, no prediction)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "benchmark_accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def ba():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_accuracy", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve the module's string annotations through sys.modules
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+DOMAINS = ("dom_a", "dom_b")
+CASES = [(f"{d}_{i:02d}", d) for d in DOMAINS for i in range(8)]
+
+
+def _entry(arm: str, seed: int, mode: str, dice: dict[str, float], commit: str = "c0ffee",
+           routing: dict[str, tuple[str, dict[str, float]]] | None = None) -> dict:
+    """One run entry as run_arm records it (routing: case -> (inferred domain, weights))."""
+    cases = []
+    for case, dom in CASES:
+        inferred, weights = (routing or {}).get(case, (dom, {dom: 0.9}))
+        cases.append({"case": case, "domain": dom, "mean_dice": dice[case], "dice": {"ET": dice[case]},
+                      "routing": inferred if mode != "oracle" else dom, "routing_weights": weights})
+    return {"arm": arm, "trainer": "T", "seed": seed, "mode": mode, "withheld": None, "train_wall_s": 60.0,
+            "train_sessions": 1, "train_commands": [], "predict_wall_s": 1.0, "train_commit": commit,
+            "predict_commit": commit, "cases": cases}
+
+
+def _results(*entries: dict) -> dict:
+    runs = {f"{e['arm']}|seed{e['seed']}|{e['mode']}|all": e for e in entries}
+    return {"runs": runs, "config": {"size": "small", "suite": "mr", "cases": 20, "holdout": 8,
+                                     "schedule": [40, 16, 2], "base_features": 16, "tta": False,
+                                     "sources": ["brats-mets", "ucsf-bmsr", "brainmetshare"]},
+            "machine": {"host": "test"}}
+
+
+def _dice(base: float, offset: float = 0.0, noise: float = 0.01, seed: int = 0) -> dict[str, float]:
+    rng = np.random.default_rng(seed)
+    return {c: float(np.clip(base + offset + noise * rng.standard_normal(), 0, 1)) for c, _ in CASES}
+
+
+def test_std_is_the_sample_std(ba):
+    """± is numpy's std with ddof 1; one value has std 0.0."""
+    assert ba._stat([0.1, 0.2, 0.4])[1] == pytest.approx(np.std([0.1, 0.2, 0.4], ddof=1))
+    assert ba._stat([0.7]) == (0.7, 0.0, 1)
+    assert ba._stat([None, 0.5, None]) == (0.5, 0.0, 1)
+    assert ba._stat([]) is None
+    # several repeats: the ± of a domain is the sample std of the repeats' means
+    runs = _results(_entry("universal", 0, "dataset-free", _dice(0.5, noise=0)),
+                    _entry("universal", 1, "dataset-free", _dice(0.7, noise=0)))["runs"]
+    st = ba._domain_dice(ba._entries(runs, "universal", "dataset-free"), "dom_a")
+    assert st[0] == pytest.approx(0.6) and st[1] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+
+
+def test_hierarchical_interval_is_wider_when_runs_disagree(ba):
+    """Arm A's repeats differ by ±20 points (their per-case mean does not): the per-case interval is narrow, the
+    hierarchical one, which resamples the repeats, is much wider and not significant."""
+    a = [_entry("universal", s, "dataset-free", _dice(0.6, off, seed=s)) for s, off in enumerate((-0.2, 0, 0.2))]
+    b = [_entry("prompts", s, "dataset-free", _dice(0.55, 0, seed=10 + s)) for s in range(3)]
+    runs = _results(*a, *b)["runs"]
+    pa, pb = ("universal", "dataset-free"), ("prompts", "dataset-free")
+    diff, lo, hi, n = ba._paired(runs, pa, pb, list(DOMAINS))
+    h = ba._hierarchical(runs, pa, pb, list(DOMAINS))
+    assert n == len(CASES) and h["n"] == len(CASES) and h["runs"] == (3, 3)
+    assert h["diff"] == pytest.approx(diff)
+    assert lo > 0  # the per-case interval alone claims an effect
+    assert h["hi"] - h["lo"] > 5 * (hi - lo)
+    assert h["lo"] < 0 < h["hi"] and not h["significant"] and h["p"] > 0.05
+    assert h["mde"] == pytest.approx(2.8 * h["se"])
+    # deterministic (fixed RNG seed)
+    assert ba._hierarchical(runs, pa, pb, list(DOMAINS)) == h
+
+
+def test_hierarchical_significant_for_a_clear_effect(ba):
+    a = [_entry("universal", s, "dataset-free", _dice(0.7, 0.01 * s, seed=s)) for s in range(3)]
+    b = [_entry("no_harmony", s, "dataset-free", _dice(0.5, 0.01 * s, seed=10 + s)) for s in range(3)]
+    h = ba._hierarchical(_results(*a, *b)["runs"], ("universal", "dataset-free"), ("no_harmony", "dataset-free"),
+                         list(DOMAINS))
+    assert h["significant"] and h["lo"] > 0.15 and h["p"] == 0.0
+    assert ba._fmt_p(h["p"], h["draws"]) == "p < 0.0002"
+
+
+def test_one_run_arm_has_no_run_level_interval(ba):
+    """An arm run once: the claim keeps the per-case interval and says the training variance is unknown."""
+    a = [_entry("universal", s, "dataset-free", _dice(0.6, 0.05 * s, seed=s)) for s in range(2)]
+    single = _entry("single", 0, "oracle", _dice(0.8, seed=5))
+    results = _results(*a, single)
+    h = ba._hierarchical(results["runs"], ("universal", "dataset-free"), ("single", "oracle"), list(DOMAINS))
+    assert h == {"one_run": ["single"]}
+    md = ba.report(results)
+    line = next(x for x in md.splitlines() if x.startswith("- UniversalTrainer (dataset-free) vs single-dataset"))
+    assert "95 % interval over the 16 test cases" in line
+    assert "one run: training variance unknown" in line
+    assert "- single-dataset nnU-Net (one model per domain) (`single`): 1 run; commit c0ffee" in md
+
+
+def test_mixed_commits_refused_without_the_flag(ba, tmp_path):
+    """Runs of different commits in one table: report() raises naming arms and commits; --allow-mixed-commits
+    renders them with the commits in the title; the CLI exits with the message."""
+    results = _results(*[_entry("universal", s, "dataset-free", _dice(0.6, seed=s), commit="aaaa1111") for s in (0, 1)],
+                       *[_entry("no_harmony", s, "dataset-free", _dice(0.5, seed=s), commit="bbbb2222-dirty")
+                         for s in (0, 1)])
+    with pytest.raises(ba.MixedCommitsError, match=r"aaaa1111: universal; bbbb2222-dirty: no_harmony"):
+        ba.report(results)
+    md = ba.report(results, allow_mixed_commits=True)
+    assert "### Ablations (Dice %; Δ: mean vs the full UniversalTrainer, dataset-free) (mixed commits: aaaa1111: " \
+           "universal; bbbb2222-dirty: no_harmony)" in md
+    assert "the same network without harmonization (paper: harmonization helps) (mixed commits:" in md
+
+    (tmp_path / "accuracy_small.json").write_text(json.dumps(results))
+    cmd = [sys.executable, str(SCRIPT), "--size", "small", "--report", "--results", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert res.returncode != 0 and "--allow-mixed-commits" in res.stderr and "bbbb2222-dirty" in res.stderr
+    assert not (tmp_path / "accuracy_small.md").exists()
+    res = subprocess.run([*cmd, "--allow-mixed-commits"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert "mixed commits" in (tmp_path / "accuracy_small.md").read_text()
+
+
+def test_commit_of_a_model_trained_over_two_commits_is_mixed(ba):
+    e = {**_entry("universal", 0, "dataset-free", _dice(0.6), commit="aaa,bbb"), "predict_commit": "bbb"}
+    assert ba._commits_of(e) == ["aaa", "bbb"]
+    with pytest.raises(ba.MixedCommitsError, match="aaa: universal; bbb: universal"):
+        ba._commit_note("table 'x'", [e], allow=False)
+    old = {k: v for k, v in e.items() if k not in ("train_commit", "predict_commit")}
+    assert ba._commits_of(old) == ["unknown"]
+    assert ba._commit_note("x", [old, old], allow=False) == ""
+
+
+def test_ece_equals_the_hand_computed_value(ba):
+    # bins: 0.95, 0.95, 1.0 -> [0.9, 1.0] (accuracy 2/3, confidence 0.9667); 0.65, 0.62 -> [0.6, 0.7) (1, 0.635)
+    # ECE = 3/5 * |2/3 - 0.9667| + 2/5 * |1 - 0.635| = 0.18 + 0.146
+    assert ba._ece([0.95, 0.95, 0.65, 0.62, 1.0], [True, False, True, True, True]) == pytest.approx(0.326)
+    assert ba._ece([0.5, 0.5], [True, False]) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        ba._ece([], [])
+
+
+def test_routing_stats_and_section(ba):
+    """Accuracy, mean top weight, ECE, uncertain cases and the misrouted cases' Dice vs the oracle, pooled."""
+    wrong = {"dom_a_00": ("dom_b", {"dom_a": 0.4, "dom_b": 0.6}), "dom_b_03": ("dom_a", {"dom_a": 0.7, "dom_b": 0.3})}
+    free = [_entry("universal", s, "dataset-free", _dice(0.5, noise=0), routing=wrong if s == 0 else None)
+            for s in (0, 1)]
+    free[0]["cases"][0]["routing_uncertain"] = True
+    oracle = [_entry("universal", s, "oracle", _dice(0.8, noise=0)) for s in (0, 1)]
+    runs = _results(*free, *oracle)["runs"]
+    st = ba._routing_stats(runs, "universal")
+    assert st["n"] == 32 and st["correct"] == 30 and st["misrouted"] == 2 and st["uncertain"] == 1
+    top = [0.6, 0.7] + [0.9] * 30
+    hit = [False, False] + [True] * 30
+    assert st["mean_top"] == pytest.approx(np.mean(top))
+    assert st["ece"] == pytest.approx(ba._ece(top, hit))
+    assert st["misrouted_free"] == pytest.approx(0.5) and st["misrouted_oracle"] == pytest.approx(0.8)
+    md = ba.report(_results(*free, *oracle))
+    assert "| UniversalTrainer | 32 | 94% | 0.88 |" in md and "| 1 | 2 cases: 50.0 -> 80.0 (+30.0) |" in md
+    assert ba.SHARED_ROUTING_NOTE not in md
+    shared = _results(*free, *oracle)
+    shared["config"]["suite"] = "shared"
+    assert ba.SHARED_ROUTING_NOTE in ba.report(shared)
+
+
+def test_suites_and_equal_compute(ba, tmp_path):
+    assert [ba.suite_name("small", x) for x in ("mr", "shared", "ct")] == ["small", "small_shared", "small_ct"]
+    s = ba.Suite(tmp_path, "small", "shared", 1, "cpu", tmp_path)
+    assert s.sources == ["brats-mets", "msd-braintumour"] and s.identical == []
+    assert s.results_json.name == "accuracy_small_shared.json"
+    assert s.multiplier(ba.ARMS["universal_equal_compute"]) == 2 and s.multiplier(ba.ARMS["universal"]) == 1
+    assert s.results_dir(0, 2).name == "nnUNet_results_seed0_x2" and s.results_dir(0).name == "nnUNet_results_seed0"
+    assert ba.Suite(tmp_path, "small", "ct", 1, "cpu", tmp_path).multiplier(ba.ARMS["universal_equal_compute"]) == 4
+    assert ba.SIZES["small"]["cases"] == 20 and ba.SIZES["small"]["holdout"] == 10
+    assert "dataset-free-soft" in ba.MODES and ba.ARMS["prompts"].trainer == "UniversalTrainer_Prompts"
+    assert not {"no_prompts", "no_harmony_no_prompts"} & set(ba.ARMS)
+
+
+def test_v1_results_still_render(ba):
+    """The committed results from before commits were recorded render, with the sections the README copies."""
+    path = REPO / "benchmarks" / "results" / "accuracy_small.json"
+    if not path.is_file():
+        pytest.skip("no committed accuracy_small.json")
+    md = ba.report(json.loads(path.read_text()), allow_mixed_commits=True)
+    for title in ("Universal model vs", "Per class and region", "Ablations", "Missing modality",
+                  "Gate routing accuracy", "The paper's claims"):
+        assert f"\n### {title}" in md
+    assert "no prompts (dataset-free)" in md and "commit unknown" in md
