@@ -296,8 +296,9 @@ def _edit_features(plans_file: Path, out_name: str, base: int) -> None:
     _write_json(out, plans)
 
 
-def prepare(s: Suite) -> None:
-    """synth -> convert -> merge (hold-out) -> plan; fold-0 splits; stock plans for the single-dataset baselines."""
+def prepare(s: Suite, singles: bool = True) -> None:
+    """synth -> convert -> merge (hold-out) -> plan; fold-0 splits; stock plans for the single-dataset baselines
+    (only with ``singles``: preprocessing every source again costs as much as planning the merge)."""
     from nnunet_universal.synthetic.api import png_slice_spacing
 
     cfg, nu = s.cfg, str(BIN / "nnunet-universal")
@@ -324,7 +325,7 @@ def prepare(s: Suite) -> None:
         s.run([nu, "plan", "-d", str(MERGED_ID), "-np", "1"], "prepare")
     _edit_features(merged_pre / "nnUNetUniversalPlans.json", s.plans, cfg["base_features"])
     fold0 = _write_merged_split(s, merged_pre)
-    for src in s.sources:
+    for src in s.sources if singles else []:
         folder = s.single(src)
         pre = s.pre / folder.name
         if not (pre / "nnUNetPlans.json").is_file() or not (pre / "gt_segmentations").is_dir():
@@ -1086,7 +1087,7 @@ def main() -> int:
     s = Suite(work, args.size, suite, args.threads, args.device, args.results.resolve(), args.stock_trainer)
     if not args.report:
         t0 = time.perf_counter()
-        prepare(s)
+        prepare(s, singles="single" in args.arms)
         print(f"prepared in {time.perf_counter() - t0:.0f} s", flush=True)
         if not args.prepare_only:
             for seed in args.seeds:
