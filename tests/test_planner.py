@@ -163,13 +163,14 @@ def test_ensure_universal_plans_derives_the_block(planned):
 
 
 def test_resenc_preset_and_target_spacing_in_process(nnunet_dirs, monkeypatch):
-    """ResEnc-M preset gets its own plans name and architecture; --target-spacing overrides; n_proc_DA=0 is safe."""
+    """ResEnc-M preset gets its own plans name, architecture and preprocessed folder (not stock nnU-Net's
+    ``nnUNetPlans_3d_fullres``); --target-spacing overrides; n_proc_DA=0 is safe."""
     from nnunet_universal.planners.api import plan_and_preprocess
 
     monkeypatch.setenv(SAMPLES_ENV, "3000")
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     make_merged_dataset(nnunet_dirs["nnUNet_raw"], 991, cases_per_domain=1, shape=(12, 16, 16))
-    files = plan_and_preprocess(991, configurations=[], preset="resenc-m", num_processes=1,
+    files = plan_and_preprocess(991, configurations=["3d_fullres"], preset="resenc-m", num_processes=1,
                                 target_spacing=(1.5, 1.0, 1.0))
     assert os.environ["nnUNet_n_proc_DA"] == "0"  # restored
     assert [f.name for f in files] == ["nnUNetUniversalResEncUNetMPlans.json"]
@@ -178,6 +179,12 @@ def test_resenc_preset_and_target_spacing_in_process(nnunet_dirs, monkeypatch):
     assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"].endswith(
         ".ResidualEncoderUNet")
     assert plans["experiment_planner_used"] == "UniversalPlannerResEncM"
+    name = "nnUNetUniversalResEncUNetMPlans"
+    assert {c: v["data_identifier"] for c, v in plans["configurations"].items() if "data_identifier" in v} == {
+        c: f"{name}_{c}" for c, v in plans["configurations"].items() if "data_identifier" in v}
+    pre = files[0].parent
+    assert len(list((pre / f"{name}_3d_fullres").glob("*.b2nd"))) == 2 * 3  # data + seg per case
+    assert not (pre / "nnUNetPlans_3d_fullres").exists()
     assert read_plans_universal(plans)[0].slots == SLOTS
 
 

@@ -49,6 +49,15 @@ class UniversalPlannerMixin:
                                              where=os.path.join(self.raw_dataset_folder, "dataset.json"))
         super().save_plans(plans)
 
+    def generate_data_identifier(self, configuration_name: str) -> str:
+        """``{plans name}_{configuration}``: the preprocessed data of every plans file in its own folder.
+
+        nnU-Net's ResEnc planners return ``nnUNetPlans_2d`` / ``nnUNetPlans_3d_fullres`` to reuse stock nnU-Net's
+        data; ours must not share it: the availability-aware fingerprint gives other normalization statistics
+        (CT), so stock ``nnUNetPlans`` data of the same dataset would be silently mixed with ours.
+        """
+        return f"{self.plans_identifier}_{configuration_name}"
+
 
 class UniversalPlanner(UniversalPlannerMixin, ExperimentPlanner):
     """nnU-Net's default planner (PlainConvUNet); plans ``nnUNetUniversalPlans``."""
