@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from test_conversion import make_synth_trees, read, run, tree_digest
 from nnunet_universal.cli import main
 from nnunet_universal.dataset_conversion import merge as merge_module
 from nnunet_universal.dataset_conversion.common import ConversionError
-from nnunet_universal.dataset_conversion.splits import choose_holdout, make_splits
+from nnunet_universal.dataset_conversion.splits import choose_holdout, fold_notes, make_splits
 from nnunet_universal.dataset_conversion.union import build_label_union
 from nnunet_universal.metadata import DomainInfo, UniversalMeta, load_universal
 
@@ -99,7 +102,7 @@ def test_merge_full(raw, capsys):
             assert hashlib.sha256(Path(entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
 
     splits = json.loads((folder / "splits_final.json").read_text())
-    assert 2 <= len(splits) <= 5
+    assert len(splits) == 5
     for fold in splits:
         assert sorted(fold["train"] + fold["val"]) == sorted(train) and not set(fold["train"]) & set(fold["val"])
         assert {meta.cases[c].domain for c in fold["train"]} == set(meta.domains)
@@ -266,12 +269,69 @@ def test_holdout_and_splits_keep_groups_and_domains():
     assert sum(c.startswith("l_") for c in held) == 1 and sum(c.startswith("u_") for c in held) == 2
     train = {c: v for c, v in cases.items() if c not in held}
     splits = make_splits(train)
-    assert len(splits) == 3  # u has 3 training groups left -> 3 folds
+    assert len(splits) == 5  # nnU-Net's five folds although u has only 3 training groups left
+    u_folds = [f for f, fold in enumerate(splits) if any(train[c][0] == "u" for c in fold["val"])]
+    assert len(u_folds) == 3  # u is validated in 3 folds, each fold still trains on u
     for fold in splits:
-        assert {train[c][0] for c in fold["train"]} == {"u", "l"} and {train[c][0] for c in fold["val"]} == {"u", "l"}
+        assert {train[c][0] for c in fold["train"]} == {"u", "l"} and fold["val"]
         for p in range(4):
             in_val = {c for c in fold["val"] if c.startswith(f"u_{p}")}
             assert len(in_val) in (0, 2) or f"u_{p}A" in held
+    notes = fold_notes(train, splits)
+    assert len(notes) == 1 and "validate no case of a domain" in notes[0]
+    assert all(f"fold {f}: u" in notes[0] for f in set(range(5)) - set(u_folds))
     assert make_splits({"a": ("d", "g")}) is None
     with pytest.raises(ConversionError, match="without training cases"):
         choose_holdout({"a": ("d", "g1"), "b": ("d", "g2")}, 2)
+
+
+@pytest.mark.parametrize("n_domains", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("groups", [1, 2, 3, 6])
+def test_folds_five_whenever_possible_and_every_domain_trains_in_every_fold(n_domains, groups):
+    """Every domain with >= 2 groups keeps a training group in every fold; k = min(5, groups to validate)."""
+    cases = {f"d{d}_g{g}_{e}": (f"d{d}", f"g{g}") for d in range(n_domains) for g in range(groups + d % 2)
+             for e in range(1 + g % 2)}
+    splits = make_splits(cases)
+    validatable = sum(groups + d % 2 for d in range(n_domains) if groups + d % 2 >= 2)
+    if validatable == 0:
+        assert splits is None and "fold 'all'" in fold_notes(cases, splits)[0]
+        return
+    assert len(splits) == min(5, validatable)
+    for fold in splits:
+        assert fold["val"] and {cases[c][0] for c in fold["train"]} == {f"d{d}" for d in range(n_domains)}
+        assert sorted(fold["train"] + fold["val"]) == sorted(cases)
+    assert sorted(c for fold in splits for c in fold["val"]) == sorted(
+        c for c, (d, _) in cases.items() if sum(1 for g in {v[1] for v in cases.values() if v[0] == d}) >= 2)
+    assert any(n.startswith(f"{len(splits)} folds, not nnU-Net's 5") for n in fold_notes(cases, splits)) == (
+        len(splits) < 5)
+
+
+def _merge_cli(raw: Path, *args) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "nnunet-universal"
+    env = {**os.environ, "nnUNet_raw": str(raw)}
+    return subprocess.run([str(exe), "merge", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_merge_writes_five_folds_and_says_which_fold_validates_what(raw):
+    """The real command: 4 domains x 2 training cases -> nnU-Net's 5 folds, each training every domain, and the
+    output names the folds that validate no case of a domain; 2 domains x 2 cases -> 4 folds, and it says why."""
+    proc = _merge_cli(raw, "-d", 650, "-n", "FiveFolds", 501, 503, 504, 505, "--holdout", 1, "-j", 1)
+    assert proc.returncode == 0, proc.stderr
+    folder = raw / "Dataset650_FiveFolds"
+    meta = load_universal(json.loads((folder / "dataset.json").read_text()))
+    splits = json.loads((folder / "splits_final.json").read_text())
+    assert len(splits) == 5
+    for fold in splits:
+        assert {meta.cases[c].domain for c in fold["train"]} == set(meta.domains) and fold["val"]
+    out = proc.stdout + proc.stderr
+    assert "validate no case of a domain" in out
+    for f, fold in enumerate(splits):
+        unvalidated = set(meta.domains) - {meta.cases[c].domain for c in fold["val"]}
+        assert (f"fold {f}: " in out) == bool(unvalidated)
+
+    proc = _merge_cli(raw, "-d", 651, "-n", "FourFolds", 501, 504, "--holdout", 1, "-j", 1)
+    assert proc.returncode == 0, proc.stderr
+    splits = json.loads((raw / "Dataset651_FourFolds" / "splits_final.json").read_text())
+    assert len(splits) == 4
+    assert "4 folds, not nnU-Net's 5: only 4 patient groups can be validated" in proc.stdout + proc.stderr
+    assert "brats_mets 2, lits 2" in proc.stderr

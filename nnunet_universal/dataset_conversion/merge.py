@@ -58,7 +58,7 @@ from nnunet_universal.dataset_conversion.runner import (
     write_report,
 )
 from nnunet_universal.dataset_conversion.spec import LabelTable
-from nnunet_universal.dataset_conversion.splits import choose_holdout, make_splits
+from nnunet_universal.dataset_conversion.splits import choose_holdout, fold_notes, make_splits
 from nnunet_universal.dataset_conversion.union import build_label_union, merged_slots
 from nnunet_universal.dataset_conversion.validation import check_geometry, normalize_label
 from nnunet_universal.metadata import CaseInfo, DomainInfo, UniversalMeta
@@ -415,6 +415,8 @@ def _finish(root: Path, layout: Layout, inputs: list, planned: dict, done: dict[
         atomic_write_json(splits, root / "splits_final.json")
     else:
         (root / "splits_final.json").unlink(missing_ok=True)
+    for note in fold_notes(train, splits):
+        logger.warning("%s splits_final.json: %s", root.name, note)
     meta = UniversalMeta(slots=chans, domains=domains, cases=cinfo, provenance={
         "tool": "nnunet-universal merge", "merge_version": MERGE_VERSION, "options": options,
         "channel_order": CHANNEL_ORDER_DOC, "manifest": "provenance.json",
