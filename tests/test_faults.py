@@ -169,3 +169,111 @@ def test_bad_input_dataset_json_names_file_and_key(env):
         assert not (_raw(env) / "Dataset714_FromBroken").exists()
     finally:
         shutil.rmtree(src)
+
+
+# ---- damaged NIfTI files, symlinks and odd names in 'convert' ---------------------------------------------------
+
+def _truncate(path: Path) -> None:
+    """Cut a file short so that SimpleITK still reads it (the tail of a tiny gzip stream; half of a .nii)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:-20] if path.name.endswith(".gz") else data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
+def test_convert_refuses_truncated_nifti(env, tmp_path, ending):
+    """ITK reads a cut-off file with zeros for the missing voxels: the converter must refuse it (gzip trailer /
+    header data size), name the file, and with --skip-bad list the case in conversion_report.json."""
+    src = _source(tmp_path / "Dataset803_Cut", {"0": "T1c"}, {"background": 0, "ET": 1}, 2)
+    if ending == ".nii":
+        for p in sorted(src.rglob("*.nii.gz")):
+            sitk.WriteImage(sitk.ReadImage(str(p)), str(p.with_name(p.name.replace(".nii.gz", ".nii"))))
+            p.unlink()
+        dj = json.loads((src / "dataset.json").read_text())
+        (src / "dataset.json").write_text(json.dumps({**dj, "file_ending": ".nii"}))
+    cut = src / "labelsTr" / f"c2{ending}"
+    _truncate(cut)
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(cut))).any()  # read without error, labels lost: silent
+    rc, err = cli(env, "convert", "nnunet", src, "-d", 720 + len(ending), "-j", 1)
+    assert rc == 2 and str(cut) in err and "truncated or corrupt" in err and "--skip-bad" in err, err
+    rc, err = cli(env, "convert", "nnunet", src, "-d", 720 + len(ending), "-j", 1, "--skip-bad")
+    assert rc == 0, err
+    folder = _raw(env) / f"Dataset{720 + len(ending)}_Cut"
+    report = json.loads((folder / "conversion_report.json").read_text())
+    assert [s["case"] for s in report["skipped"]] == ["c2"] and "truncated" in report["skipped"][0]["problem"]
+    assert sorted(json.loads((folder / "dataset.json").read_text())["universal"]["cases"]) == ["c1", "c3"]
+
+
+def test_skip_bad_with_no_valid_case_points_at_a_written_report(env, tmp_path):
+    src = _source(tmp_path / "Dataset804_AllBad", {"0": "T1c"}, {"background": 0, "ET": 1}, 3)
+    for c in ("c1", "c2", "c3"):
+        _truncate(src / "labelsTr" / f"{c}.nii.gz")
+    rc, err = cli(env, "convert", "nnunet", src, "-d", 725, "-j", 1, "--skip-bad")
+    report = _raw(env) / "Dataset725_AllBad" / "conversion_report.md"
+    assert rc == 2 and "no valid case left" in err and str(report) in err and "truncated" in err, err
+    assert report.is_file() and all(c in report.read_text() for c in ("c1", "c2", "c3"))
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory) -> dict[str, Path]:
+    """Tiny synthetic native trees (2 cases each) of BraTS-METS, LiTS and UCSF-BMSR."""
+    from nnunet_universal.synthetic.api import synthesize
+
+    base = tmp_path_factory.mktemp("native")
+    tops = {"brats-mets": "ASNR-MICCAI-BraTS2023-MET-Challenge-TrainingData", "lits": "LiTS",
+            "ucsf-bmsr": "UCSF-BMSR"}
+    for source in tops:
+        synthesize(source, base / source, cases=2, seed=0)
+    return {s: base / s / top for s, top in tops.items()}
+
+
+def _tree(native: dict[str, Path], source: str, dest: Path) -> Path:
+    shutil.copytree(native[source], dest, symlinks=True)
+    return dest
+
+
+def _skipped(env, did: int, name: str) -> dict[str, str]:
+    report = json.loads((_raw(env) / f"Dataset{did}_{name}" / "conversion_report.json").read_text())
+    return {s["case"]: s["problem"] for s in report["skipped"]}
+
+
+def test_label_symlink_outside_the_input_is_refused_like_an_image(env, native, tmp_path):
+    tree = _tree(native, "brats-mets", tmp_path / "brats")
+    case = sorted(p.name for p in tree.iterdir())[0]
+    seg = tree / case / f"{case}-seg.nii.gz"
+    shutil.move(seg, tmp_path / "elsewhere-seg.nii.gz")
+    seg.symlink_to(tmp_path / "elsewhere-seg.nii.gz")
+    rc, err = cli(env, "convert", "brats-mets", tree, "-d", 726, "-j", 1)
+    assert rc == 2 and "symlink pointing outside" in err and str(seg) in err, err
+    assert cli(env, "convert", "brats-mets", tree, "-d", 726, "-j", 1, "--skip-bad")[0] == 0
+    assert "symlink pointing outside" in _skipped(env, 726, "BraTSMETS")[case]
+    inside = tmp_path / "brats" / ".real-seg.nii.gz"  # a symlink inside the input is followed (images and labels)
+    shutil.move(tmp_path / "elsewhere-seg.nii.gz", inside)
+    seg.unlink()
+    seg.symlink_to(inside)
+    assert cli(env, "convert", "brats-mets", tree, "-d", 726, "-j", 1)[0] == 0
+
+
+def test_symlinked_lits_volume_is_listed_not_dropped(env, native, tmp_path):
+    tree = _tree(native, "lits", tmp_path / "LiTS")
+    vol = sorted(tree.glob("volume-*.nii*"))[0]
+    shutil.move(vol, tmp_path / vol.name)
+    vol.symlink_to(tmp_path / vol.name)
+    rc, err = cli(env, "convert", "lits", tree, "-d", 727, "-j", 1)
+    assert rc == 2 and "symlink pointing outside" in err and str(vol) in err, err
+    assert cli(env, "convert", "lits", tree, "-d", 727, "-j", 1, "--skip-bad")[0] == 0
+    num = int(vol.name.split("-")[1].split(".")[0])
+    assert "symlink pointing outside" in _skipped(env, 727, "LiTS")[f"LiTS_{num:04d}"]
+
+
+def test_ucsf_case_folder_with_a_space_is_listed(env, native, tmp_path):
+    tree = _tree(native, "ucsf-bmsr", tmp_path / "UCSF-BMSR")
+    train = next(p for p in tree.rglob("UCSF_BrainMetastases_TRAIN") if p.is_dir())
+    first = sorted(p for p in train.iterdir() if p.is_dir())[0]
+    odd = first.with_name(f"{first.name[:-1]} {first.name[-1]}")
+    first.rename(odd)
+    rc, err = cli(env, "convert", "ucsf-bmsr", tree, "-d", 728, "-j", 1)
+    assert rc == 2 and repr(odd.name) in err and "naming" in err, err
+    assert cli(env, "convert", "ucsf-bmsr", tree, "-d", 728, "-j", 1, "--skip-bad")[0] == 0
+    assert "naming" in _skipped(env, 728, "UCSFBMSR")[odd.name]
+    dj = json.loads((_raw(env) / "Dataset728_UCSFBMSR" / "dataset.json").read_text())
+    assert dj["universal"]["provenance"]["skipped_cases"] == [odd.name]

@@ -11,7 +11,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from nnunet_universal.dataset_conversion.common import ConversionError, find_nifti, inside, is_hidden
+from nnunet_universal.dataset_conversion.common import (
+    ConversionError,
+    find_nifti,
+    first_outside,
+    is_hidden,
+    outside_error,
+    unexpected_folder,
+)
 from nnunet_universal.dataset_conversion.spec import CaseSpec, ImageRef, LabelTable, SourceSpec, parse_label_map
 from nnunet_universal.registry import SOURCES
 
@@ -30,13 +37,13 @@ REGIONS = {"ET": ["ET"], "TC": ["NETC", "ET"], "WT": ["NETC", "SNFH", "ET"]}
 _CASE_RE = re.compile(r"^BraTS-([A-Za-z]+)-(\d+)-(\d+)$")
 
 
-def _case_dirs(root: Path) -> list[Path]:
-    dirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not is_hidden(p.name) and _CASE_RE.match(p.name)]
-    if not dirs:  # the user may have pointed at the folder above the release folder
-        subs = [p for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)]
-        if len(subs) == 1:
-            return _case_dirs(subs[0])
-    return dirs
+def _case_dirs(root: Path) -> tuple[list[Path], list[Path]]:
+    """(case folders, other folders beside them)."""
+    subs = [p for p in sorted(root.iterdir()) if p.is_dir() and not is_hidden(p.name)]
+    dirs = [p for p in subs if _CASE_RE.match(p.name)]
+    if not dirs and len(subs) == 1:  # the user may have pointed at the folder above the release folder
+        return _case_dirs(subs[0])
+    return dirs, [p for p in subs if not _CASE_RE.match(p.name)] if dirs else []
 
 
 def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = None, **_: object) -> SourceSpec:
@@ -47,7 +54,8 @@ def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = No
                       required=["T1", "T1c", "T2", "FLAIR"],
                       labels=parse_label_map(label_map, LabelTable.from_pairs(LABELS), str(input_dir)),
                       input_dir=input_dir, regions=dict(REGIONS), lesion_wise=SOURCES[source].metastasis)
-    dirs = _case_dirs(input_dir)
+    dirs, others = _case_dirs(input_dir)
+    spec.bad += [unexpected_folder(d, "BraTS-XXX-NNNNN-TTT") for d in others]
     other = sorted({_CASE_RE.match(d.name).group(1).upper() for d in dirs} - {tag})
     if other:
         guess = [k for k, (t, _) in CHALLENGES.items() if t in other]
@@ -68,21 +76,19 @@ def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = No
             f = find_nifti(d, f"{cid}-{suffix}")
             if f is None:
                 missing.append(f"{cid}-{suffix}.nii.gz")
-            elif not inside(f, input_dir):
-                spec.bad.append(ConversionError("is a symlink pointing outside the input folder", case=cid, file=f,
-                                                fix="copy the real file into the dataset folder"))
-                break
             else:
                 images[slot] = ImageRef("file", str(f))
-        else:
-            seg = find_nifti(d, f"{cid}-seg")
-            if seg is None:
-                missing.append(f"{cid}-seg.nii.gz")
-            if missing:
-                spec.bad.append(ConversionError(f"missing sequence/label file(s) {missing}", case=cid, file=d,
-                                                fix="restore the missing file(s) or remove the case folder"))
-                continue
-            spec.add_case(CaseSpec(case_id=cid, source_id=cid, group=f"BraTS-{m.group(1)}-{m.group(2)}",
-                                   images=images, label=ImageRef("file", str(seg))))
+        seg = find_nifti(d, f"{cid}-seg")
+        if seg is None:
+            missing.append(f"{cid}-seg.nii.gz")
+        if (out := first_outside([*(r.path for r in images.values()), seg], input_dir)) is not None:
+            spec.bad.append(outside_error(cid, out))
+            continue
+        if missing:
+            spec.bad.append(ConversionError(f"missing sequence/label file(s) {missing}", case=cid, file=d,
+                                            fix="restore the missing file(s) or remove the case folder"))
+            continue
+        spec.add_case(CaseSpec(case_id=cid, source_id=cid, group=f"BraTS-{m.group(1)}-{m.group(2)}",
+                               images=images, label=ImageRef("file", str(seg))))
     spec.finalize()
     return spec

@@ -98,6 +98,29 @@ def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
         return False
 
 
+#: The one symlink rule of every converter: a file or folder that is (or lies below) a symlink is read where it
+#: points if that is inside the input folder; one pointing outside is refused and its case listed with this reason.
+OUTSIDE = "is a symlink pointing outside the input folder"
+OUTSIDE_FIX = "copy the real file into the dataset folder (or point the converter at a folder that contains it)"
+
+
+def outside_error(case: str, path: str | os.PathLike) -> ConversionError:
+    """The error for a case whose ``path`` is a symlink pointing outside the input folder."""
+    return ConversionError(OUTSIDE, case=case, file=path, fix=OUTSIDE_FIX)
+
+
+def first_outside(paths, root: str | os.PathLike) -> Path | None:
+    """The first of ``paths`` that does not lie inside ``root`` once symlinks are resolved, or None."""
+    return next((Path(p) for p in paths if p is not None and not inside(p, root)), None)
+
+
+def unexpected_folder(folder: Path, naming: str) -> ConversionError:
+    """A folder among the case folders whose name does not follow the source's naming: listed, never ignored."""
+    return ConversionError(f"folder name does not follow the naming {naming}, so it is not read as a case",
+                           case=folder.name, file=folder,
+                           fix="rename the folder to the source's naming, or move it out of the input folder")
+
+
 def strip_nifti_ending(name: str) -> str | None:
     """``'x.nii.gz'`` / ``'x.nii'`` -> ``'x'``; anything else -> None."""
     for ending in (".nii.gz", ".nii"):

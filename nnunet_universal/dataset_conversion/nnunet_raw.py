@@ -5,7 +5,8 @@ key) and ``imagesTr``/``labelsTr``. Channel names map to slots through :data:`re
 (``--slot-map NAME=SLOT`` overrides). Integer labels are taken as they are; region-based datasets (label values
 given as lists) need ``--label-map VALUE=CLASS`` for the integer values stored in the files, and their regions are
 kept. The ignore label is refused (its voxels are unknown, which a converted dataset cannot express).
-Paths of the ``dataset`` key may point outside the folder (nnU-Net allows that); case ids may not escape.
+Paths of the ``dataset`` key may point outside the folder (nnU-Net allows that); files found in ``imagesTr`` /
+``labelsTr`` follow the converters' symlink rule (:data:`common.OUTSIDE`); case ids may not escape.
 Domain: the dataset name lower-cased (``Dataset123_MyLiver`` -> ``myliver``), unless ``--domain``.
 """
 
@@ -16,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from nnunet_universal.dataset_conversion.common import ConversionError, is_hidden
+from nnunet_universal.dataset_conversion.common import ConversionError, first_outside, is_hidden, outside_error
 from nnunet_universal.dataset_conversion.spec import CaseSpec, ImageRef, LabelTable, SourceSpec, parse_label_map
 from nnunet_universal.registry import SOURCES, order_slots, slot_for_alias
 
@@ -103,9 +104,14 @@ def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = No
                       slots=order_slots(slots), required=list(slots), labels=table, input_dir=input_dir,
                       regions=regions, modality="CT" if set(slots) == {"CT"} else "MR",
                       options={"channels": dict(enumerate(slots)), "file_ending": ending})
-    cases = _cases_from_key(input_dir, dj["dataset"]) if isinstance(dj.get("dataset"), dict) else \
-        _cases_from_folders(input_dir, ending, len(slots))
+    by_key = isinstance(dj.get("dataset"), dict)
+    cases = _cases_from_key(input_dir, dj["dataset"]) if by_key else _cases_from_folders(input_dir, ending, len(slots))
     for cid, (images, label) in cases.items():
+        # files listed in imagesTr/labelsTr follow the converters' symlink rule; paths the 'dataset' key names
+        # explicitly may lie anywhere (nnU-Net's own feature)
+        if not by_key and (out := first_outside([*images, label], input_dir)) is not None:
+            spec.bad.append(outside_error(cid, out))
+            continue
         missing = [f"channel {i:04d}" for i, f in enumerate(images) if f is None or not f.is_file()]
         if len(images) != len(slots):
             missing.append(f"{len(images)} images listed for {len(slots)} channels")

@@ -14,7 +14,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from nnunet_universal.dataset_conversion.common import ConversionError, find_nifti, inside, is_hidden
+from nnunet_universal.dataset_conversion.common import (
+    ConversionError,
+    find_nifti,
+    first_outside,
+    is_hidden,
+    outside_error,
+    unexpected_folder,
+)
 from nnunet_universal.dataset_conversion.spec import CaseSpec, ImageRef, LabelTable, SourceSpec, parse_label_map
 from nnunet_universal.registry import SOURCES, order_slots
 
@@ -38,7 +45,10 @@ def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = No
                       slots=[], required=REQUIRED,
                       labels=parse_label_map(label_map, LabelTable.from_pairs([(1, "ET")]), str(input_dir)),
                       input_dir=input_dir, lesion_wise=True)
-    dirs = [p for p in sorted(root.iterdir()) if p.is_dir() and not is_hidden(p.name) and _CASE_RE.match(p.name)]
+    subs = [p for p in sorted(root.iterdir()) if p.is_dir() and not is_hidden(p.name)]
+    dirs = [p for p in subs if _CASE_RE.match(p.name)]
+    if dirs:  # folders beside the exams (e.g. '100101 A'): listed, never silently ignored
+        spec.bad += [unexpected_folder(p, "NNNNNN[A-Z] (e.g. 100101A)") for p in subs if not _CASE_RE.match(p.name)]
     if dirs and not any(find_nifti(d, f"{d.name}_seg") for d in dirs):
         raise ConversionError(f"no exam in {root} has a '_seg' label file: this looks like the TEST release",
                               file=root, fix=f"convert the {TRAIN_FOLDER} folder")
@@ -46,22 +56,19 @@ def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = No
     for d in dirs:
         cid = d.name
         images: dict[str, ImageRef] = {}
-        missing, outside = [], []
+        missing = []
         for suffix, slot in SEQUENCES.items():
             f = find_nifti(d, f"{cid}_{suffix}")
             if f is None:
                 if slot in REQUIRED:
                     missing.append(f"{cid}_{suffix}.nii.gz")
-            elif not inside(f, input_dir):
-                outside.append(f)
             else:
                 images[slot] = ImageRef("file", str(f))
         seg = find_nifti(d, f"{cid}_seg")
         if seg is None:
             missing.append(f"{cid}_seg.nii.gz")
-        if outside:
-            spec.bad.append(ConversionError("is a symlink pointing outside the input folder", case=cid,
-                                            file=outside[0], fix="copy the real file into the dataset folder"))
+        if (out := first_outside([*(r.path for r in images.values()), seg], input_dir)) is not None:
+            spec.bad.append(outside_error(cid, out))
             continue
         if missing:
             spec.bad.append(ConversionError(f"missing sequence/label file(s) {missing}", case=cid, file=d,

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 
 from nnunet_universal.dataset_conversion.common import ConversionError
 from nnunet_universal.dataset_conversion.spec import ImageRef, LabelTable
+from nnunet_universal.nifti_integrity import CorruptImageError, is_nifti, verify_nifti
 
 _ATOL, _RTOL = 1e-4, 1e-5
 _ROUND_TOL = 1e-3  # DATASETS.md: labels within 1e-3 of a table value are rounded
@@ -33,14 +34,19 @@ def _split_channels(img: sitk.Image) -> list[sitk.Image]:
     return [img]
 
 
-def _read_float_nifti(path: str, info: sitk.ImageFileReader) -> list[sitk.Image]:
+def _read_float_nifti(path: str, info: sitk.ImageFileReader, raw: bytes | None = None) -> list[sitk.Image]:
     """Float NIfTI through nibabel: ITK's NIfTI reader silently turns NaN/Inf into 0, which would hide them.
 
+    ``raw``: the file's (decompressed) bytes when the integrity check kept them (decompressed once, not twice).
     Voxel order is the file's in both libraries; geometry comes from ITK's header reading (LPS).
     """
     import nibabel as nib
 
-    nii = nib.load(path)
+    if raw is None:
+        nii = nib.load(path)
+    else:
+        nifti1 = raw[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")  # sizeof_hdr 348: NIfTI-1
+        nii = (nib.Nifti1Image if nifti1 else nib.Nifti2Image).from_bytes(raw)
     data = np.asanyarray(nii.dataobj)
     if data.dtype == np.float64 and nii.get_data_dtype() == np.float32:
         data = data.astype(np.float32)
@@ -64,13 +70,19 @@ def _read_float_nifti(path: str, info: sitk.ImageFileReader) -> list[sitk.Image]
 def _read(path: str, case: str) -> list[sitk.Image]:
     """All 3D volumes of a file (one, or one per channel of a 4D file)."""
     try:
-        if path.endswith((".nii", ".nii.gz")):
+        if is_nifti(path):
+            # ITK reads a cut-off file and fills the rest with zeros: check the gzip trailer / file size first
+            checked = verify_nifti(path, keep="float")
             info = sitk.ImageFileReader()
             info.SetFileName(path)
             info.ReadImageInformation()
             if info.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-                return _read_float_nifti(path, info)
+                return _read_float_nifti(path, info, checked.data)
         img = sitk.ReadImage(path)
+    except CorruptImageError as e:
+        raise ConversionError(f"cannot be read: it is truncated or corrupt ({e.problem})", case=case, file=path,
+                              fix="re-download or re-copy the file (compare its size or checksum with the "
+                                  "original), or remove the case") from None
     except ConversionError as e:
         raise ConversionError(e.problem, case=case, file=path, fix=e.fix) from None
     except Exception as e:  # ITK raises RuntimeError; nibabel, gzip and zlib raise their own

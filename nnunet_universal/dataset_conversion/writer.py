@@ -153,8 +153,11 @@ def write_dataset(spec: SourceSpec, root: Path, name: str, workers: int, skip_ba
         else:
             done[o.case_id] = o.marker
     if not done:
-        raise ConversionError(f"no valid case left to convert in {spec.input_dir} (see {root}/conversion_report.md)",
-                              file=spec.input_dir, fix="fix the reported cases")
+        write_report(root, skipped, f"convert {spec.source} {spec.input_dir}")  # the message points at it
+        reasons = "; ".join(f"{s['case'] or s['file']}: {s['problem']}" for s in skipped[:3])
+        raise ConversionError(f"no valid case left to convert in {spec.input_dir} ({len(skipped)} skipped: "
+                              f"{reasons}{'; …' if len(skipped) > 3 else ''}; all listed in "
+                              f"{root / 'conversion_report.md'})", file=spec.input_dir, fix="fix the reported cases")
     cases = sorted(done)
     remove_orphans(layout, set(cases), {o for c in cases for o in done[c]["outputs"]})
     write_report(root, skipped, f"convert {spec.source} {spec.input_dir}")
