@@ -1,0 +1,182 @@
+"""Host-overhead proxy: operations dispatched per training step and per sliding-window tile, universal vs stock.
+
+    .venv/bin/python scripts/count_ops.py                     # writes benchmarks/results/ops_cpu.{json,md}
+
+On a GPU a universal training step was host-bound (README "Benchmarks": 84 ms of host time against 52 ms of GPU
+time per step on an H200): every operator PyTorch dispatches costs host time whether or not its kernel is
+small. The number of ATen operations dispatched is the same on CPU and GPU for the same code path (each becomes one
+kernel launch or one metadata-only call there), so it can be measured and kept from regressing on a CPU-only
+machine. Counted with a ``TorchDispatchMode`` (every ATen call below autograd: forward, backward, optimizer):
+
+* ``step``: one ``trainer.train_step(batch)`` (nnU-Net's own step for ``nnUNetTrainer``, ours for
+  ``UniversalTrainer``: forward, loss, backward, gradient clipping, SGD) on the same batch, after one warm-up step;
+* ``tile``: ``predict_sliding_window_return_logits`` of one preprocessed case (our predictor: case-level routing
+  pass plus prediction pass, dataset-free, no mirroring) divided by its number of sliding-window tiles.
+
+Ratios are universal / stock (JSON keys ``step_ops_ratio``, ``tile_ops_ratio``); goals: <= 1.3 and <= 1.2. The
+trainers are built as ``nnUNetv2_train`` builds them, on ``scripts/benchmark_speed.py``'s synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+GOALS = {"step_ops_ratio": 1.3, "tile_ops_ratio": 1.2}
+
+
+def count_ops(fn: Callable[[], Any]) -> collections.Counter:
+    """Run ``fn()`` and count the ATen operations it dispatches (name -> calls)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    mode = _Counter()
+    with mode:
+        fn()
+    return mode.counts
+
+
+def step_ops(trainer: Any, batch: dict) -> collections.Counter:
+    """Ops of one ``trainer.train_step(batch)`` after one untimed warm-up step (lazy initialisations excluded)."""
+    trainer.network.train()
+    trainer.train_step(batch)
+    return count_ops(lambda: trainer.train_step(batch))
+
+
+def _sliding_window_tiles(predictor: Any, data: Any) -> int:
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    from nnunet_universal.inference.routing import sliding_window_slicers
+
+    patch = tuple(predictor.configuration_manager.patch_size)
+    padded, _ = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
+    return len(sliding_window_slicers(padded.shape[1:], patch, predictor.tile_step_size))
+
+
+def tile_ops(predictor: Any, data: Any) -> tuple[float, int]:
+    """(ops per tile, tiles) of ``predict_sliding_window_return_logits(data)``; data: (C, *spatial)."""
+    import torch
+
+    with torch.no_grad():
+        predictor.predict_sliding_window_return_logits(data)  # warm-up
+        counts = count_ops(lambda: predictor.predict_sliding_window_return_logits(data))
+    tiles = _sliding_window_tiles(predictor, data)
+    return sum(counts.values()) / tiles, tiles
+
+
+def predictor_for(trainer: Any) -> Any:
+    """nnU-Net's predictor (stock trainer) or ours (universal), on the trainer's network, dataset-free, no TTA."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_universal.inference.predictor import UniversalPredictor
+
+    universal = type(trainer).__name__ != "nnUNetTrainer"
+    cls = UniversalPredictor if universal else nnUNetPredictor
+    pred = cls(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, perform_everything_on_device=False,
+               device=trainer.device, verbose=False, allow_tqdm=False)
+    trainer.set_deep_supervision_enabled(False)
+    trainer.network.eval()
+    pred.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager,
+                               [trainer.network.state_dict()], trainer.dataset_json, type(trainer).__name__, None)
+    torch.set_grad_enabled(True)
+    return pred
+
+
+def first_case(trainer: Any) -> Any:
+    """(C, *spatial) float tensor: the first preprocessed case of the trainer's dataset."""
+    import numpy as np
+    import torch
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = str(trainer.preprocessed_dataset_folder)
+    dataset = infer_dataset_class(folder)(folder)
+    data = dataset.load_case(sorted(dataset.identifiers)[0])[0]
+    return torch.from_numpy(np.ascontiguousarray(data[:])).float()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def to_markdown(res: dict) -> str:
+    rows = [f"| training step | {res['stock']['step_ops']} | {res['universal']['step_ops']} | "
+            f"{res['step_ops_ratio']:.2f}x | <= {GOALS['step_ops_ratio']}x |",
+            f"| inference, per tile | {res['stock']['tile_ops']:.0f} | {res['universal']['tile_ops']:.0f} | "
+            f"{res['tile_ops_ratio']:.2f}x | <= {GOALS['tile_ops_ratio']}x |"]
+    top = ", ".join(f"{k} {v}" for k, v in res["universal"]["step_top"][:8])
+    return "\n".join([
+        f"Operations dispatched (ATen calls, forward + backward + optimizer), UniversalTrainer vs nnUNetTrainer, "
+        f"same plans and batch; commit {res['commit']}, {res['machine']}. Tiles: {res['tiles']} per case.",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        "| what | nnUNetTrainer | UniversalTrainer | ratio | goal |",
+        "|---|---:|---:|---:|---|",
+        *rows,
+        "",
+        f"Most frequent operations of the universal step: {top}.",
+        "",
+    ])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=REPO / "bench_work" / "speed", help="benchmark_speed's work folder")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--cases", type=int, default=4, help="synthetic cases per source (first run only)")
+    args = p.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark_speed as bs
+    import torch
+
+    torch.set_num_threads(1)
+    bs._set_paths(args.work.resolve())
+    bs.prepare(args.work.resolve(), args.cases, None)
+    batch_file = bs.make_batch(args.work.resolve(), "cpu")
+    batch = torch.load(batch_file, weights_only=True)
+    res: dict[str, Any] = {"commit": _commit(), "machine": f"{platform.platform()}, {os.cpu_count()} cores",
+                           "command": "python scripts/count_ops.py"}
+    for key, name in (("stock", "nnUNetTrainer"), ("universal", "UniversalTrainer")):
+        torch.manual_seed(0)
+        trainer = bs._trainer(name, "cpu")
+        steps = step_ops(trainer, dict(batch))
+        per_tile, tiles = tile_ops(predictor_for(trainer), first_case(trainer))
+        res[key] = {"step_ops": sum(steps.values()), "tile_ops": per_tile,
+                    "step_top": steps.most_common(15)}
+        res["tiles"] = tiles
+    res["step_ops_ratio"] = res["universal"]["step_ops"] / res["stock"]["step_ops"]
+    res["tile_ops_ratio"] = res["universal"]["tile_ops"] / res["stock"]["tile_ops"]
+    from nnunet_universal.synthetic.io import atomic_write_bytes
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.results / "ops_cpu.json", json.dumps(res, indent=1).encode())
+    atomic_write_bytes(args.results / "ops_cpu.md", to_markdown(res).encode())
+    print(to_markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
