@@ -74,6 +74,7 @@ def _trainer(cls, dirs, fold=1, plans=None):
 def test_each_trainer_builds_and_trains_one_step(planned, cls):
     tr = _trainer(cls, planned)
     tr.on_train_start()
+    assert "(encoder)" in repr(tr.network)  # print(network) works for every variant (HarmonyNorm.extra_repr was broken)
     before = [p.detach().clone() for p in tr.network.parameters()]
     tr.on_epoch_start()
     tr.on_train_epoch_start()
