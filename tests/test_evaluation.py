@@ -256,3 +256,48 @@ def test_evaluate_errors_name_the_problem(nnunet_dirs, tmp_path):
     _write(np.zeros((4, 4, 5)), pred / "mets_001.nii.gz")
     with pytest.raises(ValueError, match="case mets_001.*shape"):
         evaluate(pred, dataset_id=991)
+
+
+# ---- plots -------------------------------------------------------------------------------------------
+
+def _liver_cases() -> list[dict]:
+    """Two LiTS-like cases whose 'liver' region (liver + tumour) scores differently from the 'liver' class."""
+    def case(cls_liver, reg_liver):
+        return {"domain": "liver", "classes": {"liver": {"dice": cls_liver}, "tumor": {"dice": 0.5}},
+                "regions": {"liver": {"dice": reg_liver}, "tumor": {"dice": 0.4}}}
+    return [case(0.1, 0.9), case(0.2, 0.8)]
+
+
+def test_boxplots_draw_regions_from_region_values():
+    from nnunet_universal.evaluation.plots import boxplot_series
+
+    assert boxplot_series(_liver_cases()) == [("liver", [0.1, 0.2]), ("tumor", [0.5, 0.5]),
+                                              ("liver (region)", [0.9, 0.8]), ("tumor (region)", [0.4, 0.4])]
+
+
+def test_plots_ignore_global_matplotlib_settings(tmp_path):
+    """nnU-Net's progress plot sets rcParams (font size 18) in the training process; our PNGs must not change."""
+    import matplotlib
+
+    from nnunet_universal.evaluation.plots import dice_boxplots, routing_confusion_plot
+    from nnunet_universal.trainers.progress import plot_domain_progress
+
+    confusion = {"labels": ["brats_mets", "ucsf_bmsr", "lits"], "matrix": [[2, 0, 0], [1, 2, 0], [0, 0, 2]], "n": 7,
+                 "accuracy": 6 / 7}
+    log = {"mean_fg_dice": [0.1, 0.3, 0.4], "ema_fg_dice": [0.1, 0.12, 0.15], "gate_accuracy": [0.5, 1.0, 1.0],
+           "dice_per_domain": [[0.1, 0.2], [0.3, 0.4], [0.35, 0.5]]}
+
+    def draw(folder: Path) -> list[bytes]:
+        folder.mkdir()
+        files = [dice_boxplots(_liver_cases(), ["liver"], folder / "dice_boxplots.png"),
+                 routing_confusion_plot(confusion, folder / "routing_confusion.png"),
+                 Path(plot_domain_progress(log, ["brats_mets", "lits"], str(folder)))]
+        return [f.read_bytes() for f in files]
+
+    clean = draw(tmp_path / "clean")
+    with matplotlib.rc_context():
+        matplotlib.rc("font", weight="normal", size=18)  # what nnU-Net's LocalLogger.plot_progress_png does
+        matplotlib.rcParams["figure.autolayout"] = True
+        leaked = draw(tmp_path / "leaked")
+        assert matplotlib.rcParams["font.size"] == 18  # and the caller's settings are restored afterwards
+    assert leaked == clean

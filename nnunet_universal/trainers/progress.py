@@ -10,9 +10,8 @@ they know; the stock keys (``mean_fg_dice`` -> ``ema_fg_dice`` -> ``checkpoint_b
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
@@ -48,36 +47,36 @@ class UniversalLocalLogger(LocalLogger):
 
 
 def plot_domain_progress(logging: dict, domain_names: Sequence[str], output_folder: str) -> str:
-    """Write ``progress_domains.png`` in ``output_folder`` (atomic) and return its path."""
-    import matplotlib
+    """Write ``progress_domains.png`` in ``output_folder`` (atomic) and return its path.
 
-    matplotlib.use("agg")
-    import matplotlib.pyplot as plt
+    Drawn in the evaluation plots' own style (``evaluation.plots.plot_style``): nnU-Net's ``progress.png``
+    sets global rcParams (font size) just before, which must not leak into this figure. Legends sit right of
+    the axes, never over the curves; epochs are integer ticks.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    from nnunet_universal.evaluation.plots import plot_style, save_figure
 
     n = min(len(v) for v in logging.values())  # epochs logged for every key, like the stock plot
     x = list(range(n))
-    fig, axes = plt.subplots(2, 1, figsize=(12, 10))
-    ax = axes[0]
-    per_domain = logging["dice_per_domain"][:n]
-    for d, name in enumerate(domain_names):
-        ax.plot(x, [row[d] if d < len(row) else math.nan for row in per_domain], marker="o", label=name)
-    ax.plot(x, logging["mean_fg_dice"][:n], color="k", ls="--", label="mean over domains")
-    ax.plot(x, logging["ema_fg_dice"][:n], color="k", ls="-", label="mean (mov. avg.)")
-    ax.set(xlabel="epoch", ylabel="pseudo Dice (own domain head)", ylim=(0, 1))
-    ax.legend(loc="lower right")
-    ax = axes[1]
-    ax.plot(x, logging["gate_accuracy"][:n], color="tab:purple", marker="o", label="gate accuracy")
-    ax.set(xlabel="epoch", ylabel="domain accuracy", ylim=(0, 1.02))
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = os.path.join(output_folder, PLOT_NAME)
-    fd, tmp = tempfile.mkstemp(prefix=f".{PLOT_NAME}.", suffix=".png", dir=output_folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with plot_style() as plt:
+        fig, axes = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, layout="constrained")
+        ax = axes[0]
+        per_domain = logging["dice_per_domain"][:n]
+        for d, name in enumerate(domain_names):
+            ax.plot(x, [row[d] if d < len(row) else math.nan for row in per_domain], marker="o", ms=3, label=name)
+        ax.plot(x, logging["mean_fg_dice"][:n], color="k", ls="--", label="mean over domains")
+        ax.plot(x, logging["ema_fg_dice"][:n], color="k", ls="-", label="mean (mov. avg.)")
+        ax.set(ylabel="pseudo Dice\n(own domain head)", ylim=(0, 1.02),
+               title="Validation per domain (each epoch's validation patches)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        ax = axes[1]
+        ax.plot(x, logging["gate_accuracy"][:n], color="tab:purple", marker="o", ms=3, label="gate accuracy")
+        ax.set(xlabel="epoch", ylabel="gate accuracy\n(patches routed to\ntheir own domain)", ylim=(-0.02, 1.02))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        for a in axes:
+            a.grid(alpha=0.3)
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if n <= 1:
+                a.set_xlim(-0.5, 0.5)
+        return str(save_figure(fig, Path(output_folder) / PLOT_NAME))
