@@ -93,6 +93,24 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check_model(a: argparse.Namespace) -> int:
+    from nnunet_universal.inference.checkpoints import check_model_checkpoints
+
+    checked, problems, warnings = check_model_checkpoints(Path(a.model_dir))
+    for w in warnings:
+        print(f"nnunet-universal check-model: warning: {w}", file=sys.stderr)
+    if not checked:
+        raise FileNotFoundError(f"{a.model_dir} holds no checkpoint (*.pth) to check; pass a model folder "
+                                "(…/Trainer__Plans__Configuration)")
+    for p in problems:
+        print(f"nnunet-universal check-model: error: {p}", file=sys.stderr)
+    if problems:
+        return 2
+    print(f"OK: {len(checked)} checkpoint(s) in {a.model_dir} hold only weights and plain data "
+          f"({', '.join(str(p.relative_to(a.model_dir)) for p in checked)})")
+    return 0
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from nnunet_universal.evaluation.api import evaluate
 
@@ -217,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step-size", type=float, default=0.5)
     s.add_argument("--disable-tta", action="store_true")
     s.set_defaults(func=_cmd_predict)
+
+    s = add("check-model", "check that a received model's checkpoints hold only weights and data (no code) before "
+            "using it", "nnunet-universal check-model $nnUNet_results/Dataset600_Universal/UniversalTrainer__"
+            "nnUNetUniversalPlans__3d_fullres")
+    s.add_argument("model_dir", help="model folder (…/Trainer__Plans__Configuration); every *.pth below is checked")
+    s.set_defaults(func=_cmd_check_model)
 
     s = add("evaluate", "per-domain Dice/HD95, BraTS regions, lesion-wise scores, cross-domain false positives",
             "nnunet-universal evaluate out/ -d 600 --gt $nnUNet_raw/Dataset600_Universal/labelsTs")

@@ -190,14 +190,15 @@ def test_convert_refuses_truncated_nifti(env, tmp_path, ending):
             p.unlink()
         dj = json.loads((src / "dataset.json").read_text())
         (src / "dataset.json").write_text(json.dumps({**dj, "file_ending": ".nii"}))
+    did = 721 if ending == ".nii.gz" else 722
     cut = src / "labelsTr" / f"c2{ending}"
     _truncate(cut)
     assert not sitk.GetArrayFromImage(sitk.ReadImage(str(cut))).any()  # read without error, labels lost: silent
-    rc, err = cli(env, "convert", "nnunet", src, "-d", 720 + len(ending), "-j", 1)
+    rc, err = cli(env, "convert", "nnunet", src, "-d", did, "-j", 1)
     assert rc == 2 and str(cut) in err and "truncated or corrupt" in err and "--skip-bad" in err, err
-    rc, err = cli(env, "convert", "nnunet", src, "-d", 720 + len(ending), "-j", 1, "--skip-bad")
+    rc, err = cli(env, "convert", "nnunet", src, "-d", did, "-j", 1, "--skip-bad")
     assert rc == 0, err
-    folder = _raw(env) / f"Dataset{720 + len(ending)}_Cut"
+    folder = _raw(env) / f"Dataset{did}_Cut"
     report = json.loads((folder / "conversion_report.json").read_text())
     assert [s["case"] for s in report["skipped"]] == ["c2"] and "truncated" in report["skipped"][0]["problem"]
     assert sorted(json.loads((folder / "dataset.json").read_text())["universal"]["cases"]) == ["c1", "c3"]
@@ -277,3 +278,144 @@ def test_ucsf_case_folder_with_a_space_is_listed(env, native, tmp_path):
     assert "naming" in _skipped(env, 728, "UCSFBMSR")[odd.name]
     dj = json.loads((_raw(env) / "Dataset728_UCSFBMSR" / "dataset.json").read_text())
     assert dj["universal"]["provenance"]["skipped_cases"] == [odd.name]
+
+
+# ---- a received model cannot run code; predict inputs -----------------------------------------------------------
+
+class _Payload:
+    """What a malicious checkpoint carries: unpickling it runs a shell command (here: creates a marker file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> dict:
+    """A genuine universal model folder without training: the merged fixture planned with the real planner, a tiny
+    UniversalTrainer initialized and saved with nnU-Net's own ``save_checkpoint`` (numpy scalars in its logging,
+    as after real epochs). Returns paths and the subprocess environment."""
+    import torch
+    from merged_fixture import make_merged_dataset
+
+    from nnunet_universal.planners.api import plan_and_preprocess
+    from nnunet_universal.trainers.universal_trainer import UniversalTrainer
+
+    root = tmp_path_factory.mktemp("model")
+    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dirs.items():
+            v.mkdir()
+            mp.setenv(k, str(v))
+        mp.setenv("nnUNet_universal_fp_samples", "5000")
+        raw = make_merged_dataset(dirs["nnUNet_raw"], 991, cases_per_domain=2, shape=(12, 16, 16))
+        plan_and_preprocess(991, configurations=["3d_fullres"], num_processes=1)
+        pre = dirs["nnUNet_preprocessed"] / raw.name
+        plans = json.loads((pre / "nnUNetUniversalPlans.json").read_text())
+        arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+        arch["features_per_stage"] = [4 * 2**i for i in range(arch["n_stages"])]
+        dataset_json = json.loads((pre / "dataset.json").read_text())
+        tr = UniversalTrainer(plans={**plans, "continue_training": False}, configuration="3d_fullres", fold=0,
+                              dataset_json=dataset_json, device=torch.device("cpu"))
+        tr.initialize()
+        log = tr.logger.local_logger.my_fantastic_logging
+        log["mean_fg_dice"], log["ema_fg_dice"] = [np.float64(0.5)], [np.float64(0.5)]
+        log["train_losses"], log["dice_per_class_or_region"] = [np.float32(0.7)], [[np.float64(0.1)]]
+        model_dir = dirs["nnUNet_results"] / raw.name / "UniversalTrainer__nnUNetUniversalPlans__3d_fullres"
+        (model_dir / "fold_0").mkdir(parents=True, exist_ok=True)
+        tr.save_checkpoint(str(model_dir / "fold_0" / "checkpoint_final.pth"))
+    (model_dir / "plans.json").write_text(json.dumps(plans))
+    (model_dir / "dataset.json").write_text(json.dumps(dataset_json))
+    inputs = root / "inputs"
+    inputs.mkdir()
+    for f in (raw / "imagesTr").glob("mr_a_000_*.nii.gz"):
+        shutil.copy(f, inputs / f.name)
+    env = {**os.environ, **{k: str(v) for k, v in dirs.items()}, "OMP_NUM_THREADS": "1", "nnUNet_compile": "f"}
+    return {"dir": model_dir, "inputs": inputs, "env": env, "raw": raw}
+
+
+def _evil_copy(model: dict, dest: Path) -> tuple[Path, Path]:
+    """A copy of the model whose checkpoint also carries a payload; returns (model folder, marker file)."""
+    import torch
+
+    shutil.copytree(model["dir"], dest)
+    ckpt_path = dest / "fold_0" / "checkpoint_final.pth"
+    ckpt = torch.load(ckpt_path, weights_only=False)  # our own genuine file
+    marker = dest.parent / f"{dest.name}.PWNED"
+    torch.save({**ckpt, "extra": _Payload(marker)}, ckpt_path)
+    return dest, marker
+
+
+def test_check_model_and_predict_refuse_a_checkpoint_with_code(model, tmp_path):
+    evil, marker = _evil_copy(model, tmp_path / "evil_model")
+    ckpt = evil / "fold_0" / "checkpoint_final.pth"
+    rc, err = cli(model["env"], "check-model", evil)
+    assert rc == 2 and str(ckpt) in err and "system" in err and "not trusted" in err, err
+    rc, err = cli(model["env"], "predict", "-m", evil, "-i", model["inputs"], "-o", tmp_path / "out", "-device", "cpu")
+    assert rc == 2 and str(ckpt) in err and "not trusted" in err, err
+    assert not marker.exists()
+    assert not list((tmp_path / "out").glob("*.nii.gz")) if (tmp_path / "out").exists() else True
+
+
+def test_genuine_checkpoint_passes_and_predicts_like_nnunets_own_loading(model, tmp_path):
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_universal.inference.predictor import UniversalPredictor
+    from nnunet_universal.trainers.discovery import set_ext_trainer_env
+
+    found = torch.serialization.get_unsafe_globals_in_checkpoint(str(model["dir"] / "fold_0" / "checkpoint_final.pth"))
+    assert "numpy._core.multiarray.scalar" in found  # like a trained model's checkpoint: the allow-list is needed
+    proc = subprocess.run([str(EXE), "check-model", str(model["dir"])], env=model["env"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("OK") and "fold_0/checkpoint_final.pth" in proc.stdout
+    rc, err = cli(model["env"], "predict", "-m", model["dir"], "-i", model["inputs"], "-o", tmp_path / "out",
+                  "-device", "cpu", "--disable-tta")
+    assert rc == 0 and (tmp_path / "out" / "mr_a_000.nii.gz").is_file(), err
+
+    safe = UniversalPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False)
+    safe.initialize_from_trained_model_folder(str(model["dir"]), [0])
+    stock = UniversalPredictor(device=torch.device("cpu"), allow_tqdm=False, use_mirroring=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("nnUNet_extTrainer", set_ext_trainer_env())
+        nnUNetPredictor.initialize_from_trained_model_folder(stock, str(model["dir"]), [0])  # weights_only=False
+    stock._read_universal(model["dir"] / "plans.json")
+    assert (safe.trainer_name, safe.allowed_mirroring_axes) == (stock.trainer_name, stock.allowed_mirroring_axes)
+    assert safe.configuration_manager.configuration == stock.configuration_manager.configuration
+    for a, b in zip(safe.list_of_parameters, stock.list_of_parameters, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(5, 12, 16, 16)
+    torch.testing.assert_close(safe.predict_logits_from_preprocessed_data(x),
+                               stock.predict_logits_from_preprocessed_data(x), rtol=0, atol=0)
+
+
+def test_predict_refuses_bad_inputs_and_unsafe_names(model, tmp_path):
+    env, m, inputs = model["env"], model["dir"], model["inputs"]
+    rc, err = cli(env, "predict", "-m", m, "-i", inputs, "-o", inputs, "-device", "cpu")
+    assert rc == 2 and "is the input folder" in err, err
+    image = sorted(inputs.iterdir())[0]
+    for bad in ("..", ".hidden", "a/b"):
+        rc, err = cli(env, "predict", "-m", m, "--image", f"T1c={image}", "--case-id", bad, "-o", tmp_path, "-device",
+                      "cpu")
+        assert rc == 2 and repr(bad) in err and "not a safe file name" in err, (bad, err)
+    rc, err = cli(env, "predict", "-m", m, "--image", f"T1c={image}", "--case-id", image.name[: -len(".nii.gz")],
+                  "-o", inputs, "-device", "cpu")
+    assert rc == 2 and "would overwrite the input image" in err, err
+
+    nan = tmp_path / "nan_in"
+    nan.mkdir()
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(image))).astype(np.float32)
+    arr.flat[:4] = np.nan
+    _write(nan / "p1_0001.nii.gz", arr)
+    rc, err = cli(env, "predict", "-m", m, "-i", nan, "-o", tmp_path / "o1", "-device", "cpu")
+    assert rc == 2 and str(nan / "p1_0001.nii.gz") in err and "4 NaN/Inf voxels" in err, err
+
+    cut = tmp_path / "cut_in"
+    cut.mkdir()
+    shutil.copy(image, cut / "p2_0001.nii.gz")
+    _truncate(cut / "p2_0001.nii.gz")
+    rc, err = cli(env, "predict", "-m", m, "-i", cut, "-o", tmp_path / "o2", "-device", "cpu")
+    assert rc == 2 and str(cut / "p2_0001.nii.gz") in err and "truncated or corrupt" in err, err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

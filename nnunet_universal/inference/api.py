@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from nnunet_universal.inference.inputs import CaseInput, cases_from_folder, cases_from_images, check_geometry, read_case
+from nnunet_universal.inference.inputs import (
+    CaseInput,
+    cases_from_folder,
+    cases_from_images,
+    check_case_files,
+    check_geometry,
+    read_case,
+)
 from nnunet_universal.metadata import MetadataError, UniversalMeta, atomic_write_json, read_plans_universal
 
 if TYPE_CHECKING:  # torch and nnU-Net's predictor load only once the inputs are checked (fast errors)
@@ -116,6 +123,24 @@ def _routing_record(case: CaseInput, predictor: UniversalPredictor) -> dict:
     return predictor.routing_record(case.case_id, slots)
 
 
+def _check_output_folder(output_dir: Path, input_dir: Path | None, cases: list[CaseInput], ending: str,
+                         save_domain_maps: bool, domains: list[str]) -> None:
+    """Refuse an output folder that is the input folder, or outputs that would overwrite an input file."""
+    out = output_dir.resolve()
+    if input_dir is not None and out == Path(input_dir).resolve():
+        raise ValueError(f"the output folder -o {output_dir} is the input folder -i {input_dir}: the label maps would "
+                         "be written among the images (and read as images by the next run); pass another -o")
+    inputs = {Path(f).resolve(): f for case in cases for f in case.files.values()}
+    for case in cases:
+        targets = [out / f"{case.case_id}{ending}", out / f"{case.case_id}.routing.json"]
+        if save_domain_maps:
+            targets += [out / "domain_maps" / d / f"{case.case_id}{ending}" for d in domains]
+        for t in targets:
+            if t.resolve() in inputs:
+                raise ValueError(f"case {case.case_id}: the output {t} would overwrite the input image "
+                                 f"{inputs[t.resolve()]}; pass another -o (or --case-id)")
+
+
 def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, images: dict[str, str] | None = None,
             case_id: str = "case", folds: list[str] | None = None, checkpoint: str = "checkpoint_final.pth",
             domain: str | None = None, save_domain_maps: bool = False, device: str = "cuda",
@@ -145,8 +170,10 @@ def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, im
         cases = cases_from_folder(Path(input_dir), num_channels, ending)
     else:
         cases = cases_from_images(images, meta.slots, case_id)
+    _check_output_folder(output_dir, input_dir, cases, ending, save_domain_maps, meta.domain_names)
     for case in cases:
         check_geometry(case, meta.slots)
+        check_case_files(case)  # truncated/corrupt files, NaN/Inf voxels: before any model is loaded
     dev = _device(device)
 
     import torch
@@ -166,7 +193,7 @@ def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, im
     written: list[Path] = []
     uncertain: list[str] = []
     for case in tqdm(cases, desc="predict", unit="case"):
-        raw, properties = read_case(case, predictor.plans_manager, num_channels)
+        raw, properties = read_case(case, predictor.plans_manager, num_channels, verify=False)
         data, _, properties = preprocessor.run_case_npy(raw, None, properties, predictor.plans_manager,
                                                         predictor.configuration_manager, predictor.dataset_json)
         data = torch.from_numpy(data)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import SimpleITK as sitk
 
+from nnunet_universal.nifti_integrity import count_nonfinite, is_nifti, verify_nifti
+
 if TYPE_CHECKING:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -57,9 +59,33 @@ def cases_from_images(images: dict[str, str], model_slots: list[str], case_id: s
         if not path.is_file():
             raise FileNotFoundError(f"image for slot {model_slots[idx]} not found: {path}")
         files[idx] = path
-    if not re.fullmatch(r"[^/\\]+", case_id):
-        raise ValueError(f"--case-id {case_id!r} must be a plain file name (no folder separators)")
+    check_case_id(case_id, "--case-id")
     return [CaseInput(case_id, files)]
+
+
+def check_case_id(case_id: str, where: str) -> str:
+    """Return ``case_id`` if it is a safe output name: not empty, no folder separator, no leading '.', no '..',
+    no control character (it names ``{case}{ending}`` and ``{case}.routing.json`` in the output folder)."""
+    if (not case_id or case_id.startswith(".") or ".." in case_id or re.search(r"[/\\\x00-\x1f]", case_id)):
+        raise ValueError(f"{where}: case id {case_id!r} is not a safe file name (it must not be empty, start with "
+                         "'.', contain '..', '/' or '\\'); pick a plain name such as patient7")
+    return case_id
+
+
+def check_case_files(case: CaseInput) -> None:
+    """Refuse truncated/corrupt NIfTI inputs and float inputs with NaN/Inf voxels (``ValueError`` naming the file).
+
+    nnU-Net's SimpleITK reader would read a cut-off file with zeros in place of the missing voxels and turn NaN/Inf
+    into 0, so such inputs would be predicted silently wrong.
+    """
+    for path in case.files.values():
+        if not is_nifti(path):
+            continue
+        info = verify_nifti(path, keep="float")
+        bad = count_nonfinite(info)
+        if bad:
+            raise ValueError(f"case {case.case_id}: {path} has {bad} NaN/Inf voxels; replace them with a valid value "
+                             "(e.g. 0 or the background intensity) in a copy of the file and predict that")
 
 
 def cases_from_folder(folder: Path, num_channels: int, file_ending: str) -> list[CaseInput]:
@@ -84,6 +110,7 @@ def cases_from_folder(folder: Path, num_channels: int, file_ending: str) -> list
         if ch >= num_channels:
             raise ValueError(f"{path} names channel {ch}, but this model has {num_channels} channels "
                              f"(_0000 to _{num_channels - 1:04d})")
+        check_case_id(m["case"], str(path))
         cases.setdefault(m["case"], {})[ch] = path
     if not cases:
         raise FileNotFoundError(f"no images named CASE_XXXX{file_ending} in {folder}")
@@ -132,12 +159,16 @@ def _fmt(v: tuple) -> str:
     return "(" + ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) + ")"
 
 
-def read_case(case: CaseInput, plans_manager: PlansManager, num_channels: int) -> tuple[np.ndarray, dict]:
+def read_case(case: CaseInput, plans_manager: PlansManager, num_channels: int,
+              verify: bool = True) -> tuple[np.ndarray, dict]:
     """Read the given images with the plans' reader and zero-fill the missing channels.
 
     Returns (data (num_channels, *spatial) float32, nnU-Net image properties) ready for the preprocessor's
     ``run_case_npy`` - the same array nnU-Net's ``run_case`` would have read if the zero images were on disk.
+    ``verify``: run :func:`check_case_files` first (False when the caller already did).
     """
+    if verify:
+        check_case_files(case)
     rw = plans_manager.image_reader_writer_class()
     channels = sorted(case.files)
     given, properties = rw.read_images([str(case.files[c]) for c in channels])

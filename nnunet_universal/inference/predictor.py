@@ -45,6 +45,24 @@ from nnunet_universal.nn.encoding_cache import DEFAULT_CACHE_MB
 logger = logging.getLogger(__name__)
 
 
+def _trainer_class(name: str) -> type:
+    """The trainer class named in a checkpoint: this package's trainers first (no module scan), then nnU-Net's
+    lookup (its built-in trainers and the ``nnUNet_extTrainer`` folders), as ``nnUNetv2_predict`` does."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_universal.trainers.discovery import all_trainers, baseline_trainers, set_ext_trainer_env
+
+    for cls in (*all_trainers(), *baseline_trainers()):
+        if cls.__name__ == name:
+            return cls
+    set_ext_trainer_env()  # our trainer folder first in nnUNet_extTrainer, the user's folders kept
+    cls = recursive_find_trainer_class_by_name(name)
+    if not (isinstance(cls, type) and issubclass(cls, nnUNetTrainer)):
+        raise RuntimeError(f"trainer {name!r} named in the checkpoint is not an nnU-Net trainer")
+    return cls
+
+
 class UniversalPredictor(nnUNetPredictor):
     """nnU-Net predictor for universal models: case-level routing (dataset-free) or a given domain (oracle).
 
@@ -78,12 +96,46 @@ class UniversalPredictor(nnUNetPredictor):
     # ---- initialization ------------------------------------------------------------------------
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
                                              checkpoint_name: str = "checkpoint_final.pth") -> None:
-        """Stock loading (the trainer class is found through ``nnUNet_extTrainer``), then the universal checks."""
-        from nnunet_universal.trainers.discovery import set_ext_trainer_env
+        """nnU-Net 2.8.1's loading without its unsafe ``torch.load(weights_only=False)``, then the universal checks.
 
-        set_ext_trainer_env()  # our trainer folder first in nnUNet_extTrainer, the user's folders kept
-        super().initialize_from_trained_model_folder(str(model_training_output_dir), use_folds, checkpoint_name)
-        self._read_universal(Path(model_training_output_dir) / "plans.json")
+        Every fold's checkpoint goes through :func:`~nnunet_universal.inference.checkpoints.load_checkpoint`
+        (weights only, an explicit allow-list; anything else is refused before it is unpickled). The rest is the
+        stock method: dataset.json, plans.json, the trainer class by the checkpoint's name (ours first, then
+        nnU-Net's lookup with ``nnUNet_extTrainer``), the network from the plans, the first fold's weights.
+        """
+        from batchgenerators.utilities.file_and_folder_operations import load_json
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        from nnunet_universal.inference.checkpoints import load_checkpoint
+
+        folder = Path(model_training_output_dir)
+        if use_folds is None:
+            use_folds = nnUNetPredictor.auto_detect_available_folds(str(folder), checkpoint_name)
+        if isinstance(use_folds, str):
+            use_folds = [use_folds]
+        dataset_json = load_json(str(folder / "dataset.json"))
+        plans_manager = PlansManager(load_json(str(folder / "plans.json")))
+        parameters = []
+        for i, f in enumerate(use_folds):
+            f = int(f) if f != "all" else f
+            checkpoint = load_checkpoint(folder / f"fold_{f}" / checkpoint_name)
+            if i == 0:
+                trainer_name = checkpoint["trainer_name"]
+                configuration_name = checkpoint["init_args"]["configuration"]
+                mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes")
+            parameters.append(checkpoint["network_weights"])
+
+        configuration_manager = plans_manager.get_configuration(configuration_name)
+        num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+        num_output_channels = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        network = _trainer_class(trainer_name).build_network_architecture(
+            plans_manager, configuration_manager, num_input_channels, num_output_channels,
+            enable_deep_supervision=False)
+        network.load_state_dict(parameters[0])  # stock: the first fold's weights (nnU-Net issue #2520)
+        super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                      trainer_name, mirroring_axes)  # stock bookkeeping and torch.compile
+        self._read_universal(folder / "plans.json")
 
     def manual_initialization(self, network: nn.Module, plans_manager, configuration_manager, parameters,
                               dataset_json: dict, trainer_name: str, inference_allowed_mirroring_axes) -> None:
