@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CorruptImageError", "NiftiInfo", "count_nonfinite", "is_nifti", "verify_nifti"]
+__all__ = ["CorruptImageError", "NiftiInfo", "check_file", "count_nonfinite", "is_nifti", "verify_nifti"]
 
 _CHUNK = 1 << 20
 #: NIfTI datatype code -> numpy dtype (without byte order)
@@ -168,6 +168,15 @@ def verify_nifti(path: str | os.PathLike, keep: bool | str = False) -> NiftiInfo
                                       f"{'decompressed ' if str(path).endswith('.gz') else ''}file has only {size}")
     info.data = data
     return info
+
+
+def check_file(path: str | os.PathLike) -> None:
+    """:func:`verify_nifti` for a NIfTI file (streamed, nothing kept); other formats pass unchecked.
+
+    One call before any ``SimpleITK.ReadImage`` of a user's file; raises :class:`CorruptImageError` (a ValueError).
+    """
+    if is_nifti(path):
+        verify_nifti(path)
 
 
 def count_nonfinite(info: NiftiInfo) -> int:

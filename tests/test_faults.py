@@ -419,3 +419,14 @@ def test_predict_refuses_bad_inputs_and_unsafe_names(model, tmp_path):
     rc, err = cli(env, "predict", "-m", m, "-i", cut, "-o", tmp_path / "o2", "-device", "cpu")
     assert rc == 2 and str(cut / "p2_0001.nii.gz") in err and "truncated or corrupt" in err, err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_lits_file_with_an_odd_name_is_listed(env, native, tmp_path):
+    tree = _tree(native, "lits", tmp_path / "LiTS")
+    vol = sorted(tree.glob("volume-*.nii*"))[0]
+    odd = vol.with_name(vol.name.replace("volume-", "volume copy-"))
+    shutil.copy(vol, odd)
+    rc, err = cli(env, "convert", "lits", tree, "-d", 729, "-j", 1)
+    assert rc == 2 and str(odd) in err and "naming" in err, err
+    assert cli(env, "convert", "lits", tree, "-d", 729, "-j", 1, "--skip-bad")[0] == 0
+    assert "naming" in _skipped(env, 729, "LiTS")[odd.name]

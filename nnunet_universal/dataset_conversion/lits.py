@@ -20,6 +20,7 @@ from nnunet_universal.registry import SOURCES
 
 _VOL_RE = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 _SEG_RE = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
+_TEST_RE = re.compile(r"^test-volume-(\d+)\.nii(\.gz)?$")
 
 
 def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = None, **_: object) -> SourceSpec:
@@ -56,6 +57,10 @@ def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = No
                 volumes.append((int(m.group(1)), path))
             elif m := _SEG_RE.match(name):
                 segs.setdefault(int(m.group(1)), []).append(path)
+            elif name.endswith((".nii", ".nii.gz")) and not _TEST_RE.match(name):  # listed, never ignored
+                spec.bad.append(ConversionError(
+                    "file name does not follow the LiTS naming volume-N / segmentation-N, so it is not read",
+                    case=name, file=path, fix="rename it (e.g. volume-12.nii), or move it out of the input folder"))
     if volumes and not segs:
         raise ConversionError(f"no segmentation-N.nii files in {input_dir}: this looks like the test batch",
                               file=input_dir, fix="convert the training batches (volume-N + segmentation-N)")
