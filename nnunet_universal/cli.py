@@ -113,10 +113,14 @@ def _cmd_check_model(a: argparse.Namespace) -> int:
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from nnunet_universal.evaluation.api import evaluate
+    from nnunet_universal.evaluation.report import domain_table
 
     out = Path(a.output) if a.output else Path(a.pred_dir) / "evaluation"
-    evaluate(Path(a.pred_dir), gt_dir=Path(a.gt) if a.gt else None, dataset_id=a.dataset_id, output_dir=out)
-    print(f"wrote {out / 'metrics.json'}, {out / 'metrics.md'} and plots")
+    summary = evaluate(Path(a.pred_dir), gt_dir=Path(a.gt) if a.gt else None, dataset_id=a.dataset_id,
+                       output_dir=out)
+    print(f"{summary['dataset']}: {summary['n_cases']} cases, protocol {summary['protocol']}\n")
+    print("\n".join(domain_table(summary)))
+    print(f"\nwrote {out / 'metrics.json'}, {out / 'metrics.md'} (per class and region, notes) and plots")
     return 0
 
 
@@ -246,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
             "nnunet-universal evaluate out/ -d 600 --gt $nnUNet_raw/Dataset600_Universal/labelsTs")
     s.add_argument("pred_dir")
     s.add_argument("-d", "--dataset-id", type=int, required=True, help="merged dataset id (for the universal block)")
-    s.add_argument("--gt", help="ground-truth folder (default: the dataset's labelsTr)")
+    s.add_argument("--gt", help="ground-truth folder (default: the dataset's labelsTs, else labelsTr)")
     s.add_argument("-o", "--output", help="report folder (default: PRED_DIR/evaluation)")
     s.set_defaults(func=_cmd_evaluate)
 

@@ -218,6 +218,7 @@ def test_cli_evaluate_end_to_end(nnunet_dirs, tmp_path):
     proc = subprocess.run([str(exe), "evaluate", str(pred_dir), "-d", "990"], capture_output=True, text=True,
                           env=os.environ.copy(), timeout=120)
     assert proc.returncode == 0, proc.stderr
+    assert "protocol nnunet-universal" in proc.stdout and "| brats | 1 |" in proc.stdout  # the table is printed
     out = pred_dir / "evaluation"
     m = json.loads((out / "metrics.json").read_text())
     md = (out / "metrics.md").read_text()
@@ -238,6 +239,8 @@ def test_cli_evaluate_end_to_end(nnunet_dirs, tmp_path):
     assert d["mets"]["routing"]["accuracy"] == 0.0 and m["routing"]["accuracy"] == pytest.approx(2 / 3)
     assert "| brats | 1 |" in md and "cross-domain FP" in md and "liver_002" in md
     assert "## Routing (dataset-free, 3 cases" in md
+    assert m["protocol"] == "nnunet-universal" and "Protocol: nnunet-universal" in md
+    assert "MONAI" in md and "n/a" in md and "HD95 374 mm" in md
 
 
 def test_evaluate_errors_name_the_problem(nnunet_dirs, tmp_path):
@@ -301,3 +304,21 @@ def test_plots_ignore_global_matplotlib_settings(tmp_path):
         leaked = draw(tmp_path / "leaked")
         assert matplotlib.rcParams["font.size"] == 18  # and the caller's settings are restored afterwards
     assert leaked == clean
+
+
+def test_nnunet_style_summary_has_means_and_cases():
+    from nnunet_universal.trainers.final_validation import nnunet_style_summary
+
+    meta = _meta()
+    gt = np.zeros((1, 4, 10), np.int32)
+    gt[0, 0, :4] = 5
+    pred = gt.copy()
+    pred[0, 0, 3] = 0
+    cases = [{"case": "l1", **evaluate_case(pred, gt, (1, 1, 1), "liver", meta)},
+             {"case": "l2", **evaluate_case(gt, gt, (1, 1, 1), "liver", meta)}]
+    s = nnunet_style_summary(summarize(cases, meta))
+    assert s["mean"]["5"]["Dice"] == pytest.approx((6 / 7 + 1) / 2) and s["mean"]["5"]["n"] == 2
+    assert s["mean"]["6"] == {"Dice": 1.0, "HD95": 0.0, "n": 2}  # tumour empty in both: Dice 1, HD95 0
+    assert [pc["case"] for pc in s["metric_per_case"]] == ["l1", "l2"]
+    assert s["metric_per_case"][0]["metrics"]["5"]["Dice"] == pytest.approx(6 / 7)
+    assert s["foreground_mean"]["Dice"] == pytest.approx(((6 / 7 + 1) / 2 + 1) / 2)

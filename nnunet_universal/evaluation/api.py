@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from nnunet_universal.evaluation.lesions import LesionConfig
 from nnunet_universal.evaluation.plots import dice_boxplots, routing_confusion_plot
-from nnunet_universal.evaluation.report import evaluate_case, summarize, to_markdown
+from nnunet_universal.evaluation.report import PROTOCOL, evaluate_case, summarize, to_markdown
 from nnunet_universal.metadata import atomic_write_json, load_universal
 
 logger = logging.getLogger(__name__)
@@ -100,8 +100,8 @@ def evaluate(pred_dir: Path, gt_dir: Path | None = None, *, dataset_id: int | st
         results.append(res)
 
     summary = summarize(results, meta)
-    summary = {"dataset": name, "pred_dir": str(pred_dir), "gt_dir": str(gt_dir), "file_ending": ending,
-               "lesion_config": cfg.to_dict(), **summary, "missing_predictions": missing,
+    summary = {"dataset": name, "protocol": PROTOCOL, "pred_dir": str(pred_dir), "gt_dir": str(gt_dir),
+               "file_ending": ending, "lesion_config": cfg.to_dict(), **summary, "missing_predictions": missing,
                "unmatched_predictions": unmatched, "cases": results}
     summary = _jsonable(summary)
     _write_reports(summary, output_dir, meta.domain_names)
@@ -175,7 +175,8 @@ def _write_reports(summary: dict[str, Any], output_dir: Path, domain_order: list
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(summary, output_dir / "metrics.json")
     title = (f"# Evaluation of {summary['dataset']}: {summary['n_cases']} cases\n\n"
-             f"Predictions: `{summary['pred_dir']}`, ground truth: `{summary['gt_dir']}`.\n\n")
+             f"Protocol: {summary['protocol']}. Predictions: `{summary['pred_dir']}`, ground truth: "
+             f"`{summary['gt_dir']}`.\n\n")
     _atomic_write_text(title + to_markdown(summary), output_dir / "metrics.md")
     written = [output_dir / "metrics.json", output_dir / "metrics.md",
                dice_boxplots(summary["cases"], domain_order, output_dir / "dice_boxplots.png")]

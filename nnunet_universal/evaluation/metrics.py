@@ -4,13 +4,18 @@ Conventions (chosen so that every per-case number is defined and means stay comp
 
 * **Dice** = 2|P ∩ G| / (|P| + |G|); both masks empty → **1.0** (the prediction is right: nothing there).
   Never NaN.
-* **HD95** (mm) = max(P95 of distances from P's surface to G's surface, P95 of the reverse), the symmetric
-  robust Hausdorff distance used by MONAI and the BraTS evaluation. Surfaces are mask voxels with a
-  6-neighbour (face) outside the mask; distances are exact Euclidean distances in mm from each surface voxel
-  centre to the nearest surface voxel centre of the other mask (``scipy.spatial.cKDTree``); P95 uses numpy's
-  linear percentile. Both empty → **0.0**. Exactly one empty → **NaN** (undefined: there is no surface to measure
-  to); summaries exclude NaN values and report how many cases were excluded, so a missed structure shows up
-  in Dice (0) and in that count rather than as an arbitrary distance.
+* **HD95** (mm) = max(P95 of distances from P's surface to G's surface, P95 of the reverse): the symmetric
+  robust Hausdorff distance **as MONAI computes it** (``compute_hausdorff_distance(percentile=95)``, voxel
+  centres). Surfaces are mask voxels with a 6-neighbour (face) outside the mask; distances are exact Euclidean
+  distances in mm from each surface voxel centre to the nearest surface voxel centre of the other mask
+  (``scipy.spatial.cKDTree``); each surface voxel counts once and P95 is numpy's linear percentile.
+  This is **not** the BraTS 2023 definition: the BraTS 2023 evaluation uses DeepMind's ``surface-distance``
+  package (``compute_surface_distances`` + ``compute_robust_hausdorff``), whose surface elements lie on the
+  voxel *boundaries* and whose percentile is weighted by each element's surface area; values differ by up to
+  about a voxel, and BraTS scores a one-side-empty case 374 mm. Here: both empty → **0.0**; exactly one empty →
+  **NaN** (undefined: there is no surface to measure to); summaries exclude NaN values and report how many
+  cases were excluded ("n/a"), so a missed structure shows up in Dice (0) and in that count rather than as an
+  arbitrary distance.
 
 ``spacing`` is always the voxel size **per array axis**. Arrays read with SimpleITK are ``(z, y, x)``
 while ``image.GetSpacing()`` is ``(x, y, z)``: pass ``image.GetSpacing()[::-1]``.
@@ -38,7 +43,8 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
-    """Symmetric 95th-percentile Hausdorff distance in mm; 0.0 if both empty, NaN if exactly one is empty.
+    """Symmetric 95th-percentile Hausdorff distance in mm, MONAI's voxel-centre definition (module docstring; not
+    BraTS 2023's surface-distance one); 0.0 if both empty, NaN if exactly one is empty.
 
     Args:
         pred, gt: boolean masks of equal shape (2D or 3D).

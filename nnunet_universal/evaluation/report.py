@@ -22,6 +22,19 @@ from nnunet_universal.metadata import DomainInfo, MetadataError, UniversalMeta
 
 _LESION_COUNTS = ("tp", "fn", "fp", "n_pred", "pred_matched", "n_gt_ignored")
 
+#: the protocol of this module's metrics (every report names it)
+PROTOCOL = "nnunet-universal"
+TABLE_NOTE = (
+    "Protocol: {protocol}. Dice and HD95: mean ± std over cases of the mean over the domain's classes. "
+    "HD95 is MONAI's definition (95th percentile of distances between surface-voxel centres, each surface voxel "
+    "counted once), not BraTS 2023's (DeepMind surface-distance: voxel-boundary surface elements, area-weighted "
+    "percentile); a case where exactly one of prediction and ground truth is empty has no HD95: it is left out "
+    "of the mean and counted as \"n/a\" (BraTS would score it 374 mm); both empty: 0 mm. Lesion-wise: BraTS 2023 "
+    "style (GT lesions dilated for matching, lesions ≤ 2 mm³ ignored); a missed GT lesion (FN) or a false "
+    "positive lesion (FP) scores Dice 0 and HD95 374 mm (per-lesion HD95 with the same MONAI definition); F1 "
+    "pooled over cases. Cross-domain FP: voxels and connected components predicted with labels of other domains."
+)
+
 
 def domain_targets(dom: DomainInfo) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """(classes, regions) of a domain as name -> union ids; a region is the union of its member classes."""
@@ -150,7 +163,16 @@ def summarize(cases: list[dict[str, Any]], meta: UniversalMeta) -> dict[str, Any
                          "accuracy": sum(r["inferred_domain"] == dname for r in routed) / len(routed)}
                         if routed else None)
         domains[dname] = d
-    return {"n_cases": len(cases), "domains": domains, "routing": routing_confusion(cases, meta)}
+    return {"n_cases": len(cases), "domains": domains, "routing": routing_confusion(cases, meta),
+            "per_case": [per_label_metrics(c) for c in cases]}
+
+
+def per_label_metrics(case: dict[str, Any]) -> dict[str, Any]:
+    """One :func:`evaluate_case` result in nnU-Net's ``metric_per_case`` shape: ``{"case", "domain", "metrics":
+    {union id: {"Dice", "HD95"}}}`` over the classes the case's domain annotates (HD95 None where undefined)."""
+    metrics = {str(v["ids"][0]): {"Dice": v["dice"], "HD95": v["hd95"] if math.isfinite(v["hd95"]) else None}
+               for v in case["classes"].values()}
+    return {"case": case.get("case"), "domain": case["domain"], "metrics": metrics}
 
 
 def routing_confusion(cases: list[dict[str, Any]], meta: UniversalMeta) -> dict[str, Any] | None:
@@ -173,8 +195,18 @@ def routing_confusion(cases: list[dict[str, Any]], meta: UniversalMeta) -> dict[
 
 def to_markdown(summary: dict[str, Any]) -> str:
     """Readable report of :func:`summarize`'s output: a per-domain table, a per-class/region table, routing."""
-    lines = ["## Per-domain summary", "",
-             "| domain | cases | Dice | HD95 (mm) | lesion-wise Dice | lesion F1 | cross-domain FP voxels/case "
+    lines = ["## Per-domain summary", "", *domain_table(summary)]
+    lines += ["", TABLE_NOTE.format(protocol=summary.get("protocol", PROTOCOL)), "",
+              "## Per class and region", "",
+              "| domain | class / region | Dice | HD95 (mm) | lesion-wise Dice | lesion-wise HD95 (mm) "
+              "| lesions TP / FN / FP | precision | recall | F1 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    return _rest_of_markdown(summary, lines)
+
+
+def domain_table(summary: dict[str, Any]) -> list[str]:
+    """The per-domain summary as Markdown table lines (what ``nnunet-universal evaluate`` prints)."""
+    lines = ["| domain | cases | Dice | HD95 (mm) | lesion-wise Dice | lesion F1 | cross-domain FP voxels/case "
              "| cross-domain FP lesions | routing accuracy |",
              "|---|---:|---|---|---|---|---|---:|---|"]
     for dname, d in summary["domains"].items():
@@ -188,14 +220,10 @@ def to_markdown(summary: dict[str, Any]) -> str:
             f"{les['f1']:.3f} ({head})" if les else "–",
             _ms(xfp["voxels_per_case"], 1), str(xfp["lesions_total"]),
             f"{rt['accuracy']:.3f} ({rt['correct']}/{rt['n']})" if rt else "–"]) + " |")
-    lines += ["", "Dice and HD95: mean ± std over cases of the mean over the domain's classes (HD95 only where "
-              "defined; \"n/a\" counts cases where exactly one side was empty). Lesion-wise: BraTS 2023 style "
-              "(GT lesions dilated for matching, FP and FN scored 0), F1 pooled over cases. Cross-domain FP: "
-              "voxels and connected components predicted with labels of other domains.", "",
-              "## Per class and region", "",
-              "| domain | class / region | Dice | HD95 (mm) | lesion-wise Dice | lesion-wise HD95 (mm) "
-              "| lesions TP / FN / FP | precision | recall | F1 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _rest_of_markdown(summary: dict[str, Any], lines: list[str]) -> str:
     for dname, d in summary["domains"].items():
         for kind in ("classes", "regions"):
             for name, t in d[kind].items():

@@ -109,13 +109,22 @@ def nnunet_style_summary(mode_summary: dict[str, Any]) -> dict[str, Any]:
 
     ``nnUNetv2_export_model_to_zip`` ships this file and ``nnUNetv2_find_best_configuration`` reads
     ``foreground_mean.Dice``; here that is the mean over domains of each domain's mean Dice on its own
-    classes (never counting unannotated classes as background). The full per-domain summary is kept under
-    ``universal``.
+    classes (never counting unannotated classes as background). ``mean`` holds, per union label id, the mean
+    Dice (and HD95 where defined) over the cases whose domain annotates that label; ``metric_per_case`` each
+    case's Dice/HD95 per union label of its domain. The full per-domain summary is kept under ``universal``.
     """
     means = [d["dice"]["mean"] for d in mode_summary["domains"].values()
              if d["dice"]["mean"] is not None and np.isfinite(d["dice"]["mean"])]
     fg = float(np.mean(means)) if means else float("nan")
-    return {"foreground_mean": {"Dice": fg}, "mean": {}, "metric_per_case": [], "universal": mode_summary}
+    per_case = mode_summary.get("per_case", [])
+    labels = sorted({uid for pc in per_case for uid in pc["metrics"]}, key=int)
+    mean: dict[str, dict[str, float | None]] = {}
+    for uid in labels:
+        values = [pc["metrics"][uid] for pc in per_case if uid in pc["metrics"]]
+        hd = [v["HD95"] for v in values if v["HD95"] is not None]
+        mean[uid] = {"Dice": float(np.mean([v["Dice"] for v in values])),
+                     "HD95": float(np.mean(hd)) if hd else None, "n": len(values)}
+    return {"foreground_mean": {"Dice": fg}, "mean": mean, "metric_per_case": per_case, "universal": mode_summary}
 
 
 def run_final_validation(trainer: Any, save_probabilities: bool = False) -> dict[str, Any] | None:
