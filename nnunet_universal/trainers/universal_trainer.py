@@ -269,7 +269,7 @@ class UniversalTrainer(nnUNetTrainer):
         self.logger.log("gate_accuracy", gate_accuracy, epoch)
         self.print_to_log_file("Pseudo dice per domain: " + ", ".join(
             f"{d} {np.round(v, 4)}" for d, v in zip(self.domain_names, per_domain, strict=True))
-            + f"; gate accuracy {np.round(gate_accuracy, 4)}")
+            + f"; gate accuracy {np.round(gate_accuracy, 4)} ({int(gate[0])}/{int(gate[1])} validation patches)")
 
     # ---- final validation ------------------------------------------------------------------------
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
