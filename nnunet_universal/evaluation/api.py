@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from nnunet_universal.evaluation.lesions import LesionConfig
 from nnunet_universal.evaluation.plots import dice_boxplots, routing_confusion_plot
 from nnunet_universal.evaluation.report import PROTOCOL, evaluate_case, summarize, to_markdown
 from nnunet_universal.metadata import atomic_write_json, load_universal
+from nnunet_universal.nifti_integrity import check_file
 
 logger = logging.getLogger(__name__)
 
@@ -81,14 +83,13 @@ def evaluate(pred_dir: Path, gt_dir: Path | None = None, *, dataset_id: int | st
 
     results = []
     for case in tqdm(cases, desc="evaluate", unit="case"):
-        pred, p_spacing = read_label_map(pred_dir / f"{case}{ending}")
-        gt, spacing = read_label_map(gt_dir / f"{case}{ending}")
+        pred, p_geom = read_label_map(pred_dir / f"{case}{ending}", with_geometry=True)
+        gt, g_geom = read_label_map(gt_dir / f"{case}{ending}", with_geometry=True)
         if pred.shape != gt.shape:
             raise ValueError(f"case {case}: prediction {pred_dir / (case + ending)} has shape {pred.shape} (z, y, x) "
                              f"but its ground truth has {gt.shape}; predictions must be in the original geometry")
-        if not np.allclose(p_spacing, spacing, rtol=1e-3, atol=1e-5):
-            logger.warning("case %s: prediction spacing %s differs from ground truth %s; using the ground truth's",
-                           case, p_spacing, spacing)
+        check_same_geometry(pred_dir / f"{case}{ending}", p_geom, gt_dir / f"{case}{ending}", g_geom)
+        spacing = g_geom.spacing
         stray = sorted(set(np.unique(gt).tolist()) - set(meta.annotated_labels(case)))
         if stray:
             logger.warning("case %s: ground truth contains union ids %s that domain %s does not annotate", case,
@@ -108,8 +109,38 @@ def evaluate(pred_dir: Path, gt_dir: Path | None = None, *, dataset_id: int | st
     return summary
 
 
-def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Read a label image with SimpleITK: integer array in (z, y, x) order and spacing in the same axis order."""
+@dataclass(frozen=True)
+class Geometry:
+    """Where a label map lies in space: spacing (z, y, x), origin and direction as SimpleITK gives them (x, y, z)."""
+
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+
+def check_same_geometry(pred_path: Path, pred: Geometry, gt_path: Path, gt: Geometry) -> None:
+    """Refuse a prediction that does not lie where its ground truth lies (same shape is not enough: a map stored
+    flipped, with direction and origin adjusted, or shifted, would be scored voxel by voxel against the wrong
+    anatomy). Tolerances: spacing 0.1 %, direction 1e-3, origin a tenth of a voxel."""
+    problems = []
+    if not np.allclose(pred.spacing, gt.spacing, rtol=1e-3, atol=1e-5):
+        problems.append(f"spacing {pred.spacing} vs {gt.spacing}")
+    if not np.allclose(pred.direction, gt.direction, atol=1e-3):
+        problems.append(f"direction {tuple(round(v, 4) for v in pred.direction)} vs "
+                        f"{tuple(round(v, 4) for v in gt.direction)}")
+    if not np.allclose(pred.origin, gt.origin, atol=0.1 * min(gt.spacing)):
+        problems.append(f"origin {tuple(round(v, 3) for v in pred.origin)} vs {tuple(round(v, 3) for v in gt.origin)}")
+    if problems:
+        raise ValueError(f"prediction {pred_path} does not lie where its ground truth {gt_path} lies ("
+                         + "; ".join(problems) + "): it would be scored against the wrong voxels. Export predictions "
+                         "in the ground truth's geometry (nnUNetv2_predict and nnunet-universal predict do), or "
+                         "resample them onto it first")
+
+
+def read_label_map(path: Path, with_geometry: bool = False) -> tuple[np.ndarray, tuple[float, ...] | Geometry]:
+    """Read a label image with SimpleITK: integer array in (z, y, x) order and spacing in the same axis order
+    (``with_geometry``: a :class:`Geometry` instead of the spacing). Truncated NIfTI files are refused."""
+    check_file(path)  # a cut-off .nii(.gz) reads as valid with zeros appended
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as e:
@@ -120,7 +151,11 @@ def read_label_map(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
         if not np.allclose(arr, rounded):
             raise ValueError(f"{path} holds non-integer values; expected a label map")
         arr = rounded
-    return arr.astype(np.int32, copy=False), tuple(float(s) for s in img.GetSpacing()[::-1])
+    spacing = tuple(float(s) for s in img.GetSpacing()[::-1])
+    if with_geometry:
+        return arr.astype(np.int32, copy=False), Geometry(spacing, tuple(float(v) for v in img.GetOrigin()),
+                                                          tuple(float(v) for v in img.GetDirection()))
+    return arr.astype(np.int32, copy=False), spacing
 
 
 def read_routing(path: Path, case: str, true_domain: str) -> dict[str, Any]:
