@@ -193,11 +193,22 @@ def test_suites_and_equal_compute(ba, tmp_path):
 
 def test_v1_results_still_render(ba):
     """The committed results from before commits were recorded render, with the sections the README copies."""
-    path = REPO / "benchmarks" / "results" / "accuracy_small.json"
-    if not path.is_file():
-        pytest.skip("no committed accuracy_small.json")
+    path = REPO / "benchmarks" / "results" / "accuracy_small_v1.json"
     md = ba.report(json.loads(path.read_text()), allow_mixed_commits=True)
     for title in ("Universal model vs", "Per class and region", "Ablations", "Missing modality",
                   "Gate routing accuracy", "The paper's claims"):
         assert f"\n### {title}" in md
     assert "no prompts (dataset-free)" in md and "commit unknown" in md
+
+
+def test_a_class_nobody_learns_is_reported_apart_from_the_domain_means(ba):
+    """brats_mets.NETC (0 for every arm) stays in the per-class table but leaves the domain's case means."""
+    case = {"case": "b1", "domain": "brats_mets", "mean_dice": 0.5, "dice": {"NETC": 0.0, "SNFH": 0.6, "ET": 0.9,
+                                                                              "TC": 0.9, "WT": 0.7}}
+    other = {"case": "u1", "domain": "ucsf_bmsr", "mean_dice": 0.8, "dice": {"ET": 0.8}}
+    run = {"cases": [case, other], "domains": {"brats_mets": {"classes": {"NETC": {}, "SNFH": {}, "ET": {}}},
+                                               "ucsf_bmsr": {"classes": {"ET": {}}}}}
+    runs, notes = ba._without_separate_classes({"r": run})
+    assert runs["r"]["cases"][0]["mean_dice"] == pytest.approx(0.75)  # (SNFH + ET) / 2, regions not counted
+    assert runs["r"]["cases"][1]["mean_dice"] == 0.8 and run["cases"][0]["mean_dice"] == 0.5  # input unchanged
+    assert len(notes) == 1 and "brats_mets.NETC" in notes[0]
