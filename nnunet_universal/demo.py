@@ -62,7 +62,7 @@ def run_demo(work_dir: Path, epochs: int | None = None, device: str = "cpu") -> 
         (work_dir / key).mkdir(exist_ok=True)
         os.environ[key] = str(work_dir / key)
     os.environ.setdefault("nnUNet_compile", "f")
-    os.environ.setdefault("nnUNet_universal_fp_samples", "1000000")  # fingerprint budget: plenty for ~40 small cases
+    os.environ.setdefault("NNUNET_UNIVERSAL_FP_SAMPLES", "1000000")  # fingerprint budget: plenty for ~40 small cases
     n_epochs, iters, val_iters = DEMO_SCHEDULE
     if epochs is not None:
         n_epochs = epochs

@@ -29,9 +29,9 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+from nnunet_universal.atomic_io import atomic_write_json  # noqa: F401 (re-exported: older imports read it here)
 from nnunet_universal.registry import SLOTS
 
 SCHEMA_VERSION = 1
@@ -195,14 +195,6 @@ def load_universal(dataset_json: dict[str, Any] | str | os.PathLike, where: str 
     if isinstance(labels, dict):
         meta.validate(where, label_names=labels)
     return meta
-
-
-def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
-    """Write JSON to ``path`` through a temp file in the same folder and an atomic rename, with the mode a plain
-    ``open()`` gives (the umask is respected: a shared cluster's group can read the dataset)."""
-    from nnunet_universal.synthetic.io import atomic_write_json as _write
-
-    _write(obj, Path(path), indent=indent)
 
 
 # ---- the plans' ``universal`` block ---------------------------------------------------------------

@@ -174,7 +174,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    from nnunet_universal.synthetic.io import atomic_write_bytes
+    from nnunet_universal.atomic_io import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode())
 
@@ -254,12 +254,12 @@ class Suite:
 
     def env(self, seed: int = 0, k: int = 1) -> dict[str, str]:
         """Environment of every subprocess: the suite's nnU-Net folders, the schedule (epochs times ``k``)."""
-        from nnunet_universal.trainers.discovery import ext_trainer_value
+        from nnunet_universal.discovery import ext_trainer_value
 
         e, s = dict(os.environ), self.cfg["schedule"]
         e.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.pre),
                  nnUNet_results=str(self.results_dir(seed, k)), nnUNet_compile="f",
-                 nnUNet_def_n_proc="1", nnUNet_universal_fp_samples="20000",
+                 nnUNet_def_n_proc="1", NNUNET_UNIVERSAL_FP_SAMPLES="20000",
                  NNUNET_UNIVERSAL_SCHEDULE=f"{s[0] * k}:{s[1]}:{s[2]}", OMP_NUM_THREADS=str(self.threads),
                  nnUNet_extTrainer=ext_trainer_value(os.environ.get("nnUNet_extTrainer", "")))
         return e

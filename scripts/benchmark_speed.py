@@ -88,8 +88,8 @@ def _trainer(name: str, device: str):
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
+    from nnunet_universal.discovery import set_ext_trainer_env
     from nnunet_universal.metadata import PLANS_NAME
-    from nnunet_universal.trainers.discovery import set_ext_trainer_env
 
     set_ext_trainer_env()
     trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, name, PLANS_NAME, device=torch.device(device))
@@ -359,7 +359,7 @@ def to_markdown(res: dict) -> str:
 
 def _write(path: Path, text: str) -> None:
     """Atomic write (temp file + rename), the package's helper."""
-    from nnunet_universal.synthetic.io import atomic_write_bytes
+    from nnunet_universal.atomic_io import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode())
 

@@ -169,7 +169,7 @@ def main() -> int:
         res["tiles"] = tiles
     res["step_ops_ratio"] = res["universal"]["step_ops"] / res["stock"]["step_ops"]
     res["tile_ops_ratio"] = res["universal"]["tile_ops"] / res["stock"]["tile_ops"]
-    from nnunet_universal.synthetic.io import atomic_write_bytes
+    from nnunet_universal.atomic_io import atomic_write_bytes
 
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.results / "ops_cpu.json", json.dumps(res, indent=1).encode())

@@ -80,7 +80,7 @@ def main() -> int:
         print(f"{args.readme}: generated tables up to date")
         return 0
     if new != current:
-        from nnunet_universal.synthetic.io import atomic_write_bytes
+        from nnunet_universal.atomic_io import atomic_write_bytes
 
         atomic_write_bytes(args.readme, new.encode())
         print(f"rewrote {args.readme}")

@@ -309,7 +309,7 @@ def model(tmp_path_factory) -> dict:
         for k, v in dirs.items():
             v.mkdir()
             mp.setenv(k, str(v))
-        mp.setenv("nnUNet_universal_fp_samples", "5000")
+        mp.setenv("NNUNET_UNIVERSAL_FP_SAMPLES", "5000")
         raw = make_merged_dataset(dirs["nnUNet_raw"], 991, cases_per_domain=2, shape=(12, 16, 16))
         plan_and_preprocess(991, configurations=["3d_fullres"], num_processes=1)
         pre = dirs["nnUNet_preprocessed"] / raw.name
@@ -363,8 +363,8 @@ def test_genuine_checkpoint_passes_and_predicts_like_nnunets_own_loading(model, 
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from nnunet_universal.discovery import set_ext_trainer_env
     from nnunet_universal.inference.predictor import UniversalPredictor
-    from nnunet_universal.trainers.discovery import set_ext_trainer_env
 
     found = torch.serialization.get_unsafe_globals_in_checkpoint(str(model["dir"] / "fold_0" / "checkpoint_final.pth"))
     assert "numpy._core.multiarray.scalar" in found  # like a trained model's checkpoint: the allow-list is needed

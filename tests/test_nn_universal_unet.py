@@ -14,6 +14,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_universal.metadata import MetadataError, NetworkOptions, read_plans_universal
+from nnunet_universal.nn.availability import derive_availability
 from nnunet_universal.nn.gating import DomainRouter, all_reduce_prototype_stats
 from nnunet_universal.nn.harmony import HarmonyNorm
 from nnunet_universal.nn.heads import MIN_PROBABILITY
@@ -192,6 +193,26 @@ def test_missing_slot_is_zeroed_and_availability_is_derived():
         with_const_given = net(x, domain=torch.tensor([0, 1]), availability=avail)
     torch.testing.assert_close(derived, given)
     torch.testing.assert_close(with_const_given, given)
+
+
+def test_one_availability_rule_for_patches_and_cases():
+    """Training (per patch) and inference (per case) use the same rule and tolerance: a channel is missing where it
+    is constant up to float round-off; one varying voxel makes it available."""
+    from nnunet_universal.inference.routing import case_availability
+
+    x = torch.zeros(2, 4, 3, 5, 5)
+    x[0, 0, 1, 2, 2] = 1.0  # one real voxel
+    x[:, 1] = -0.7  # a zero-filled CT slot after CT normalization: constant but non-zero
+    x[:, 2] = 1000.0
+    x[1, 2, 0, 0, 0] += 1e-4  # round-off of a normalized constant (1e-7 relative): still missing
+    x[:, 3] = torch.randn(2, 3, 5, 5)
+    patches = derive_availability(x)
+    assert patches.tolist() == [[True, False, False, True], [False, False, False, True]]
+    for b in range(2):
+        assert derive_availability(x[b], start_dim=1).tolist() == patches[b].tolist()
+        assert case_availability(x[b]).tolist() == patches[b].tolist()
+    x[1, 2, 0, 0, 0] += 1.0  # a real difference (1e-3 relative)
+    assert derive_availability(x)[1, 2] and case_availability(x[1])[2]
 
 
 def test_context_drives_plain_forward_calls():

@@ -210,3 +210,19 @@ def test_plan_rejects_channel_names_that_are_not_the_slots(nnunet_dirs):
     with pytest.raises(MetadataError, match="channel_names"):
         plan_and_preprocess(993, num_processes=1)
     assert not (nnunet_dirs["nnUNet_preprocessed"] / raw.name).exists()  # failed before any work
+
+
+def test_fp_samples_env_new_name_and_deprecated_old_name(monkeypatch):
+    from nnunet_universal.planners.fingerprint import sample_budget_from_env
+
+    monkeypatch.delenv("NNUNET_UNIVERSAL_FP_SAMPLES", raising=False)
+    monkeypatch.delenv("nnUNet_universal_fp_samples", raising=False)
+    assert sample_budget_from_env() is None
+    monkeypatch.setenv("NNUNET_UNIVERSAL_FP_SAMPLES", "5000")
+    assert sample_budget_from_env() == 5000.0
+    monkeypatch.setenv("nnUNet_universal_fp_samples", "7000")
+    with pytest.warns(DeprecationWarning, match="NNUNET_UNIVERSAL_FP_SAMPLES"):
+        assert sample_budget_from_env() == 5000.0  # the new name wins
+    monkeypatch.delenv("NNUNET_UNIVERSAL_FP_SAMPLES")
+    with pytest.warns(DeprecationWarning, match="nnUNet_universal_fp_samples is deprecated"):
+        assert sample_budget_from_env() == 7000.0  # the old name still works

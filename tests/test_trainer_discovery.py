@@ -13,7 +13,7 @@ import nnunetv2
 import pytest
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_universal.trainers.discovery import (
+from nnunet_universal.discovery import (
     all_trainers,
     baseline_trainers,
     export_line,
@@ -31,7 +31,7 @@ def test_init_signature_matches_nnunet(trainer):
     assert "__init__" not in vars(trainer) or trainer.__name__ == "UniversalTrainer"  # only the base has one
 
 
-def test_scheduled_stock_trainer_obeys_the_schedule(monkeypatch):
+def test_scheduled_stock_trainer_obeys_the_schedule(monkeypatch, capsys):
     from nnunet_universal.trainers.scheduled import nnUNetTrainerScheduled
 
     assert nnUNetTrainerScheduled.__mro__[1] is nnUNetTrainer
@@ -48,10 +48,16 @@ def test_scheduled_stock_trainer_obeys_the_schedule(monkeypatch):
             self.logged.append(args)
 
     probe = Probe()
+    probe.num_epochs, probe.num_iterations_per_epoch, probe.num_val_iterations_per_epoch = 1000, 250, 50
     with pytest.raises(AttributeError, match="was_initialized"):  # nnU-Net's own initialize needs a real trainer
         probe.initialize()
     assert (probe.num_epochs, probe.num_iterations_per_epoch, probe.num_val_iterations_per_epoch) == (3, 4, 2)
     assert probe.save_every == 1  # short runs checkpoint often enough to resume
+    # a leftover variable must not shorten a real training silently: a WARNING in the log and on stderr
+    expected = ("WARNING: NNUNET_UNIVERSAL_SCHEDULE=3:4:2 is set: this run trains 3 epochs x 4 iterations "
+                "(2 validation iterations) instead of 1000 x 250 (50)")
+    assert [a for a in probe.logged if a[0].startswith(expected)], probe.logged
+    assert expected in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("env, expected", [("0", None), ("1", (0, 1, 2)), (None, (0, 1, 2))])

@@ -269,7 +269,7 @@ def test_validation_mirroring_switch(monkeypatch):
 # ---- variants ---------------------------------------------------------------------------------------
 
 def test_each_variant_is_one_class_attribute_away_from_the_base():
-    from nnunet_universal.trainers.discovery import all_trainers
+    from nnunet_universal.discovery import all_trainers
     from nnunet_universal.trainers.universal_trainer import UniversalTrainer
 
     for cls in all_trainers()[1:]:

@@ -33,6 +33,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
+from nnunet_universal.atomic_io import atomic_write_json
 from nnunet_universal.dataset_conversion.common import (
     FILE_ENDING,
     SKIP_HINT,
@@ -62,7 +63,6 @@ from nnunet_universal.dataset_conversion.splits import choose_holdout, fold_note
 from nnunet_universal.dataset_conversion.union import build_label_union, merged_slots
 from nnunet_universal.dataset_conversion.validation import check_geometry, normalize_label
 from nnunet_universal.metadata import CaseInfo, DomainInfo, UniversalMeta
-from nnunet_universal.synthetic.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 MERGE_VERSION = 1

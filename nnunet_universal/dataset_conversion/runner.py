@@ -20,8 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from nnunet_universal.atomic_io import atomic_write_json
 from nnunet_universal.dataset_conversion.common import SKIP_HINT, ConversionError, Layout
-from nnunet_universal.metadata import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

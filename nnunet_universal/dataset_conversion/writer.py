@@ -17,6 +17,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
+from nnunet_universal.atomic_io import atomic_write_json
 from nnunet_universal.dataset_conversion.common import (
     FILE_ENDING,
     SKIP_HINT,
@@ -46,7 +47,7 @@ from nnunet_universal.dataset_conversion.validation import (
     normalize_label,
     relpath_or_abs,
 )
-from nnunet_universal.metadata import CaseInfo, DomainInfo, UniversalMeta, atomic_write_json
+from nnunet_universal.metadata import CaseInfo, DomainInfo, UniversalMeta
 
 logger = logging.getLogger(__name__)
 CONVERTER_VERSION = 1

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +22,11 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunet_universal.atomic_io import atomic_write_json, atomic_write_text
 from nnunet_universal.evaluation.lesions import LesionConfig
 from nnunet_universal.evaluation.plots import dice_boxplots, routing_confusion_plot
 from nnunet_universal.evaluation.report import PROTOCOL, evaluate_case, summarize, to_markdown
-from nnunet_universal.metadata import atomic_write_json, load_universal
+from nnunet_universal.metadata import load_universal
 from nnunet_universal.nifti_integrity import check_file
 
 logger = logging.getLogger(__name__)
@@ -212,24 +211,12 @@ def _write_reports(summary: dict[str, Any], output_dir: Path, domain_order: list
     title = (f"# Evaluation of {summary['dataset']}: {summary['n_cases']} cases\n\n"
              f"Protocol: {summary['protocol']}. Predictions: `{summary['pred_dir']}`, ground truth: "
              f"`{summary['gt_dir']}`.\n\n")
-    _atomic_write_text(title + to_markdown(summary), output_dir / "metrics.md")
+    atomic_write_text(title + to_markdown(summary), output_dir / "metrics.md")
     written = [output_dir / "metrics.json", output_dir / "metrics.md",
                dice_boxplots(summary["cases"], domain_order, output_dir / "dice_boxplots.png")]
     if summary.get("routing") and summary["routing"]["n"]:
         written.append(routing_confusion_plot(summary["routing"], output_dir / "routing_confusion.png"))
     logger.info("wrote %s", ", ".join(map(str, written)))
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _jsonable(obj: Any) -> Any:

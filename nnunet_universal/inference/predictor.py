@@ -33,34 +33,18 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import nn
 
+from nnunet_universal.discovery import trainer_class
 from nnunet_universal.inference.routing import (
     case_availability,
     case_routing,
     decide_routing,
-    unwrap_network,
 )
 from nnunet_universal.metadata import MetadataError, NetworkOptions, UniversalMeta, read_plans_universal
 from nnunet_universal.nn.encoding_cache import DEFAULT_CACHE_MB
+from nnunet_universal.nn.heads import restrict_to_domain
+from nnunet_universal.nn.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
-
-
-def _trainer_class(name: str) -> type:
-    """The trainer class named in a checkpoint: this package's trainers first (no module scan), then nnU-Net's
-    lookup (its built-in trainers and the ``nnUNet_extTrainer`` folders), as ``nnUNetv2_predict`` does."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    from nnunet_universal.trainers.discovery import all_trainers, baseline_trainers, set_ext_trainer_env
-
-    for cls in (*all_trainers(), *baseline_trainers()):
-        if cls.__name__ == name:
-            return cls
-    set_ext_trainer_env()  # our trainer folder first in nnUNet_extTrainer, the user's folders kept
-    cls = recursive_find_trainer_class_by_name(name)
-    if not (isinstance(cls, type) and issubclass(cls, nnUNetTrainer)):
-        raise RuntimeError(f"trainer {name!r} named in the checkpoint is not an nnU-Net trainer")
-    return cls
 
 
 class UniversalPredictor(nnUNetPredictor):
@@ -86,12 +70,12 @@ class UniversalPredictor(nnUNetPredictor):
     @property
     def gated(self) -> bool:
         """Whether the network has a domain gate (dataset-free routing is then inferred, else uniform)."""
-        return getattr(unwrap_network(self.network), "router", None) is not None
+        return getattr(unwrap(self.network), "router", None) is not None
 
     @property
     def union_head(self) -> bool:
         """Whether the network has one union head instead of per-domain heads (joint baselines)."""
-        return bool(getattr(unwrap_network(self.network), "union_head", False))
+        return bool(getattr(unwrap(self.network), "union_head", False))
 
     # ---- initialization ------------------------------------------------------------------------
     def initialize_from_trained_model_folder(self, model_training_output_dir: str, use_folds,
@@ -129,7 +113,7 @@ class UniversalPredictor(nnUNetPredictor):
         configuration_manager = plans_manager.get_configuration(configuration_name)
         num_input_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
         num_output_channels = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-        network = _trainer_class(trainer_name).build_network_architecture(
+        network = trainer_class(trainer_name).build_network_architecture(
             plans_manager, configuration_manager, num_input_channels, num_output_channels,
             enable_deep_supervision=False)
         network.load_state_dict(parameters[0])  # stock: the first fold's weights (nnU-Net issue #2520)
@@ -149,7 +133,7 @@ class UniversalPredictor(nnUNetPredictor):
             self.meta, self.network_options = read_plans_universal(self.plans_manager.plans, where=str(where))
         except MetadataError as e:
             raise MetadataError(f"not a universal model: {e}") from None
-        net = unwrap_network(self.network)
+        net = unwrap(self.network)
         missing = [m for m in ("set_context", "clear_context", "embed", "route", "routing_weights")
                    if not hasattr(net, m)]
         if missing:
@@ -166,7 +150,7 @@ class UniversalPredictor(nnUNetPredictor):
             raise ValueError(f"routing must be 'soft' or 'hard', got {mode!r}")
         if self.meta is None:
             raise RuntimeError("UniversalPredictor is not initialized; call initialize_from_trained_model_folder")
-        net = unwrap_network(self.network)  # the network's options decide; network_options stays as planned
+        net = unwrap(self.network)  # the network's options decide; network_options stays as planned
         net.options = dataclasses.replace(net.options, routing=mode)
 
     # ---- per-case context ----------------------------------------------------------------------
@@ -196,7 +180,7 @@ class UniversalPredictor(nnUNetPredictor):
         elif not self.gated:  # no gate (ablation): the heads are mixed uniformly, no domain is inferred
             rec.update(mode="dataset-free", rule="uniform", given_domain=None, inferred_domain=None)
         else:
-            opts = unwrap_network(self.network).options
+            opts = unwrap(self.network).options
             decision = decide_routing(raw, opts.routing, opts.routing_confidence,
                                       [self.meta.domain_label_ids(n) for n in names])
             runner = None if decision.runner_up is None else names[decision.runner_up]
@@ -223,8 +207,6 @@ class UniversalPredictor(nnUNetPredictor):
         self._fold_routings, self._fold_applied = [], []
         logits = super().predict_logits_from_preprocessed_data(data)
         if self.oracle_domain is not None and self.union_head:
-            from nnunet_universal.trainers.final_validation import restrict_to_domain
-
             logits = restrict_to_domain(logits, self.meta.domain_label_ids(self.oracle_domain))
         return logits
 
@@ -245,7 +227,7 @@ class UniversalPredictor(nnUNetPredictor):
         if self.meta is None:
             raise RuntimeError("UniversalPredictor is not initialized; call initialize_from_trained_model_folder")
         self.network = self.network.to(self.device)
-        net = unwrap_network(self.network)
+        net = unwrap(self.network)
         if self.perform_everything_on_device and self.device.type == "cuda":
             # one copy of the case on the device serves the routing pass and nnU-Net's sliding window (which
             # would copy it there itself); slicing tiles on the host and copying each one cost more than the

@@ -19,18 +19,20 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 from torch import nn
 
+from nnunet_universal.nn.availability import derive_availability
+from nnunet_universal.nn.wrappers import unwrap
+
 #: Tiles embedded per forward pass while aggregating ``phi`` (instance norms make this batch-size invariant).
 TILE_BATCH = 4
 
 
 def case_availability(data: torch.Tensor) -> torch.Tensor:
-    """Channels holding real data in a preprocessed case.
+    """Channels holding real data in a preprocessed case: data (C, *spatial) -> (C,) bool.
 
-    data: (C, *spatial). A channel that is constant over the WHOLE case is missing (DESIGN §4.3: a zero-filled
-    MR slot stays 0 after z-scoring, a zero-filled CT slot becomes a constant). Returns (C,) bool.
+    The training rule (:func:`~nnunet_universal.nn.availability.derive_availability`, same tolerance) applied to
+    the WHOLE case instead of one patch.
     """
-    flat = data.reshape(data.shape[0], -1)
-    return (flat.amax(dim=1) - flat.amin(dim=1)) > 0
+    return derive_availability(data, start_dim=1)
 
 
 def sliding_window_slicers(image_size: Sequence[int], patch_size: Sequence[int],
@@ -58,17 +60,6 @@ def _batches(items: list, n: int) -> Iterator[list]:
         yield items[i:i + n]
 
 
-def unwrap_network(network: nn.Module) -> nn.Module:
-    """The module behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(network, "_orig_mod"):
-            network = network._orig_mod
-        elif isinstance(network, nn.parallel.DistributedDataParallel):
-            network = network.module
-        else:
-            return network
-
-
 @torch.inference_mode()
 def case_routing(network: nn.Module, data: torch.Tensor, patch_size: Sequence[int], tile_step_size: float = 0.5,
                  availability: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +78,7 @@ def case_routing(network: nn.Module, data: torch.Tensor, patch_size: Sequence[in
         (routing weights (D,) float on the CPU, before any decision rule (:func:`decide_routing`), availability
         (C,) bool on the CPU).
     """
-    net = unwrap_network(network)
+    net = unwrap(network)
     device = next(net.parameters()).device
     if availability is None:
         availability = case_availability(data)

@@ -6,8 +6,10 @@ the speed (1.11x a stock step). ``scripts/benchmark_harmony_kernels.py`` compare
 hand-written loops do what Inductor's generated code did (a reduction sweep and a pointwise sweep per function,
 temporaries in L1) without the compiler in the process. They are built once per machine with
 ``torch.utils.cpp_extension`` on first use (a C++ compiler and ninja are needed, as for ``torch.compile`` on CPU;
-the build is cached under ``TORCH_EXTENSIONS_DIR``). If building fails the eager path of ``harmony_functions.py`` is
-used, with one warning. ``NNUNET_UNIVERSAL_FUSED=0`` turns this path off with the compiled one.
+the build is cached under ``TORCH_EXTENSIONS_DIR``). If building fails (one warning), fp32 CPU tensors go to the
+``torch.compile``d functions of ``harmony_fused.py``, and to the eager path of ``harmony_functions.py`` if compiling
+fails too (it does without a C++ compiler; a second warning). ``NNUNET_UNIVERSAL_FUSED=0`` turns off this path and
+the compiled one (:func:`~nnunet_universal.nn.harmony_fused.turned_off`).
 
 Arguments are the fused path's: (B, C, N) tensors with per-channel parameters; the outputs are written into
 caller-provided tensors (no copy of the activation).
@@ -16,21 +18,17 @@ caller-provided tensors (no copy of the activation).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from nnunet_universal.nn import harmony_fused
+
 logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "harmony_cpu.cpp"
 _STATE: dict[str, Any] = {}
-
-
-def turned_off() -> bool:
-    """``NNUNET_UNIVERSAL_FUSED=0`` (also turns off ``harmony_fused``)."""
-    return os.environ.get("NNUNET_UNIVERSAL_FUSED", "1").lower() in ("0", "f", "false")
 
 
 def _flags() -> list[str]:
@@ -55,7 +53,8 @@ def extension() -> Any | None:
             _STATE["module"] = load(name=f"nnunet_universal_harmony_cpu_{cap}", sources=[str(_SOURCE)],
                                     extra_cflags=_flags(), verbose=False)
         except Exception as err:  # noqa: BLE001 (no compiler, no ninja, a failed build: fall back, never fail)
-            logger.warning("U-Harmony CPU kernels unavailable (%s: %s); using the eager path", type(err).__name__,
+            logger.warning("U-Harmony C++ CPU kernels unavailable (%s: %s); fp32 CPU tensors use the torch.compile "
+                           "path (harmony_fused), or the eager path if that fails too", type(err).__name__,
                            str(err).splitlines()[0] if str(err) else "")
         finally:
             quiet.setLevel(level)
@@ -64,7 +63,8 @@ def extension() -> Any | None:
 
 def serves(x: Tensor) -> bool:
     """Whether these kernels serve ``x``: an fp32 CPU tensor, not turned off, the extension built."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not turned_off() and extension() is not None
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not harmony_fused.turned_off()
+            and extension() is not None)
 
 
 def _f32(t: Tensor | None) -> Tensor:

@@ -4,7 +4,8 @@ They save only their input (plus per-(sample, channel) statistics) and recompute
 backward: plain autograd would keep every power of every activation alive until backward, ``J`` extra
 activation tensors per layer. All arithmetic runs in fp32 (fp64 for fp64 inputs) whatever the autocast
 state. Fast paths: the C++ kernels of ``harmony_cpu.py`` (fp32 on CPU) and the compiled kernels of
-``harmony_fused.py`` (GPU); otherwise the work is done here on chunks of rows (one row = one (sample, channel)
+``harmony_fused.py`` (GPU, fp16/bf16 on CPU, and fp32 on CPU when the C++ kernels cannot be built), both off with
+``NNUNET_UNIVERSAL_FUSED=0``; otherwise the work is done here on chunks of rows (one row = one (sample, channel)
 pair): on CPU small, cache-resident chunks (a fresh activation-sized buffer costs more, in page faults, than the
 arithmetic); on GPU larger chunks that bound the temporaries, so that peak memory stays near the plain network's.
 """

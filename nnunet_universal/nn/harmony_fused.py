@@ -10,12 +10,13 @@ Compiling costs tens of seconds once per process (first training step or first p
 compiler resident (a CPU process that compiled one layer pair peaked 331 MB higher,
 ``scripts/benchmark_harmony_kernels.py``). On CPU, fp32 tensors are served by the hand-written loops of
 ``harmony_cpu.py`` instead (the same sweeps without the compiler in the process); this path still serves fp16/bf16
-CPU tensors.
+CPU tensors, and fp32 CPU tensors when the C++ kernels cannot be built (then the compiler is resident after all;
+without a C++ compiler Inductor fails as well and the eager path serves).
 
 The functions are the math only (pure, no in-place updates): ``*_math`` runs eagerly anywhere (the tests compare
 them with the chunked CPU path), ``compiled(name)`` gives the compiled version. If compiling fails (no Triton,
 an unsupported setup), the eager functions of ``harmony_functions`` are used from then on, with one warning.
-``NNUNET_UNIVERSAL_FUSED=0`` turns the fused path off.
+``NNUNET_UNIVERSAL_FUSED=0`` turns this path and the C++ kernels off (:func:`turned_off`).
 """
 
 from __future__ import annotations
@@ -34,16 +35,35 @@ FP16_MAX = 65504.0
 _BROKEN: list[str] = []
 
 
+#: The switch of both fast paths of U-Harmony's autograd functions.
+ENV_VAR = "NNUNET_UNIVERSAL_FUSED"
+
+
+def turned_off() -> bool:
+    """Whether ``NNUNET_UNIVERSAL_FUSED`` is ``0``, ``f`` or ``false`` (any case); unset or any other value: on.
+
+    Off, U-Harmony's autograd functions (``harmony_functions.py``) use neither fast path: not the C++ kernels of
+    ``harmony_cpu.py`` (fp32 CPU tensors) nor the ``torch.compile``d functions here (CUDA tensors, fp16/bf16 CPU
+    tensors, and fp32 CPU tensors when the C++ kernels are not built); every tensor goes through the chunked eager
+    path, which gives the same values and gradients more slowly. Read at every call (the tests switch it).
+    Nothing else reads it: ``nnUNet_compile`` (nnU-Net's compilation of the whole network) is independent.
+    """
+    return os.environ.get(ENV_VAR, "1").lower() in ("0", "f", "false")
+
+
 def enabled(x: Tensor) -> bool:
-    """Whether the fused path serves this tensor: CUDA or CPU, fp16/bf16/fp32, not turned off, not failed before."""
-    off = os.environ.get("NNUNET_UNIVERSAL_FUSED", "1").lower() in ("0", "f", "false")
-    return x.device.type in ("cuda", "cpu") and x.dtype != torch.float64 and not _BROKEN and not off
+    """Whether the fused path serves this tensor: CUDA or CPU, fp16/bf16/fp32, not turned off, not failed before.
+
+    On CPU, ``harmony_functions`` asks :func:`harmony_cpu.serves` first: fp32 CPU tensors reach this path only when
+    the C++ kernels are not built.
+    """
+    return x.device.type in ("cuda", "cpu") and x.dtype != torch.float64 and not _BROKEN and not turned_off()
 
 
 def disable(reason: str) -> None:
     """Fall back to the eager path for the rest of the process."""
     if not _BROKEN:
-        logger.warning("U-Harmony fused GPU kernels unavailable (%s); using the eager path", reason)
+        logger.warning("U-Harmony compiled kernels unavailable (%s); using the eager path", reason)
     _BROKEN.append(reason)
 
 

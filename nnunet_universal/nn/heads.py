@@ -1,6 +1,12 @@
-"""Per-domain segmentation heads and their mixture into the union label space (U-Harmony §2.2)."""
+"""Per-domain segmentation heads and their mixture into the union label space (U-Harmony §2.2).
+
+Also the two maps from union logits to one domain's labels that training (marginal loss) and inference (oracle
+mode of union-head models) share: :func:`marginal_logits` and :func:`restrict_to_domain`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -74,3 +80,29 @@ class DomainHeads(nn.Module):
             probs.mul_(w.view(*w.shape, *([1] * (logits.ndim - 2))))
             union = torch.matmul(self.union_map, probs.flatten(2))  # (U, S) @ (B, S, N) -> (B, U, N)
             return union.clamp_min_(MIN_PROBABILITY).log_().view(logits.shape[0], -1, *logits.shape[2:])
+
+
+def marginal_logits(union_logits: Tensor, label_ids: Sequence[int]) -> Tensor:
+    """Union logits ``(n, U, *spatial)`` -> marginal logits ``(n, 1 + K, *spatial)`` of one domain.
+
+    Channel 0 is the log-sum-exp of background and every union class the domain does not annotate, channel
+    k+1 the logit of ``label_ids[k]``; their softmax equals the union softmax with the unannotated
+    probabilities summed into background (the marginal distribution).
+    """
+    ids = [int(i) for i in label_ids]
+    others = [c for c in range(union_logits.shape[1]) if c not in set(ids)]  # includes background 0
+    bg = torch.logsumexp(union_logits[:, others], dim=1, keepdim=True)
+    return torch.cat([bg, union_logits[:, ids]], dim=1)
+
+
+def restrict_to_domain(logits: Tensor, label_ids: Sequence[int]) -> Tensor:
+    """Union logits ``(U, *spatial)`` -> union logits whose argmax only yields background or ``label_ids``.
+
+    Background becomes the log-sum-exp of background and every class outside ``label_ids`` (the marginal
+    distribution of the domain), every class outside ``label_ids`` gets -inf.
+    """
+    merged = marginal_logits(logits[None].float(), label_ids)[0]  # (1 + K, *spatial)
+    out = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+    out[0] = merged[0]
+    out[[int(i) for i in label_ids]] = merged[1:]
+    return out

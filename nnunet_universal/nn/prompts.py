@@ -26,18 +26,6 @@ from torch import Tensor, nn
 PROMPT_BOUND = 0.5
 
 
-def derive_availability(x: Tensor, rtol: float = 1e-6) -> Tensor:
-    """(B, C, *spatial) -> (B, C) bool: a channel is available unless it is constant over the patch.
-
-    Missing slots are zero-filled in the raw data and stay constant through nnU-Net's normalization
-    (zero for z-score, some constant for CT), see DESIGN §4.3.
-    """
-    flat = x.detach().flatten(2)
-    lo, hi = flat.amin(dim=2), flat.amax(dim=2)
-    scale = torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0)
-    return (hi - lo) > rtol * scale
-
-
 class BoundedFiLM(nn.Module):
     """Condition vector (B, K) -> per-channel gain and shift (B, C) each, both in (-bound, bound).
 

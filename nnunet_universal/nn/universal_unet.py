@@ -32,12 +32,13 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 
 from nnunet_universal.metadata import NetworkOptions, read_plans_universal
+from nnunet_universal.nn.availability import derive_availability
 from nnunet_universal.nn.encoding_cache import CachedEncoding, EncodingCache
 from nnunet_universal.nn.gating import DomainRouter, uniform_routing
 from nnunet_universal.nn.harmony import MAX_ORDER, STABLE_MAX_ORDER, HarmonyNorm, HarmonyRestore
 from nnunet_universal.nn.heads import DomainHeads, validate_domains
 from nnunet_universal.nn.injection import encoder_stage_scopes, inject_harmony
-from nnunet_universal.nn.prompts import ModalityPrompt, TaskPrompt, derive_availability
+from nnunet_universal.nn.prompts import ModalityPrompt, TaskPrompt
 
 logger = logging.getLogger(__name__)
 

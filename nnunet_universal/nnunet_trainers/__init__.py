@@ -1,1 +1,1 @@
-"""The folder ``nnUNet_extTrainer`` points to: re-export shims only (see ``trainers/discovery.py``)."""
+"""The folder ``nnUNet_extTrainer`` points to: re-export shims only (see ``nnunet_universal/discovery.py``)."""

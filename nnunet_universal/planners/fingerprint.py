@@ -9,7 +9,8 @@ have that slot. For a slot present in every case this is nnU-Net's rule; for a C
 exactly the fingerprint stock nnU-Net computes on a CT-only dataset made of those cases.
 
 Spacings, shapes and the cropping ratio still come from every case.
-The environment variable ``nnUNet_universal_fp_samples`` lowers the per-slot sample budget (tests, quick runs).
+The environment variable ``NNUNET_UNIVERSAL_FP_SAMPLES`` lowers the per-slot sample budget (tests, quick runs);
+its old name ``nnUNet_universal_fp_samples`` still works, with a deprecation warning.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -31,13 +33,30 @@ from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from tqdm import tqdm
 
-from nnunet_universal.metadata import MetadataError, atomic_write_json, load_universal
+from nnunet_universal.atomic_io import atomic_write_json
+from nnunet_universal.metadata import MetadataError, load_universal
 from nnunet_universal.planners.plans_block import check_channel_names
 
 logger = logging.getLogger(__name__)
 
-SAMPLES_ENV = "nnUNet_universal_fp_samples"
+#: Per-slot intensity sample budget override (nnU-Net's default: 1e8 foreground voxels).
+SAMPLES_ENV = "NNUNET_UNIVERSAL_FP_SAMPLES"
+#: Its name before all variables of this package were spelled ``NNUNET_UNIVERSAL_*``; read with a warning.
+DEPRECATED_SAMPLES_ENV = "nnUNet_universal_fp_samples"
 _PERCENTILES = np.array((0.5, 50.0, 99.5))
+
+
+def sample_budget_from_env() -> float | None:
+    """The sample budget set by ``NNUNET_UNIVERSAL_FP_SAMPLES`` (or its deprecated old name), None when unset."""
+    value = os.environ.get(SAMPLES_ENV)
+    old = os.environ.get(DEPRECATED_SAMPLES_ENV)
+    if old:
+        msg = (f"{DEPRECATED_SAMPLES_ENV} is deprecated, use {SAMPLES_ENV}"
+               + (f" (it is set and wins: {SAMPLES_ENV}={value})" if value else f"={old}"))
+        warnings.warn(msg, DeprecationWarning, stacklevel=2)
+        logger.warning(msg)
+    value = value or old
+    return float(value) if value else None
 
 
 def analyze_case_available(image_files: list[str], label_file: str, reader_writer_class: type[BaseReaderWriter],
@@ -85,9 +104,9 @@ class UniversalFingerprintExtractor(DatasetFingerprintExtractor):
         where = os.path.join(self.input_folder, "dataset.json")
         self.meta = load_universal(self.dataset_json, where=where)
         check_channel_names(self.dataset_json, self.meta, where)
-        override = os.environ.get(SAMPLES_ENV)
-        if override:
-            self.num_foreground_voxels_for_intensitystats = float(override)
+        override = sample_budget_from_env()
+        if override is not None:
+            self.num_foreground_voxels_for_intensitystats = override
         # availability[case][c]: does case hold real data in channel c (slot self.meta.slots[c])
         self.availability = {k: self.meta.slot_mask(self.meta.case(k).slots) for k in self.dataset}
 

@@ -4,7 +4,8 @@ Same content, same bytes: NIfTI is serialised in memory and gzip-compressed with
 name in the gzip header (a temp file name there would differ from run to run), PNGs carry no time stamp.
 Every file goes to a hidden, unique temp name in the target folder first and is moved into place with
 ``os.replace``; the final file gets the mode a plain ``open()`` would give it (``0o666 & ~umask``), not the
-owner-only 0600 of ``tempfile.mkstemp``.
+owner-only 0600 of ``tempfile.mkstemp``. The atomic writers themselves live in :mod:`nnunet_universal.atomic_io`
+(shared with conversion, evaluation, metadata and scripts); they are re-exported here for old imports.
 """
 
 from __future__ import annotations
@@ -12,60 +13,15 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from nnunet_universal.atomic_io import atomic_write_bytes, atomic_write_json, file_mode  # noqa: F401
+
 #: Start of a macOS AppleDouble ("._name") file: magic, version, "Mac OS X" filler, no entries.
 _APPLEDOUBLE = (b"\x00\x05\x16\x07\x00\x02\x00\x00" + b"Mac OS X        " + b"\x00\x00").ljust(4096, b"\x00")
-
-
-def file_mode() -> int:
-    """The mode ``open(path, "w")`` gives a new file: ``0o666`` minus the process umask."""
-    return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it (os.umask both sets and returns, racing other threads)
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes, fsync: bool = False) -> None:
-    """Write ``data`` to ``path`` via a hidden temp file in the same folder and an atomic rename.
-
-    The file ends up with mode ``0o666 & ~umask`` (readable by the group and others under the usual umask 022,
-    like any file ``open()`` creates). ``fsync``: flush the bytes to disk before the rename (metadata files).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-            os.fchmod(f.fileno(), file_mode())  # mkstemp creates 0600 whatever the umask
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(obj: Any, path: Path, indent: int = 2) -> None:
-    """JSON (no trailing newline, like ``json.dump``) written atomically, durably and with the umask's mode."""
-    atomic_write_bytes(Path(path), json.dumps(obj, indent=indent).encode(), fsync=True)
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, dtype: np.dtype | type, compress: bool) -> bytes:

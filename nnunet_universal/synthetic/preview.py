@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_universal.atomic_io import atomic_write_bytes
 from nnunet_universal.synthetic.case import CaseData
 from nnunet_universal.synthetic.grid import LPS_FLIPS, to_storage
-from nnunet_universal.synthetic.io import atomic_write_bytes
 from nnunet_universal.synthetic.writers import NativeWriter
 
 _COLORS = ("#ff2a2a", "#2adf2a", "#ffd700", "#2a8cff")

@@ -29,7 +29,7 @@ def train(dataset: str, configuration: str, fold: str, trainer: str = "Universal
     import torch
     from nnunetv2.run.run_training import run_training
 
-    from nnunet_universal.trainers.discovery import set_ext_trainer_env
+    from nnunet_universal.discovery import set_ext_trainer_env
 
     if continue_training and validation_only:
         raise ValueError("--c (continue training) and --val (validation only) exclude each other")

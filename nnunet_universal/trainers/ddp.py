@@ -27,16 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The module behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(network, DDP):
-            network = network.module
-        elif hasattr(network, "_orig_mod"):
-            network = network._orig_mod
-        else:
-            return network
+from nnunet_universal.nn.wrappers import unwrap
 
 
 def wrap_ddp(network: nn.Module) -> DDP:

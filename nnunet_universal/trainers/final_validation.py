@@ -31,9 +31,9 @@ from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from tqdm import tqdm
 
-from nnunet_universal.metadata import atomic_write_json
-from nnunet_universal.trainers.ddp import unwrap
-from nnunet_universal.trainers.losses import marginal_logits
+from nnunet_universal.atomic_io import atomic_write_json, atomic_write_text
+from nnunet_universal.nn.heads import restrict_to_domain
+from nnunet_universal.nn.wrappers import unwrap
 from nnunet_universal.trainers.schedule import validation_mirroring_from_env
 
 #: (mode, output folder inside the fold folder)
@@ -42,28 +42,9 @@ JSON_NAME = "validation_universal.json"
 MARKDOWN_NAME = "validation_universal.md"
 
 
-def restrict_to_domain(logits: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
-    """Union logits ``(U, *spatial)`` -> union logits whose argmax only yields background or ``label_ids``.
-
-    Background becomes the log-sum-exp of background and every class outside ``label_ids`` (the marginal
-    distribution of the domain), every class outside ``label_ids`` gets -inf.
-    """
-    merged = marginal_logits(logits[None].float(), label_ids)[0]  # (1 + K, *spatial)
-    out = torch.full_like(logits, float("-inf"), dtype=torch.float32)
-    out[0] = merged[0]
-    out[[int(i) for i in label_ids]] = merged[1:]
-    return out
-
-
 def _atomic_write_seg(rw: Any, seg: np.ndarray, path: Path, properties: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{''.join(path.suffixes)}")
     rw.write_seg(seg, str(tmp), properties)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -205,7 +186,7 @@ def run_final_validation(trainer: Any, save_probabilities: bool = False) -> dict
         md = [f"# Final validation: {type(trainer).__name__}, {trainer.configuration_name}, fold {trainer.fold}", ""]
         for mode, _ in MODES:
             md += [f"# {titles[mode]}", "", to_markdown(summary["modes"][mode])]
-        _atomic_write_text("\n".join(md), Path(trainer.output_folder) / MARKDOWN_NAME)
+        atomic_write_text("\n".join(md), Path(trainer.output_folder) / MARKDOWN_NAME)
         for mode, _ in MODES:
             for dname, d in summary["modes"][mode]["domains"].items():
                 mean = d["dice"]["mean"]

@@ -24,6 +24,8 @@ from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from torch import Tensor, nn
 
+from nnunet_universal.nn.heads import marginal_logits
+
 #: Objectives a trainer can select (class attribute ``objective``).
 OBJECTIVES = ("domain_heads", "naive", "marginal")
 #: Local id given to nnU-Net's ignore label (never a real local class id).
@@ -85,19 +87,6 @@ def to_local_target(target: Tensor, lut: Tensor, keys: Sequence[str] = (), domai
     if bool(bad.any()):
         raise _label_error(target, bad, keys, domain)
     return local
-
-
-def marginal_logits(union_logits: Tensor, label_ids: Sequence[int]) -> Tensor:
-    """Union logits ``(n, U, *spatial)`` -> marginal logits ``(n, 1 + K, *spatial)`` of one domain.
-
-    Channel 0 is the log-sum-exp of background and every union class the domain does not annotate, channel
-    k+1 the logit of ``label_ids[k]``; their softmax equals the union softmax with the unannotated
-    probabilities summed into background (the marginal distribution).
-    """
-    ids = [int(i) for i in label_ids]
-    others = [c for c in range(union_logits.shape[1]) if c not in set(ids)]  # includes background 0
-    bg = torch.logsumexp(union_logits[:, others], dim=1, keepdim=True)
-    return torch.cat([bg, union_logits[:, ids]], dim=1)
 
 
 def build_dc_ce(batch_dice: bool, ignore_label: int | None = None) -> DC_and_CE_loss:

@@ -3,7 +3,8 @@
 ``NNUNET_UNIVERSAL_SCHEDULE="EPOCHS:ITERATIONS:VAL_ITERATIONS"`` (e.g. ``"2:3:1"``) overrides nnU-Net's
 ``num_epochs`` (1000), ``num_iterations_per_epoch`` (250) and ``num_val_iterations_per_epoch`` (50) of every
 universal trainer, for tests, the demo and quick checks: ``NNUNET_UNIVERSAL_SCHEDULE=2:3:1 nnUNetv2_train …``.
-Unset or empty: nnU-Net's schedule. The values used are written to the training log.
+Unset or empty: nnU-Net's schedule. Set, it is announced as a WARNING line in the training log and on stderr
+(a variable left over from a quick run would otherwise silently shorten a real training).
 
 ``NNUNET_UNIVERSAL_VAL_MIRRORING=0`` turns off test-time mirroring in the final validation only (8x fewer
 forward passes in 3D; training augmentation and the model's saved mirroring axes are unchanged), for quick runs
@@ -13,6 +14,7 @@ on a CPU such as the demo's.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, NamedTuple
 
 ENV_VAR = "NNUNET_UNIVERSAL_SCHEDULE"
@@ -54,11 +56,17 @@ def apply_schedule(trainer: Any) -> Schedule | None:
     schedule = schedule_from_env()
     if schedule is None:
         return None
+    stock = Schedule(trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch)
     trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = schedule
     trainer.save_every = max(1, min(trainer.save_every, schedule.num_epochs // 5))
-    trainer.print_to_log_file(f"{ENV_VAR}: {schedule.num_epochs} epochs x {schedule.num_iterations_per_epoch} "
-                              f"iterations, {schedule.num_val_iterations_per_epoch} validation iterations, "
-                              f"checkpoint every {trainer.save_every} epochs")
+    message = (f"WARNING: {ENV_VAR}={os.environ[ENV_VAR].strip()} is set: this run trains {schedule.num_epochs} "
+               f"epochs x {schedule.num_iterations_per_epoch} iterations ({schedule.num_val_iterations_per_epoch} "
+               f"validation iterations) instead of {stock.num_epochs} x {stock.num_iterations_per_epoch} "
+               f"({stock.num_val_iterations_per_epoch}), checkpoint every {trainer.save_every} epochs; unset "
+               f"{ENV_VAR} for a full training")
+    trainer.print_to_log_file(message, also_print_to_console=False)
+    if getattr(trainer, "local_rank", 0) == 0:
+        print(message, file=sys.stderr, flush=True)  # also when the log file is not watched
     return schedule
 
 
