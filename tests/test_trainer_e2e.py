@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_universal.trainers.discovery import all_trainers, ext_trainer_value
+from nnunet_universal.discovery import all_trainers, ext_trainer_value
 
 DATASET_ID = 990
 DATASET = "Dataset990_MergedFixture"
@@ -43,7 +43,7 @@ def planned(tmp_path_factory):
             v.mkdir()
             mp.setenv(k, str(v))
         mp.setenv("nnUNet_n_proc_DA", "0")
-        mp.setenv("nnUNet_universal_fp_samples", "10000")  # the planner's fingerprint sample budget (default 1e8)
+        mp.setenv("NNUNET_UNIVERSAL_FP_SAMPLES", "10000")  # the planner's fingerprint sample budget (default 1e8)
         mp.delenv("NNUNET_UNIVERSAL_SCHEDULE", raising=False)
         make_merged_dataset(dirs["nnUNet_raw"], DATASET_ID, cases_per_domain=3, shape=(20, 24, 24))
         plan_and_preprocess(DATASET_ID, configurations=[CONFIG], num_processes=1)
@@ -238,7 +238,14 @@ def test_nnunetv2_train_writes_per_domain_validation(trained):
     assert val_keys and val_keys == {r["case"] for r in summary["cases"]["dataset_free"]}
     for mode in ("oracle", "dataset_free"):
         for dname, d in summary["modes"][mode]["domains"].items():
-            assert d["n_cases"] >= 1 and 0.0 <= d["dice"]["mean"] <= 1.0, (mode, dname)
+            assert d["n_cases"] >= 1, (mode, dname)
+        # the trained model beats the trivial all-background prediction (Dice 0 on every class: each validation
+        # case holds every class of its domain) on each domain's best class. Measured at commit time (2 x 8
+        # iterations): mr_a ET 0.46, ct liver 0.37 (tumor 0.01); 0.05 leaves a wide margin for run-to-run spread
+        # and still fails for a model that learned nothing or a routing/export that maps labels wrongly.
+        for rec in summary["cases"][mode]:
+            best = max(c["dice"] for c in rec["classes"].values())
+            assert best > 0.05, (mode, rec["case"], rec["classes"])
         for key in val_keys:
             assert (trained / ("validation_oracle" if mode == "oracle" else "validation") / f"{key}.nii.gz").is_file()
     free = summary["cases"]["dataset_free"]
