@@ -7,13 +7,38 @@ typed library function, the same one the tests call.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
 
+from nnunet_universal.metadata import PLANS_NAME
 from nnunet_universal.registry import CONVERT_SOURCES, SLOTS, SYNTH_SOURCES
 
-_FMT = argparse.RawDescriptionHelpFormatter
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; every option with a default shows it, ``(default: X)``, unless its help already
+    names one (``ArgumentDefaultsHelpFormatter`` would also print ``None``/``False`` and skip options without help)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if self._shows_default(action) and "default" not in help_:
+            help_ += " (default: %(default)s)"
+        return help_
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return (bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
+                and not isinstance(action, argparse._HelpAction))
+
+
+_FMT = _HelpFormatter
 
 
 def _kv_pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -83,13 +108,42 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_model_dir(a: argparse.Namespace) -> Path:
+    """``-m MODEL_DIR``, or the folder nnU-Net's selectors ``-d -c -tr -p`` name under $nnUNet_results."""
+    from nnunet_universal.inference.api import find_model_folder
+
+    selectors = {"-d": a.dataset, "-c": a.configuration, "-tr": a.trainer, "-p": a.plans}
+    given = [k for k, v in selectors.items() if v is not None]
+    if a.model is not None:
+        if given:
+            raise ValueError(f"give the model either as -m MODEL_DIR or by -d/-c/-tr/-p, not both (got -m and "
+                             f"{', '.join(given)})")
+        return Path(a.model)
+    if a.dataset is None:
+        raise ValueError("no model given: pass -m MODEL_DIR, or -d DATASET [-c CONFIGURATION -tr TRAINER -p PLANS] "
+                         "as for nnUNetv2_predict" + (f" ({', '.join(given)} without -d)" if given else ""))
+    return find_model_folder(a.dataset, a.configuration or "3d_fullres", a.trainer or "UniversalTrainer",
+                             a.plans or PLANS_NAME)
+
+
 def _cmd_predict(a: argparse.Namespace) -> int:
     from nnunet_universal.inference.api import predict
 
-    predict(model_dir=Path(a.model), output_dir=Path(a.output), input_dir=Path(a.input) if a.input else None,
+    predict(model_dir=_predict_model_dir(a), output_dir=Path(a.output), input_dir=Path(a.input) if a.input else None,
             images=_kv_pairs(a.image, "--image"), case_id=a.case_id, folds=a.folds, checkpoint=a.checkpoint,
             domain=a.domain, save_domain_maps=a.save_domain_maps, device=a.device, step_size=a.step_size,
-            mirroring=not a.disable_tta, routing=a.routing)
+            mirroring=not a.disable_tta, routing=a.routing, save_probabilities=a.save_probabilities)
+    return 0
+
+
+def _cmd_postprocess(a: argparse.Namespace) -> int:
+    from nnunet_universal.postprocessing import postprocess
+
+    report = postprocess(Path(a.input), Path(a.output), Path(a.pp_pkl_file))
+    for d in report["dropped"]:
+        print(f"not applied (multi-lesion domain): {d}")
+    print(f"post-processed {report['cases']} cases into {a.output} ({len(report['applied'])} steps applied, "
+          f"{len(report['dropped'])} dropped; see postprocessing_report.json)")
     return 0
 
 
@@ -135,7 +189,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="nnunet-universal",
+        prog="nnunet-universal", allow_abbrev=False,
         description="One nnU-Net v2 model from many heterogeneous, partially labelled datasets.",
         formatter_class=_FMT,
         epilog="Typical flow: synth/convert -> merge -> plan -> train (or nnUNetv2_train -tr UniversalTrainer) "
@@ -144,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name: str, help_: str, example: str) -> argparse.ArgumentParser:
+        # allow_abbrev=False: no prefix matching, so nnU-Net's '-d 600' is never read as '-device 600'
         return sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
-                              formatter_class=_FMT)
+                              formatter_class=_FMT, allow_abbrev=False)
 
     s = add("synth", "write a synthetic dataset in the native layout of a public dataset",
             "nnunet-universal synth brats-mets -o /data/synth/brats --cases 3 --preview brats.png")
@@ -203,18 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu-memory-gb", type=float, default=None, help="VRAM target for planning (nnU-Net default 8)")
     s.set_defaults(func=_cmd_plan)
 
-    s = add("env", "print the 'export nnUNet_extTrainer=...' line that lets nnUNetv2_train find our trainers",
+    s = add("env", "print the 'export nnUNet_extTrainer=...' line that lets the stock nnUNetv2_train and "
+            "nnUNetv2_predict find our trainers ('nnunet-universal train' and 'predict' do not need it)",
             'eval "$(nnunet-universal env)"')
     s.set_defaults(func=_cmd_env)
 
     s = add("train", "train with nnU-Net's training loop (sets nnUNet_extTrainer itself)",
             "nnunet-universal train 600 3d_fullres 0 -tr UniversalTrainer -device cpu")
-    s.add_argument("dataset")
-    s.add_argument("configuration")
-    s.add_argument("fold")
-    s.add_argument("-tr", "--trainer", default="UniversalTrainer")
-    s.add_argument("-p", "--plans", default="nnUNetUniversalPlans")
-    s.add_argument("-device", "--device", default="cuda", choices=["cuda", "cpu", "mps"])
+    s.add_argument("dataset", help="dataset id or name, e.g. 600 or Dataset600_Universal")
+    s.add_argument("configuration", help="nnU-Net configuration, e.g. 3d_fullres")
+    s.add_argument("fold", help="fold 0-4, or 'all'")
+    s.add_argument("-tr", "--trainer", default="UniversalTrainer",
+                   help="trainer class: UniversalTrainer, one of its variants (README, 'Train') or any nnU-Net "
+                        "trainer")
+    s.add_argument("-p", "--plans", default=PLANS_NAME,
+                   help="plans identifier written by 'nnunet-universal plan' (nnUNetUniversalResEncUNetMPlans, "
+                        "... for the ResEnc presets)")
+    s.add_argument("-device", "--device", default="cuda", choices=["cuda", "cpu", "mps"], help="device to train on")
     s.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
     s.add_argument("--val", action="store_true", help="only run the final validation")
     s.set_defaults(func=_cmd_train)
@@ -222,23 +282,43 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("predict", "segment new scans: dataset-free or oracle (--domain), missing modalities by slot name",
             "nnunet-universal predict -m $nnUNet_results/Dataset600_Universal/UniversalTrainer__nnUNetUniversalPlans"
             "__3d_fullres --image T1c=a.nii.gz --image FLAIR=b.nii.gz -o out/")
-    s.add_argument("-m", "--model", required=True, help="trained model folder (…/Trainer__Plans__Configuration)")
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("-m", "--model", help="trained model folder (…/Trainer__Plans__Configuration); or select it "
+                   "as nnUNetv2_predict does with -d/-c/-tr/-p")
+    s.add_argument("-d", "--dataset", help="dataset id or name of the model under $nnUNet_results (instead of -m)")
+    s.add_argument("-c", "--configuration", help="with -d: the model's configuration (default: 3d_fullres)")
+    s.add_argument("-tr", "--trainer", help="with -d: the model's trainer (default: UniversalTrainer)")
+    s.add_argument("-p", "--plans", help=f"with -d: the model's plans identifier (default: {PLANS_NAME})")
+    s.add_argument("-o", "--output", required=True, help="output folder")
     s.add_argument("-i", "--input", help="folder of images in nnU-Net naming (CASE_0000.nii.gz, …)")
     s.add_argument("--image", action="append", metavar="SLOT=FILE", help="one image per slot for a single case")
     s.add_argument("--case-id", default="case", help="output name for --image input (default 'case')")
     s.add_argument("-f", "--folds", nargs="+", default=None, help="folds to ensemble (default: all found)")
-    s.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    s.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file in each fold")
     s.add_argument("--domain", help="oracle mode: the domain is given, the gate is bypassed")
     s.add_argument("--routing", choices=["soft", "hard"], default=None,
                    help="dataset-free: use only the inferred domain's head (hard: a case is never painted with "
                         "another domain's labels; unsure cases are flagged in the routing report) or combine the "
                         "heads weighted by the case's routing (soft); default: the model's plans (hard)")
     s.add_argument("--save-domain-maps", action="store_true", help="also write each domain head's label map")
-    s.add_argument("-device", "--device", default="cuda", choices=["cuda", "cpu", "mps"])
-    s.add_argument("--step-size", type=float, default=0.5)
-    s.add_argument("--disable-tta", action="store_true")
+    s.add_argument("--save-probabilities", "--save_probabilities", action="store_true",
+                   help="also write CASE.npz (softmax over the union labels) and CASE.pkl as nnUNetv2_predict does, "
+                        "for nnUNetv2_ensemble")
+    s.add_argument("-device", "--device", default="cuda", choices=["cuda", "cpu", "mps"], help="device to run on")
+    s.add_argument("--step-size", "-step_size", type=float, default=0.5,
+                   help="sliding-window step as a fraction of the patch size")
+    s.add_argument("--disable-tta", "--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     s.set_defaults(func=_cmd_predict)
+
+    s = add("postprocess", "apply nnU-Net's postprocessing.pkl to a prediction folder, but never keep only the largest "
+            "component of a class of a multi-lesion (lesion-wise) domain",
+            "nnunet-universal postprocess -i pred -o pred_pp -pp_pkl_file $nnUNet_results/Dataset600_Universal/"
+            "UniversalTrainer__nnUNetUniversalPlans__3d_fullres/crossval_results_folds_0_1_2_3_4/postprocessing.pkl")
+    s.add_argument("-i", "--input", required=True,
+                   help="prediction folder (nnunet-universal predict or nnUNetv2_predict)")
+    s.add_argument("-o", "--output", required=True, help="output folder")
+    s.add_argument("-pp_pkl_file", "--pp-pkl-file", required=True,
+                   help="postprocessing.pkl written by nnUNetv2_find_best_configuration (read with an allow-list)")
+    s.set_defaults(func=_cmd_postprocess)
 
     s = add("check-model", "check that a received model's checkpoints hold only weights and data (no code) before "
             "using it", "nnunet-universal check-model $nnUNet_results/Dataset600_Universal/UniversalTrainer__"
@@ -258,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
             "evaluate", "nnunet-universal demo -o demo_output")
     s.add_argument("-o", "--output", default="demo_output", help="working folder (default ./demo_output)")
     s.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's short schedule)")
-    s.add_argument("-device", "--device", default="cpu", choices=["cuda", "cpu", "mps"])
+    s.add_argument("-device", "--device", default="cpu", choices=["cuda", "cpu", "mps"], help="device to train on")
     s.set_defaults(func=_cmd_demo)
     return p
 

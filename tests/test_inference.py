@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -555,9 +556,168 @@ def test_predict_routing_soft_flag_overrides_the_plans(model, free_run):
     for case in CASES:
         hard = json.loads((free_run / f"{case}.routing.json").read_text())
         rec = json.loads((out / f"{case}.routing.json").read_text())
+        assert set(rec) == set(hard) and rec["mode"] == "dataset-free" and rec["given_domain"] is None
         assert rec["rule"] == "soft" and rec["applied"] == rec["routing"]
         assert rec["inferred_domain"] == hard["inferred_domain"]
+        assert rec["confidence"] == pytest.approx(max(rec["routing"].values()), abs=1e-6)
+        assert rec["runner_up"] == sorted(rec["routing"], key=rec["routing"].get)[-2]
+        assert rec["uncertain"] == (rec["confidence"] < rec["confidence_threshold"])
         assert ("soft routing" in rec["action"]) == rec["uncertain"]
+        assert (rec["action"] == "confident") == (not rec["uncertain"])
+
+
+def _probabilities(folder: Path, case: str) -> np.ndarray:
+    with np.load(folder / f"{case}.npz") as npz:
+        assert list(npz.keys()) == ["probabilities"]
+        return npz["probabilities"]
+
+
+def _component_sizes(mask: np.ndarray) -> list[int]:
+    """Sizes of the 26-connected components of ``mask`` (nnU-Net's connectivity for "largest component")."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    return np.bincount(lab.ravel(), minlength=n + 1)[1:].tolist()
+
+
+def _only_largest_kept(before: np.ndarray, after: np.ndarray) -> bool:
+    """``after`` keeps only the largest component(s) of ``before`` (nnU-Net keeps every component of maximal size)."""
+    sizes, kept = _component_sizes(before), _component_sizes(after)
+    return not sizes or (set(kept) == {max(sizes)} and len(kept) == sizes.count(max(sizes)))
+
+
+@pytest.fixture(scope="module")
+def prob_runs(model, free_run):
+    """Two ``nnunet-universal predict --save_probabilities`` runs: the model selected nnU-Net's way
+    (``-d -c -tr -p -f``, default hard routing) and by ``-m`` with ``--routing soft``."""
+    cli, runs = _bin("nnunet-universal"), {}
+    common = ["-i", str(model["partial"]), "-device", "cpu", "--disable_tta", "--save_probabilities"]
+    runs["hard"] = model["root"] / "pred_prob_hard"
+    _ok(_run([cli, "predict", "-d", str(DATASET_ID), "-c", "3d_fullres", "-tr", "UniversalTrainer", "-p", PLANS_NAME,
+              "-f", "0", "-o", str(runs["hard"]), *common], model["env"]))
+    runs["soft"] = model["root"] / "pred_prob_soft"
+    _ok(_run([cli, "predict", "-m", str(model["model_dir"]), "--routing", "soft", "-o", str(runs["soft"]), *common],
+             model["env"]))
+    return runs
+
+
+def test_predict_output_folder_matches_nnunetv2_predicts(model, free_run, prob_runs):
+    """``-d 990 -c -tr -p -f 0`` finds the trained model (same maps as ``-m``); the output folder holds the model's
+    dataset.json and plans.json, the run's arguments, and per case nnU-Net's .npz (softmax over the union labels,
+    the image's array layout) and .pkl, whose argmax is the label map."""
+    out = prob_runs["hard"]
+    for name in ("dataset.json", "plans.json"):
+        assert (out / name).read_bytes() == (model["model_dir"] / name).read_bytes()
+    args = json.loads((out / "predict_from_raw_data_args.json").read_text())
+    assert args["model_folder"] == str(model["model_dir"].resolve()) and args["folds"] == ["0"]
+    assert args["save_probabilities"] and args["routing"] == "hard" and not args["use_mirroring"]
+    n_labels = len(json.loads((out / "dataset.json").read_text())["labels"])
+    for case in CASES:
+        _same_image(out / f"{case}.nii.gz", free_run / f"{case}.nii.gz")
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        probs = _probabilities(out, case)
+        assert probs.shape == (n_labels, *seg.shape)
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-3)
+        np.testing.assert_array_equal(probs.argmax(0), seg)
+        with open(out / f"{case}.pkl", "rb") as f:
+            props = pickle.load(f)  # written by this test's own run: trusted
+        assert list(props["spacing"]) == pytest.approx(list(sitk.ReadImage(str(out / f"{case}.nii.gz"))
+                                                           .GetSpacing())[::-1])
+    assert not list(out.glob(".export_*")) and not (free_run / f"{CASES[0]}.npz").exists()
+
+
+def test_nnunetv2_ensemble_runs_on_two_predict_outputs(model, prob_runs):
+    out = model["root"] / "ensemble"
+    _ok(_run([_bin("nnUNetv2_ensemble"), "-i", str(prob_runs["hard"]), str(prob_runs["soft"]), "-o", str(out),
+              "-np", "1"], model["env"]))
+    for case in CASES:
+        mean = (_probabilities(prob_runs["hard"], case) + _probabilities(prob_runs["soft"], case)) / 2
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(seg, mean.argmax(0))
+
+
+def test_nnunetv2_apply_postprocessing_runs_without_plans_and_dataset_flags(model, prob_runs, tmp_path):
+    """nnU-Net's postprocessing tool reads dataset.json/plans.json from our output folder. The postprocessing.pkl is
+    made here with nnU-Net's own function (largest component per foreground label)."""
+    from batchgenerators.utilities.file_and_folder_operations import save_pickle
+    from nnunetv2.postprocessing.remove_connected_components import (
+        remove_all_but_largest_component_from_segmentation,
+    )
+
+    labels = list(range(1, 7))
+    pp_pkl = tmp_path / "postprocessing.pkl"
+    save_pickle(([remove_all_but_largest_component_from_segmentation] * len(labels),
+                 [{"labels_or_regions": label} for label in labels]), str(pp_pkl))
+    pred, out = prob_runs["hard"], tmp_path / "pp"
+    _ok(_run([_bin("nnUNetv2_apply_postprocessing"), "-i", str(pred), "-o", str(out), "-pp_pkl_file", str(pp_pkl),
+              "-np", "1"], model["env"]))
+    removed = 0
+    for case in CASES:
+        before = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / f"{case}.nii.gz")))
+        after = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        assert set(np.unique(after)) <= set(np.unique(before))
+        removed += int((after != before).sum())
+        for label in labels:
+            assert _only_largest_kept(before == label, after == label)
+    assert removed > 0  # the one-epoch model predicts scattered components: the tool did work on our files
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_postprocess_never_keeps_only_the_largest_lesion(model, prob_runs, tmp_path):
+    """``nnunet-universal postprocess`` applies nnU-Net's largest-component steps except on the classes of the
+    lesion-wise domain (mr_a.ET, id 1), keeps the routing reports, and refuses a pkl that would run code."""
+    from batchgenerators.utilities.file_and_folder_operations import save_pickle
+    from nnunetv2.postprocessing.remove_connected_components import (
+        remove_all_but_largest_component_from_segmentation,
+    )
+
+    lesion_ids = _domain_ids(model["meta"], "mr_a")
+    labels = list(range(1, 7))
+    pp_pkl = tmp_path / "postprocessing.pkl"
+    save_pickle(([remove_all_but_largest_component_from_segmentation] * len(labels),
+                 [{"labels_or_regions": label} for label in labels]), str(pp_pkl))
+    pred, out, cli = prob_runs["hard"], tmp_path / "pp", _bin("nnunet-universal")
+    proc = _run([cli, "postprocess", "-i", str(pred), "-o", str(out), "-pp_pkl_file", str(pp_pkl)], model["env"])
+    _ok(proc)
+    assert "not applied (multi-lesion domain): largest component only of 1 (lesion classes mr_a.ET)" in proc.stdout
+    report = json.loads((out / "postprocessing_report.json").read_text())
+    assert len(report["dropped"]) == len(lesion_ids) and len(report["applied"]) == len(labels) - len(lesion_ids)
+    for case in CASES:
+        before = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / f"{case}.nii.gz")))
+        after = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        for label in labels:
+            if label in lesion_ids:
+                np.testing.assert_array_equal(after == label, before == label)  # every lesion kept
+            else:
+                assert _only_largest_kept(before == label, after == label)
+        assert (out / f"{case}.routing.json").read_bytes() == (pred / f"{case}.routing.json").read_bytes()
+    assert (out / "plans.json").read_bytes() == (pred / "plans.json").read_bytes()
+
+    marker = tmp_path / "code_ran"
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(_RunsCode(marker)))
+    proc = _run([cli, "postprocess", "-i", str(pred), "-o", str(tmp_path / "pp2"), "-pp_pkl_file",
+                 str(tmp_path / "evil.pkl")], model["env"])
+    assert proc.returncode == 2 and "is not an nnU-Net postprocessing.pkl, refused" in proc.stderr
+    assert "posix.system is not one of nnU-Net's post-processing functions" in proc.stderr
+    assert not marker.exists() and "Traceback" not in proc.stderr
+
+
+def test_nnunet_universal_train_needs_no_environment(model):
+    """``nnunet-universal train`` finds UniversalTrainer without ``eval "$(nnunet-universal env)"``: nnUNet_extTrainer
+    unset, ``--val`` re-runs the final validation of the trained fold."""
+    env = {k: v for k, v in model["env"].items() if k != "nnUNet_extTrainer"}
+    summary = model["model_dir"] / "fold_0" / "validation" / "summary.json"
+    written_by_training = summary.stat().st_mtime_ns
+    _ok(_run([_bin("nnunet-universal"), "train", str(DATASET_ID), "3d_fullres", "0", "--val", "-device", "cpu"],
+             {**env, "nnUNet_n_proc_DA": "0"}, timeout=600))
+    assert summary.stat().st_mtime_ns > written_by_training
 
 
 def test_decide_routing_flags_unsure_cases_and_knows_identical_label_sets():

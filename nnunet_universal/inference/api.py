@@ -16,6 +16,12 @@ given domain's one-hot, ``rule`` "uniform": a network without gate). Uncertain c
 
 With ``save_domain_maps`` each domain head's oracle label map (union ids) goes to
 ``domain_maps/{domain}/{case}{file_ending}``.
+
+The output folder holds what ``nnUNetv2_predict`` writes, so nnU-Net's tools run on it unchanged: copies of the
+model's ``dataset.json`` and ``plans.json`` (``nnUNetv2_apply_postprocessing`` and ``nnUNetv2_ensemble`` read them
+from there), ``predict_from_raw_data_args.json`` (this run's arguments) and, with ``save_probabilities``,
+``{case}.npz`` (key ``probabilities``: softmax over the union labels, (C, *original image shape) in nnU-Net's axis
+order) and ``{case}.pkl`` (the case's properties), exactly as ``export_prediction_from_logits`` writes them.
 """
 
 from __future__ import annotations
@@ -38,7 +44,14 @@ from nnunet_universal.inference.inputs import (
     check_geometry,
     read_case,
 )
-from nnunet_universal.metadata import MetadataError, UniversalMeta, atomic_write_json, read_plans_universal
+from nnunet_universal.metadata import (
+    PLANS_NAME,
+    MetadataError,
+    UniversalMeta,
+    atomic_write_json,
+    read_plans_universal,
+)
+from nnunet_universal.synthetic.io import atomic_write_bytes
 
 if TYPE_CHECKING:  # torch and nnU-Net's predictor load only once the inputs are checked (fast errors)
     import torch
@@ -50,6 +63,44 @@ logger = logging.getLogger(__name__)
 _EXPECTED = ("a model folder written by nnUNetv2_train / nnunet-universal train, e.g. "
              "$nnUNet_results/DatasetXXX_Name/UniversalTrainer__nnUNetUniversalPlans__3d_fullres, holding "
              "plans.json, dataset.json and fold_X/{checkpoint}")
+
+
+def find_model_folder(dataset: str, configuration: str = "3d_fullres", trainer: str = "UniversalTrainer",
+                      plans: str = PLANS_NAME) -> Path:
+    """The model folder nnU-Net's selectors name, as ``nnUNetv2_predict -d -c -tr -p`` finds it.
+
+    ``$nnUNet_results/DatasetXXX_Name/{trainer}__{plans}__{configuration}`` (nnU-Net's ``get_output_folder``);
+    ``dataset`` is an id (``"600"``) or a full name (``"Dataset600_Universal"``). Errors name the path looked for.
+    """
+    results = os.environ.get("nnUNet_results")
+    if not results:
+        raise ValueError("-d/-c/-tr/-p find the model under $nnUNet_results, which is not set; set it (where "
+                         "nnUNetv2_train wrote the model) or pass the model folder with -m MODEL_DIR")
+    root = Path(results)
+    name = str(dataset)
+    if not name.startswith("Dataset"):
+        try:
+            dataset_id = int(name)
+        except ValueError:
+            raise ValueError(f"-d expects a dataset id (e.g. 600) or name (e.g. Dataset600_Universal), got "
+                             f"{dataset!r}") from None
+        pattern = f"Dataset{dataset_id:03d}_*"
+        found = sorted(p.name for p in root.glob(pattern) if p.is_dir()) if root.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"no trained model of dataset {dataset_id}: no folder {root / pattern} "
+                                    "($nnUNet_results); train it first, or pass the model folder with -m MODEL_DIR")
+        if len(found) > 1:
+            raise ValueError(f"dataset id {dataset_id} is ambiguous in {root}: {', '.join(found)}; pass -d with the "
+                             "full dataset name")
+        name = found[0]
+    folder = root / name / f"{trainer}__{plans}__{configuration}"
+    if not folder.is_dir():
+        trained = sorted(p.name for p in (root / name).iterdir() if p.is_dir() and p.name.count("__") == 2) \
+            if (root / name).is_dir() else []
+        hint = f"; trained models of {name}: {', '.join(trained)}" if trained else ""
+        raise FileNotFoundError(f"model folder {folder} does not exist (-d {dataset} -c {configuration} -tr {trainer} "
+                                f"-p {plans}){hint}")
+    return folder
 
 
 def check_model_folder(model_dir: Path, folds: list[str] | None,
@@ -97,8 +148,11 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _export(logits: torch.Tensor, properties: dict, predictor: UniversalPredictor, target: Path) -> None:
-    """nnU-Net's export (resample, argmax, uncrop, write) to a temp name, then an atomic rename to ``target``."""
+def _export(logits: torch.Tensor, properties: dict, predictor: UniversalPredictor, target: Path,
+            save_probabilities: bool = False) -> None:
+    """nnU-Net's export (resample, argmax, uncrop, write) to a temp name, then an atomic rename to ``target``;
+    with ``save_probabilities`` also nnU-Net's ``{case}.npz`` and ``{case}.pkl`` next to it (renamed first, so a
+    complete label map means complete probabilities)."""
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
     ending = predictor.dataset_json["file_ending"]
@@ -107,7 +161,10 @@ def _export(logits: torch.Tensor, properties: dict, predictor: UniversalPredicto
     try:
         stem = target.name[: -len(ending)]
         export_prediction_from_logits(logits, properties, predictor.configuration_manager, predictor.plans_manager,
-                                      predictor.dataset_json, str(tmp_dir / stem), False)
+                                      predictor.dataset_json, str(tmp_dir / stem), save_probabilities)
+        if save_probabilities:
+            for suffix in (".npz", ".pkl"):
+                os.replace(tmp_dir / f"{stem}{suffix}", target.parent / f"{stem}{suffix}")
         os.replace(tmp_dir / target.name, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -123,16 +180,26 @@ def _routing_record(case: CaseInput, predictor: UniversalPredictor) -> dict:
     return predictor.routing_record(case.case_id, slots)
 
 
+#: Files ``nnUNetv2_predict`` writes into every output folder (nnU-Net's tools read the first two from there).
+RUN_FILES = ("dataset.json", "plans.json", "predict_from_raw_data_args.json")
+
+
 def _check_output_folder(output_dir: Path, input_dir: Path | None, cases: list[CaseInput], ending: str,
-                         save_domain_maps: bool, domains: list[str]) -> None:
+                         save_domain_maps: bool, domains: list[str], save_probabilities: bool = False) -> None:
     """Refuse an output folder that is the input folder, or outputs that would overwrite an input file."""
     out = output_dir.resolve()
     if input_dir is not None and out == Path(input_dir).resolve():
         raise ValueError(f"the output folder -o {output_dir} is the input folder -i {input_dir}: the label maps would "
                          "be written among the images (and read as images by the next run); pass another -o")
     inputs = {Path(f).resolve(): f for case in cases for f in case.files.values()}
+    for name in RUN_FILES:
+        if (out / name).resolve() in inputs:
+            raise ValueError(f"the output {out / name} would overwrite the input image {inputs[(out / name).resolve()]}"
+                             "; pass another -o")
     for case in cases:
         targets = [out / f"{case.case_id}{ending}", out / f"{case.case_id}.routing.json"]
+        if save_probabilities:
+            targets += [out / f"{case.case_id}.npz", out / f"{case.case_id}.pkl"]
         if save_domain_maps:
             targets += [out / "domain_maps" / d / f"{case.case_id}{ending}" for d in domains]
         for t in targets:
@@ -144,7 +211,8 @@ def _check_output_folder(output_dir: Path, input_dir: Path | None, cases: list[C
 def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, images: dict[str, str] | None = None,
             case_id: str = "case", folds: list[str] | None = None, checkpoint: str = "checkpoint_final.pth",
             domain: str | None = None, save_domain_maps: bool = False, device: str = "cuda",
-            step_size: float = 0.5, mirroring: bool = True, routing: str | None = None) -> list[Path]:
+            step_size: float = 0.5, mirroring: bool = True, routing: str | None = None,
+            save_probabilities: bool = False) -> list[Path]:
     """Segment new scans with a trained universal model; return the written label maps.
 
     Inputs: ``input_dir`` (nnU-Net naming ``CASE_XXXX{ending}``, missing channel files allowed) or ``images``
@@ -152,7 +220,8 @@ def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, im
     ``domain`` selects oracle mode (that domain's head, the gate bypassed); otherwise the domain is inferred
     once per case and ``routing`` ("soft": the heads weighted by it, "hard": only the inferred domain's head; default:
     the plans' setting) says how the heads are combined. Writes ``{case}{ending}`` and ``{case}.routing.json`` into
-    ``output_dir``.
+    ``output_dir``, the model's ``dataset.json`` and ``plans.json``, ``predict_from_raw_data_args.json`` and, with
+    ``save_probabilities``, ``{case}.npz`` + ``{case}.pkl`` as ``nnUNetv2_predict --save_probabilities`` does.
     """
     if (input_dir is None) == (not images):
         raise ValueError("give either an input folder (-i) or --image SLOT=FILE pairs, not both or neither")
@@ -170,7 +239,8 @@ def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, im
         cases = cases_from_folder(Path(input_dir), num_channels, ending)
     else:
         cases = cases_from_images(images, meta.slots, case_id)
-    _check_output_folder(output_dir, input_dir, cases, ending, save_domain_maps, meta.domain_names)
+    _check_output_folder(output_dir, input_dir, cases, ending, save_domain_maps, meta.domain_names,
+                         save_probabilities)
     for case in cases:
         check_geometry(case, meta.slots)
         check_case_files(case)  # truncated/corrupt files, NaN/Inf voxels: before any model is loaded
@@ -190,6 +260,17 @@ def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, im
 
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("dataset.json", "plans.json"):  # byte copies of the model's files, as nnUNetv2_predict leaves them
+        atomic_write_bytes(output_dir / name, (model_dir / name).read_bytes())
+    atomic_write_json({"command": "nnunet-universal predict", "model_folder": str(model_dir.resolve()),
+                       "input_folder": str(Path(input_dir).resolve()) if input_dir is not None else None,
+                       "images": {s: str(Path(f).resolve()) for s, f in (images or {}).items()},
+                       "output_folder": str(output_dir.resolve()), "folds": fold_list, "checkpoint_name": checkpoint,
+                       "domain": domain, "routing": routing or predictor.network_options.routing,
+                       "tile_step_size": step_size, "use_mirroring": mirroring,
+                       "save_probabilities": save_probabilities, "save_domain_maps": save_domain_maps,
+                       "device": str(dev)},
+                      output_dir / "predict_from_raw_data_args.json")
     written: list[Path] = []
     uncertain: list[str] = []
     for case in tqdm(cases, desc="predict", unit="case"):
@@ -199,7 +280,7 @@ def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, im
         data = torch.from_numpy(data)
         logits = predictor.predict_logits_from_preprocessed_data(data).cpu()
         target = output_dir / f"{case.case_id}{ending}"
-        _export(logits, properties, predictor, target)
+        _export(logits, properties, predictor, target, save_probabilities)
         record = _routing_record(case, predictor)
         atomic_write_json(record, output_dir / f"{case.case_id}.routing.json")
         logger.info("%s: %s domain %s", case.case_id, record["mode"], record["inferred_domain"])
