@@ -458,9 +458,10 @@ def test_universal_predict_dataset_free_routing_json_and_domain_maps(model, free
         ref = sitk.ReadImage(str(model["full"] / f"{case}_0000.nii.gz"))
         assert sitk.ReadImage(str(pred)).GetSize() == ref.GetSize()
         rec = json.loads((free_run / f"{case}.routing.json").read_text())
+        alternative = {"alternative"} if rec["uncertain"] and rec["conflicting"] else set()
         assert set(rec) == {"case", "mode", "rule", "given_domain", "inferred_domain", "confidence",
                             "confidence_threshold", "runner_up", "uncertain", "conflicting", "action", "routing",
-                            "applied", "slots"}
+                            "applied", "slots"} | alternative
         assert rec["case"] == case and rec["mode"] == "dataset-free" and rec["rule"] == "hard"
         assert rec["given_domain"] is None
         assert rec["slots"] == meta["cases"][case]["slots"]  # the slots given, not the zero-filled ones
@@ -526,6 +527,29 @@ def test_export_zip_round_trip_predicts_identically(model, free_run, monkeypatch
                 == json.loads((free_run / f"{case}.routing.json").read_text()))
 
 
+def test_uncertain_conflicting_cases_are_flagged_and_get_the_runner_ups_map(model, free_run, monkeypatch):
+    """With ``routing_confidence`` 1.0 every case is uncertain: each is predicted with its top domain's head only
+    (never mixed), flagged, and the runner-up domain's label map is written beside it and named in the report."""
+    from nnunet_universal.inference.api import ALTERNATIVES, predict
+
+    strict = model["root"] / "model_strict"
+    shutil.copytree(model["model_dir"], strict)
+    plans = json.loads((strict / "plans.json").read_text())
+    plans["universal"]["modules"]["routing_confidence"] = 1.0
+    (strict / "plans.json").write_text(json.dumps(plans))
+    monkeypatch.setenv("nnUNet_extTrainer", "")
+    out = model["root"] / "pred_strict"
+    predict(strict, out, input_dir=model["partial"], device="cpu", mirroring=False)
+    for case in CASES:
+        rec = json.loads((out / f"{case}.routing.json").read_text())
+        assert rec["uncertain"] and rec["conflicting"] and rec["rule"] == "hard"
+        assert rec["applied"] == {d: float(d == rec["inferred_domain"]) for d in rec["routing"]}
+        assert rec["alternative"] == f"{ALTERNATIVES}/{rec['runner_up']}/{case}.nii.gz"
+        assert "runner-up's label map" in rec["action"] and "--domain" in rec["action"]
+        _same_image(out / f"{case}.nii.gz", free_run / "domain_maps" / rec["inferred_domain"] / f"{case}.nii.gz")
+        _same_image(out / rec["alternative"], free_run / "domain_maps" / rec["runner_up"] / f"{case}.nii.gz")
+
+
 def test_soft_routing_in_the_plans_mixes_the_heads_by_the_routing_weights(model, free_run, monkeypatch):
     """The trained model with ``routing: soft`` in its plans (U-Harmony's rule): the same routing weights as the
     default (hard) run, applied as they are, and the report says so."""
@@ -556,7 +580,8 @@ def test_predict_routing_soft_flag_overrides_the_plans(model, free_run):
     for case in CASES:
         hard = json.loads((free_run / f"{case}.routing.json").read_text())
         rec = json.loads((out / f"{case}.routing.json").read_text())
-        assert set(rec) == set(hard) and rec["mode"] == "dataset-free" and rec["given_domain"] is None
+        assert set(rec) == set(hard) - {"alternative"} and rec["mode"] == "dataset-free"
+        assert rec["given_domain"] is None
         assert rec["rule"] == "soft" and rec["applied"] == rec["routing"]
         assert rec["inferred_domain"] == hard["inferred_domain"]
         assert rec["confidence"] == pytest.approx(max(rec["routing"].values()), abs=1e-6)

@@ -11,17 +11,17 @@ missing slots, preprocess with the plans' own preprocessor, predict with :class:
      "routing": {"mr_a": 0.62, "mr_b": 0.37, "ct": 0.01}, "applied": {"mr_a": 1.0, "mr_b": 0.0, "ct": 0.0},
      "slots": ["T1c", "FLAIR"]}
 
-``routing`` holds the gate's weights, ``applied`` the head weights the rule made of them (``mode`` "oracle": the
-given domain's one-hot, ``rule`` "uniform": a network without gate). Uncertain cases are also logged as warnings.
-
-With ``save_domain_maps`` each domain head's oracle label map (union ids) goes to
-``domain_maps/{domain}/{case}{file_ending}``.
-
-The output folder holds what ``nnUNetv2_predict`` writes, so nnU-Net's tools run on it unchanged: copies of the
-model's ``dataset.json`` and ``plans.json`` (``nnUNetv2_apply_postprocessing`` and ``nnUNetv2_ensemble`` read them
-from there), ``predict_from_raw_data_args.json`` (this run's arguments) and, with ``save_probabilities``,
-``{case}.npz`` (key ``probabilities``: softmax over the union labels, (C, *original image shape) in nnU-Net's axis
-order) and ``{case}.pkl`` (the case's properties), exactly as ``export_prediction_from_logits`` writes them.
+An uncertain case whose runner-up domain annotates other labels (``conflicting``) also gets the runner-up's
+label map, ``uncertain_alternatives/{domain}/{case}{ending}`` (``domain_maps/`` with ``save_domain_maps``),
+named in the record's ``alternative``. ``routing`` holds the gate's weights, ``applied`` the head weights the
+rule made of them (``mode`` "oracle": the given domain's one-hot, ``rule`` "uniform": a network without gate).
+Uncertain cases are also logged as warnings. With ``save_domain_maps`` each domain head's oracle label map
+(union ids) goes to ``domain_maps/{domain}/{case}{file_ending}``. The output folder holds what
+``nnUNetv2_predict`` writes, so nnU-Net's tools run on it unchanged: copies of the model's ``dataset.json`` and
+``plans.json`` (``nnUNetv2_apply_postprocessing`` and ``nnUNetv2_ensemble`` read them from there),
+``predict_from_raw_data_args.json`` (this run's arguments) and, with ``save_probabilities``, ``{case}.npz`` (key
+``probabilities``: softmax over the union labels, (C, *original image shape) in nnU-Net's axis order) and
+``{case}.pkl`` (the case's properties), exactly as ``export_prediction_from_logits`` writes them.
 """
 
 from __future__ import annotations
@@ -180,6 +180,9 @@ def _routing_record(case: CaseInput, predictor: UniversalPredictor) -> dict:
     return predictor.routing_record(case.case_id, slots)
 
 
+#: Sub-folder of the output with the runner-up domain's label map of each uncertain, conflicting case (hard rule).
+ALTERNATIVES = "uncertain_alternatives"
+
 #: Files ``nnUNetv2_predict`` writes into every output folder (nnU-Net's tools read the first two from there).
 RUN_FILES = ("dataset.json", "plans.json", "predict_from_raw_data_args.json")
 
@@ -282,6 +285,16 @@ def predict(model_dir: Path, output_dir: Path, input_dir: Path | None = None, im
         target = output_dir / f"{case.case_id}{ending}"
         _export(logits, properties, predictor, target, save_probabilities)
         record = _routing_record(case, predictor)
+        if record.get("uncertain") and record.get("conflicting") and record.get("rule") == "hard":
+            # the choice between two label protocols is a coin flip: keep the runner-up's map beside the output
+            alt = output_dir / ALTERNATIVES / record["runner_up"] / target.name
+            if save_domain_maps:
+                alt = output_dir / "domain_maps" / record["runner_up"] / target.name
+            else:
+                alt_logits = predictor.predict_logits_for_domain(data, record["runner_up"]).cpu()
+                _export(alt_logits, properties, predictor, alt)
+            record["alternative"] = str(alt.relative_to(output_dir))
+            record["action"] += f"; the runner-up's label map is {record['alternative']}"
         atomic_write_json(record, output_dir / f"{case.case_id}.routing.json")
         logger.info("%s: %s domain %s", case.case_id, record["mode"], record["inferred_domain"])
         if record.get("uncertain"):
