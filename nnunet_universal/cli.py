@@ -82,6 +82,16 @@ def _cmd_merge(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_extend(a: argparse.Namespace) -> int:
+    from nnunet_universal.extension.api import extend_model
+
+    out = extend_model(Path(a.model), a.datasets, a.dataset_id, a.name, holdout=a.holdout, fold=a.fold,
+                       checkpoint=a.checkpoint, num_processes=a.num_processes)
+    print(f"wrote {out['raw']}, plans {out['plans']} (preprocessed) and the initial checkpoint {out['init']}\n"
+          f"train the extension with:\n  {out['train']}")
+    return 0
+
+
 def _cmd_plan(a: argparse.Namespace) -> int:
     from nnunet_universal.planners.api import plan_and_preprocess
 
@@ -246,6 +256,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-merge into an existing dataset id even if that renumbers its classes/channels or changes a "
                         "dataset already planned or trained (then delete its preprocessed data and re-run 'plan')")
     s.set_defaults(func=_cmd_merge)
+
+    s = add("extend", "add converted datasets (new domains, classes, slots) to a trained universal model: extended "
+            "dataset, plans, preprocessing and an initial checkpoint for nnUNetv2_train -pretrained_weights",
+            "nnunet-universal extend -m $nnUNet_results/Dataset600_Universal/UniversalTrainer__nnUNetUniversalPlans__"
+            "3d_fullres 505 -d 610 -n UniversalPlusMSD --holdout 10")
+    s.add_argument("-m", "--model", required=True, help="trained model folder (…/Trainer__Plans__Configuration)")
+    s.add_argument("datasets", nargs="+", help="ids or names of the new converted datasets in $nnUNet_raw")
+    s.add_argument("-d", "--dataset-id", type=int, required=True, help="id of the extended dataset to write")
+    s.add_argument("-n", "--name", required=True, help="name of the extended dataset")
+    s.add_argument("--holdout", type=int, default=0,
+                   help="cases per new domain held out as a test set (the old dataset's test cases stay held out)")
+    s.add_argument("-f", "--fold", default="0", help="fold of the old model whose weights start the extension")
+    s.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file in that fold")
+    s.add_argument("-np", "--num-processes", type=int, default=2)
+    s.set_defaults(func=_cmd_extend)
 
     s = add("plan", "fingerprint, plan and preprocess a merged dataset (plans: nnUNetUniversalPlans)",
             "nnunet-universal plan -d 600 -c 3d_fullres --verify")

@@ -1,0 +1,256 @@
+"""``nnunet-universal extend``: a trained two-domain model grown by a third domain with a new class and a new slot.
+
+Through the real commands in subprocesses: ``nnunet-universal plan`` + ``nnUNetv2_train`` on the old merged
+dataset (domains ``mr_a``, ``mr_b`` of the merged fixture, slots T1 T1c T2 FLAIR), ``nnunet-universal extend``
+with a converted dataset of the fixture's ``ct`` domain (new slot CT, new classes liver and tumor), then
+``nnUNetv2_train … -pretrained_weights INIT`` and ``nnunet-universal predict`` on all three domains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_universal.metadata import PLANS_NAME, CaseInfo, DomainInfo, UniversalMeta
+
+OLD_ID, CT_ID, NEW_ID = 981, 982, 983
+SCHEDULE = "1:3:1"
+TINY_FEATURES = [8, 16, 32]
+OLD_SLOTS = ["T1", "T1c", "T2", "FLAIR"]
+
+
+def _bin(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else shutil.which(name)
+
+
+def _run(args: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _old_and_ct_datasets(raw: Path) -> tuple[Path, Path]:
+    """Split the merged fixture into an old merged dataset (mr_a, mr_b; 4 channels; one fold) and a converted
+    dataset of the ct domain (one CT channel, local labels liver 1, tumor 2)."""
+    from merged_fixture import DOMAINS, SLOTS, make_merged_dataset
+
+    full = make_merged_dataset(raw, 980, cases_per_domain=3)
+    old = raw / f"Dataset{OLD_ID}_ExtOld"
+    ct = raw / f"Dataset{CT_ID}_ExtCT"
+    for d in (old, ct):
+        (d / "imagesTr").mkdir(parents=True)
+        (d / "labelsTr").mkdir()
+    meta = json.loads((full / "dataset.json").read_text())["universal"]
+    old_cases, ct_cases = {}, {}
+    for case, info in meta["cases"].items():
+        if info["domain"] == "ct":
+            cid = case.removeprefix("ct_")
+            shutil.copy(full / "imagesTr" / f"{case}_{SLOTS.index('CT'):04d}.nii.gz",
+                        ct / "imagesTr" / f"{cid}_0000.nii.gz")
+            lab = sitk.ReadImage(str(full / "labelsTr" / f"{case}.nii.gz"))
+            arr = sitk.GetArrayFromImage(lab)
+            out = sitk.GetImageFromArray(np.select([arr == 5, arr == 6], [1, 2], 0).astype(np.uint8))
+            out.CopyInformation(lab)
+            sitk.WriteImage(out, str(ct / "labelsTr" / f"{cid}.nii.gz"))
+            ct_cases[cid] = CaseInfo(domain="ct", slots=["CT"], source_id=cid)
+        else:
+            for ch, slot in enumerate(OLD_SLOTS):
+                shutil.copy(full / "imagesTr" / f"{case}_{SLOTS.index(slot):04d}.nii.gz",
+                            old / "imagesTr" / f"{case}_{ch:04d}.nii.gz")
+            shutil.copy(full / "labelsTr" / f"{case}.nii.gz", old / "labelsTr" / f"{case}.nii.gz")
+            old_cases[case] = CaseInfo(domain=info["domain"], slots=info["slots"], source_id=case, group=case)
+    old_meta = UniversalMeta(slots=OLD_SLOTS, domains={d: DOMAINS[d] for d in ("mr_a", "mr_b")}, cases=old_cases)
+    labels = {"background": 0, **{f"{d}.{c}": i for d in ("mr_a", "mr_b") for c, i in DOMAINS[d].labels.items()}}
+    (old / "dataset.json").write_text(json.dumps({
+        "name": "ExtOld", "channel_names": {str(i): s for i, s in enumerate(OLD_SLOTS)}, "labels": labels,
+        "numTraining": len(old_cases), "file_ending": ".nii.gz", "universal": old_meta.to_dict()}))
+    train = sorted(c for c in old_cases if not c.endswith("_000"))
+    (old / "splits_final.json").write_text(json.dumps([{"train": train, "val": ["mr_a_000", "mr_b_000"]}]))
+    ct_meta = UniversalMeta(slots=["CT"], domains={"ct": DomainInfo(source="synthetic CT", slots=["CT"],
+                                                                     labels={"liver": 1, "tumor": 2}, modality="CT")},
+                            cases=ct_cases)
+    (ct / "dataset.json").write_text(json.dumps({
+        "name": "ExtCT", "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumor": 2},
+        "numTraining": len(ct_cases), "file_ending": ".nii.gz", "universal": ct_meta.to_dict()}))
+    shutil.rmtree(full)
+    return old, ct
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory):
+    from nnunet_universal.planners.fingerprint import SAMPLES_ENV
+    from nnunet_universal.trainers.discovery import ext_trainer_value
+    from nnunet_universal.trainers.schedule import ENV_VAR as SCHEDULE_ENV
+
+    root = tmp_path_factory.mktemp("extend")
+    dirs = {k: root / k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for d in dirs.values():
+        d.mkdir()
+    old_raw, _ = _old_and_ct_datasets(dirs["nnUNet_raw"])
+    base = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
+    env = {**base, **{k: str(v) for k, v in dirs.items()}, "OMP_NUM_THREADS": "1", "nnUNet_def_n_proc": "1",
+           "nnUNet_compile": "f", SAMPLES_ENV: "20000"}
+    train_env = {**env, "nnUNet_extTrainer": ext_trainer_value(""), "nnUNet_n_proc_DA": "0", SCHEDULE_ENV: SCHEDULE,
+                 "NNUNET_UNIVERSAL_VAL_MIRRORING": "0"}
+    _run([_bin("nnunet-universal"), "plan", "-d", str(OLD_ID), "-c", "3d_fullres", "-np", "1"], env)
+    plans_file = dirs["nnUNet_preprocessed"] / old_raw.name / f"{PLANS_NAME}.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = TINY_FEATURES
+    plans_file.write_text(json.dumps(plans, indent=2))
+    _run([_bin("nnUNetv2_train"), str(OLD_ID), "3d_fullres", "0", "-tr", "UniversalTrainer", "-p", PLANS_NAME,
+          "-device", "cpu"], train_env)
+    old_model = dirs["nnUNet_results"] / old_raw.name / f"UniversalTrainer__{PLANS_NAME}__3d_fullres"
+
+    proc = _run([_bin("nnunet-universal"), "extend", "-m", str(old_model), str(CT_ID), "-d", str(NEW_ID),
+                 "-n", "ExtNew", "--holdout", "1", "-np", "1"], env)
+    new_raw = dirs["nnUNet_raw"] / f"Dataset{NEW_ID}_ExtNew"
+    pre = dirs["nnUNet_preprocessed"] / new_raw.name
+    init = next(pre.glob("extension_init_*.pth"))
+    assert f"-pretrained_weights {init}" in proc.stdout
+    return {"root": root, "dirs": dirs, "env": env, "train_env": train_env, "old_raw": old_raw,
+            "old_model": old_model, "new_raw": new_raw, "pre": pre, "init": init}
+
+
+def test_extended_dataset_keeps_old_ids_and_appends(extended):
+    dj = json.loads((extended["new_raw"] / "dataset.json").read_text())
+    assert dj["channel_names"] == {"0": "T1", "1": "T1c", "2": "T2", "3": "FLAIR", "4": "CT"}
+    assert dj["labels"] == {"background": 0, "mr_a.ET": 1, "mr_b.NETC": 2, "mr_b.SNFH": 3, "mr_b.ET": 4,
+                            "ct.liver": 5, "ct.tumor": 6}
+    uni = dj["universal"]
+    assert list(uni["domains"]) == ["mr_a", "mr_b", "ct"]
+    assert uni["domains"]["ct"]["labels"] == {"liver": 5, "tumor": 6}
+    splits = json.loads((extended["new_raw"] / "splits_final.json").read_text())
+    assert len(splits) == 1 and {"mr_a_000", "mr_b_000"} <= set(splits[0]["val"])
+    ct_train = [c for c, i in uni["cases"].items() if i["domain"] == "ct" and i["split"] == "train"]
+    ct_test = [c for c, i in uni["cases"].items() if i["domain"] == "ct" and i["split"] == "test"]
+    assert len(ct_train) == 2 and len(ct_test) == 1
+    assert any(c in splits[0]["train"] for c in ct_train)  # the new domain trains in fold 0
+    # old cases: images are links of the old files, the new CT slot zero-filled; labels unchanged
+    old_img = extended["old_raw"] / "imagesTr" / "mr_b_001_0002.nii.gz"
+    new_img = extended["new_raw"] / "imagesTr" / "mr_b_001_0002.nii.gz"
+    assert os.path.samefile(old_img, new_img) or old_img.read_bytes() == new_img.read_bytes()
+    ct_slot = sitk.GetArrayFromImage(sitk.ReadImage(str(extended["new_raw"] / "imagesTr" / "mr_b_001_0004.nii.gz")))
+    assert not ct_slot.any()
+    # plans: old plans transferred, new slot planned from its data
+    old_plans = json.loads((extended["old_model"] / "plans.json").read_text())
+    plans = json.loads((extended["pre"] / f"{PLANS_NAME}.json").read_text())
+    oc, nc = old_plans["configurations"]["3d_fullres"], plans["configurations"]["3d_fullres"]
+    assert nc["patch_size"] == oc["patch_size"] and nc["spacing"] == oc["spacing"]
+    assert nc["architecture"] == oc["architecture"]
+    assert nc["normalization_schemes"] == [*oc["normalization_schemes"], "CTNormalization"]
+    assert plans["universal"]["slots"] == ["T1", "T1c", "T2", "FLAIR", "CT"]
+    assert plans["universal"]["modules"] == old_plans["universal"]["modules"]
+    assert plans["dataset_name"] == extended["new_raw"].name
+
+
+def _load_case(folder: Path, key: str) -> np.ndarray:
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    data, *_ = infer_dataset_class(str(folder))(str(folder)).load_case(key)
+    return np.asarray(data)
+
+
+def _patch(x: np.ndarray, patch: list[int]) -> torch.Tensor:
+    """(C, *shape) -> (1, C, *patch): the case's first patch, zero-padded where the case is smaller."""
+    sl = tuple(slice(0, min(p, s)) for p, s in zip(patch, x.shape[1:], strict=True))
+    out = torch.zeros(1, x.shape[0], *patch)
+    out[(0, slice(None), *sl)] = torch.from_numpy(np.ascontiguousarray(x[(slice(None), *sl)])).float()
+    return out
+
+
+def _nets(extended):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_universal.inference.checkpoints import load_checkpoint
+    from nnunet_universal.trainers.universal_trainer import UniversalTrainer
+
+    def build(plans, dj):
+        pm = PlansManager(plans)
+        return UniversalTrainer.build_network_architecture(
+            pm, pm.get_configuration("3d_fullres"), len(dj["channel_names"]),
+            pm.get_label_manager(dj).num_segmentation_heads, False)
+
+    old_plans = json.loads((extended["old_model"] / "plans.json").read_text())
+    old_dj = json.loads((extended["old_model"] / "dataset.json").read_text())
+    old = build(old_plans, old_dj)
+    old.load_state_dict(load_checkpoint(extended["old_model"] / "fold_0" / "checkpoint_final.pth")["network_weights"])
+    new = build(json.loads((extended["pre"] / f"{PLANS_NAME}.json").read_text()),
+                json.loads((extended["pre"] / "dataset.json").read_text()))
+    load_pretrained_weights(new, str(extended["init"]))  # nnU-Net 2.8.1's own loader and shape rules
+    return old.eval(), new.eval(), old_plans["configurations"]["3d_fullres"]["patch_size"]
+
+
+def test_initial_checkpoint_predicts_like_the_old_model_on_old_domains(extended):
+    old, new, patch = _nets(extended)
+    cfg = "nnUNetUniversalPlans_3d_fullres"
+    for case in ("mr_a_001", "mr_b_002"):
+        x_old = _load_case(extended["dirs"]["nnUNet_preprocessed"] / extended["old_raw"].name / cfg, case)
+        x_new = _load_case(extended["pre"] / cfg, case)
+        # the transferred plans preprocess the old channels exactly as before; the new CT slot is constant
+        np.testing.assert_allclose(x_new[:4], x_old, atol=1e-6)
+        assert np.ptp(x_new[4]) == 0
+        xo, xn = _patch(x_old, patch), _patch(x_new, patch)
+        # the case's slots, as training and 'nnunet-universal predict' give them (derived per tile, the zero padding
+        # of a case smaller than the patch would make the constant CT slot look present)
+        slots = json.loads((extended["new_raw"] / "dataset.json").read_text())["universal"]["cases"][case]["slots"]
+        ao = torch.tensor([[s in slots for s in OLD_SLOTS]])
+        an = torch.tensor([[s in slots for s in [*OLD_SLOTS, "CT"]]])
+        with torch.no_grad():
+            a, b = old(xo, availability=ao), new(xn, availability=an)  # default: dataset-free, hard routing
+            assert b.shape[1] == a.shape[1] + 2
+            torch.testing.assert_close(b[:, :a.shape[1]], a, atol=1e-4, rtol=1e-5)
+            for d in (0, 1):  # oracle: each old domain's head
+                a = old(xo, domain=torch.tensor([d]), availability=ao)
+                b = new(xn, domain=torch.tensor([d]), availability=an)
+                torch.testing.assert_close(b[:, :a.shape[1]], a, atol=1e-4, rtol=1e-5)
+            ro = old.routing_weights(old.embed(xo, ao))
+            rn = new.routing_weights(new.embed(xn, an))
+            assert int(rn.argmax()) == int(ro.argmax())
+            torch.testing.assert_close(rn[:, :2], ro, atol=1e-4, rtol=0)  # the new domain starts below e^-10
+            for net in (old, new):
+                net.options = dataclasses.replace(net.options, routing="soft")
+            a, b = old(xo, availability=ao), new(xn, availability=an)
+            torch.testing.assert_close(b[:, :a.shape[1]].exp(), a.exp(), atol=1e-4, rtol=0)
+            for net in (old, new):
+                net.options = dataclasses.replace(net.options, routing="hard")
+
+
+def test_train_extension_with_pretrained_weights_and_predict_all_domains(extended):
+    proc = _run([_bin("nnUNetv2_train"), str(NEW_ID), "3d_fullres", "0", "-tr", "UniversalTrainer", "-p", PLANS_NAME,
+                 "-device", "cpu", "-pretrained_weights", str(extended["init"])], extended["train_env"])
+    assert "Loading pretrained weights" in proc.stdout
+    model = (extended["dirs"]["nnUNet_results"] / extended["new_raw"].name
+             / f"UniversalTrainer__{PLANS_NAME}__3d_fullres")
+    assert (model / "fold_0" / "checkpoint_final.pth").is_file()
+    raw = extended["new_raw"]
+    uni = json.loads((raw / "dataset.json").read_text())["universal"]
+    inputs = extended["root"] / "ext_inputs"
+    inputs.mkdir()
+    cases = {"mr_a_001": "mr_a", "mr_b_002": "mr_b",
+             next(c for c, i in uni["cases"].items() if i["domain"] == "ct" and i["split"] == "test"): "ct"}
+    for case in cases:
+        folder = "imagesTr" if uni["cases"][case]["split"] == "train" else "imagesTs"
+        for ch, slot in enumerate(uni["slots"]):
+            if slot in uni["cases"][case]["slots"]:  # only the case's own slots, by channel number
+                shutil.copy(raw / folder / f"{case}_{ch:04d}.nii.gz", inputs / f"{case}_{ch:04d}.nii.gz")
+    out = extended["root"] / "ext_pred"
+    _run([_bin("nnunet-universal"), "predict", "-m", str(model), "-i", str(inputs), "-o", str(out), "-device", "cpu",
+          "--disable-tta"], extended["env"])
+    for case in cases:
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        assert set(np.unique(pred).tolist()) <= set(range(7))
+        rec = json.loads((out / f"{case}.routing.json").read_text())
+        assert list(rec["routing"]) == ["mr_a", "mr_b", "ct"]
+        assert rec["slots"] == uni["cases"][case]["slots"]
