@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -45,6 +46,13 @@ from nnunet_universal.nn.heads import restrict_to_domain
 from nnunet_universal.nn.wrappers import unwrap
 
 logger = logging.getLogger(__name__)
+
+
+def _on_device(net: torch.nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer is already on ``device`` (then ``.to(device)`` would only cost host time:
+    two dispatched operations per tensor)."""
+    device = torch.device(device)
+    return all(t.device == device for t in itertools.chain(net.parameters(), net.buffers()))
 
 
 class UniversalPredictor(nnUNetPredictor):
@@ -226,8 +234,10 @@ class UniversalPredictor(nnUNetPredictor):
         """
         if self.meta is None:
             raise RuntimeError("UniversalPredictor is not initialized; call initialize_from_trained_model_folder")
-        self.network = self.network.to(self.device)
         net = unwrap(self.network)
+        if not _on_device(net, self.device):  # the routing pass runs before nnU-Net's method moves it
+            self.network = self.network.to(self.device)
+            net = unwrap(self.network)
         if self.perform_everything_on_device and self.device.type == "cuda":
             # one copy of the case on the device serves the routing pass and nnU-Net's sliding window (which
             # would copy it there itself); slicing tiles on the host and copying each one cost more than the

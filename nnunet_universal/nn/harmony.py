@@ -226,6 +226,8 @@ class HarmonyRestore(nn.Module):
         if self.gamma is not None:
             basis = _basis_as(self, self.gamma.dtype)
             qcoef, rcoef = self.gamma @ basis, self.delta @ basis
-        return HarmonyRestoreFunction.apply(x, mu.detach(), sigma.detach(), self.weight, self.bias, qcoef, rcoef,
+        # the statistics enter detached (HarmonyNorm's are non-differentiable already: no detach dispatched then)
+        mu, sigma = (t.detach() if t.requires_grad else t for t in (mu, sigma))
+        return HarmonyRestoreFunction.apply(x, mu, sigma, self.weight, self.bias, qcoef, rcoef,
                                              self.mix, self.eps, self.poly_limit, self.min_denominator, out_dtype,
                                              self.denominator_bound)

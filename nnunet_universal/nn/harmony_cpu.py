@@ -67,14 +67,22 @@ def serves(x: Tensor) -> bool:
             and extension() is not None)
 
 
+#: What stands for None (the kernels only read its size); one tensor instead of an allocation per call.
+_NONE = torch.empty(0)
+
+
 def _f32(t: Tensor | None) -> Tensor:
-    """A contiguous fp32 tensor for the extension; an empty one stands for None."""
-    return torch.empty(0) if t is None else t.float().contiguous()
+    """A contiguous fp32 tensor for the extension; an empty one stands for None. Tensors that already are contiguous
+    fp32 are passed as they are (no ``to``/``contiguous`` dispatched: host time per layer)."""
+    if t is None:
+        return _NONE
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
 def _vec(t: Tensor) -> Tensor:
     """Per-channel parameters (C,) or (C, 1) as a flat contiguous fp32 vector."""
-    return _f32(t).view(-1)
+    t = _f32(t)
+    return t if t.ndim == 1 else t.view(-1)
 
 
 def norm_forward(x: Tensor, w: Tensor, b: Tensor, coef: Tensor | None, eps: float, limit: float,
@@ -87,8 +95,7 @@ def norm_forward(x: Tensor, w: Tensor, b: Tensor, coef: Tensor | None, eps: floa
 def norm_backward(x: Tensor, g: Tensor, mean: Tensor, rstd: Tensor, w: Tensor, dcoef: Tensor | None, limit: float,
                   grad_x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """HarmonyNorm backward into ``grad_x``; returns (dw, db) per (B, C) and the power sums (B, C, J+1) or None."""
-    gw, gb, gc = extension().norm_backward(x, g, mean.contiguous(), rstd.contiguous(), _vec(w), _f32(dcoef), limit,
-                                           grad_x)
+    gw, gb, gc = extension().norm_backward(x, g, _f32(mean), _f32(rstd), _vec(w), _f32(dcoef), limit, grad_x)
     return gw, gb, (gc if dcoef is not None else None)
 
 

@@ -47,6 +47,32 @@ def _per_channel(p: Tensor, cd: torch.dtype) -> Tensor:
     return p.unsqueeze(1) if p.ndim == 1 else p
 
 
+_ORDERS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _orders(order: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``arange(1, order + 1)`` in ``dtype`` on ``device``, made once (it scales coefficients into derivatives)."""
+    key = (order, dtype, device)
+    t = _ORDERS.get(key)
+    if t is None:
+        with torch.inference_mode(False):  # a normal tensor even when first made under inference mode
+            t = _ORDERS[key] = torch.arange(1, order + 1, dtype=dtype, device=device)
+    return t
+
+
+def _shaped(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``t.view(shape)``, or ``t`` itself when it has that shape already (no view dispatched)."""
+    if len(shape) == t.ndim and all(s in (-1, d) for s, d in zip(shape, t.shape, strict=True)) \
+            and shape.count(-1) <= 1:
+        return t
+    return t.view(shape)
+
+
+def _as3(stat: Tensor, batch: int) -> Tensor:
+    """Per-(sample, channel) statistics (B*C, 1) or (B, C, 1) as (B, C, 1), viewed only when needed."""
+    return stat if stat.ndim == 3 else stat.view(batch, -1, 1)
+
+
 def _rows_of(x: Tensor) -> tuple[Tensor, int, int]:
     """(B, C, *spatial) -> contiguous (B*C, N) view, B, N."""
     b, c = x.shape[:2]
@@ -107,18 +133,20 @@ class HarmonyNormFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, coef: Tensor | None, eps: float,
                 limit: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            cd = _compute_dtype(x)
-            x2, batch, n = _rows_of(x)
-            rows = x2.shape[0]
             if out_dtype == torch.float32 and harmony_cpu.serves(x):  # C++ loops, written straight into out
-                out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-                mean, rstd = harmony_cpu.norm_forward(x2.view(batch, -1, n), weight, bias, coef, eps, limit,
-                                                      out.view(batch, -1, n))
-                mean, rstd = mean.view(rows, 1), rstd.view(rows, 1)
+                # the statistics stay (B, C, 1) as the kernels return them (every reader views them as it needs)
+                batch, c = x.shape[:2]
+                shape3 = (batch, c, x.numel() // max(batch * c, 1))
+                out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: in-place users follow
+                mean, rstd = harmony_cpu.norm_forward(x.contiguous().view(shape3), weight, bias, coef, eps, limit,
+                                                      out.view(shape3))
                 ctx.save_for_backward(x, mean, rstd, weight, coef)
                 ctx.limit = limit
                 ctx.mark_non_differentiable(mean, rstd)
                 return out, mean, rstd
+            cd = _compute_dtype(x)
+            x2, batch, n = _rows_of(x)
+            rows = x2.shape[0]
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
                 fused = harmony_fused.run("norm_forward", x2.view(batch, -1, n), _per_channel(weight, cd),
                                           _per_channel(bias, cd), None if coef is None else coef.to(cd), eps, limit,
@@ -168,22 +196,25 @@ class HarmonyNormFunction(torch.autograd.Function):
         limit = ctx.limit
         with torch.autocast(device_type=x.device.type, enabled=False):
             cd = _compute_dtype(x)
+            order = 0 if coef is None else coef.shape[1] - 1
+            # P'(u) per channel, coefficients of orders 0..J-1 (every path)
+            dcoef_c = None if coef is None else coef[:, 1:].to(cd) * _orders(order, cd, x.device)
+            if harmony_cpu.serves(x) and grad_out.dtype == torch.float32:
+                batch, c = x.shape[:2]
+                shape3 = (batch, c, x.numel() // max(batch * c, 1))
+                grad_x = torch.empty(shape3, dtype=x.dtype, device=x.device)
+                gw, gb, gc = harmony_cpu.norm_backward(x.contiguous().view(shape3),
+                                                       grad_out.contiguous().view(shape3), _as3(mean, batch),
+                                                       _as3(rstd, batch), weight, dcoef_c, limit, grad_x)
+                need = ctx.needs_input_grad
+                return (grad_x.view(x.shape), gw.sum(0).to(weight.dtype) if need[1] else None,
+                        gb.sum(0).to(weight.dtype) if need[2] else None,
+                        gc.sum(0).to(coef.dtype) if gc is not None and need[3] else None, None, None, None)
             x2, batch, n = _rows_of(x)
             g2 = grad_out.contiguous().view(x2.shape)
             rows = x2.shape[0]
-            order = 0 if coef is None else coef.shape[1] - 1
-            # P'(u) per channel, coefficients of orders 0..J-1 (every path)
-            dcoef_c = None if coef is None else \
-                coef[:, 1:].to(cd) * torch.arange(1, order + 1, dtype=cd, device=x.device)
-            if harmony_cpu.serves(x) and g2.dtype == torch.float32:
-                grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                gw, gb, gc = harmony_cpu.norm_backward(x2.view(batch, -1, n), g2.view(batch, -1, n),
-                                                       mean.view(batch, -1, 1), rstd.view(batch, -1, 1), weight,
-                                                       dcoef_c, limit, grad_x.view(batch, -1, n))
-                need = ctx.needs_input_grad
-                return (grad_x, gw.sum(0).to(weight.dtype) if need[1] else None,
-                        gb.sum(0).to(weight.dtype) if need[2] else None,
-                        gc.sum(0).to(coef.dtype) if gc is not None and need[3] else None, None, None, None)
+            if mean.ndim == 3:  # (B, C, 1) from the C++ forward
+                mean, rstd = mean.view(rows, 1), rstd.view(rows, 1)
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
                 fused = harmony_fused.run("norm_backward", x2.view(batch, -1, n), g2.view(batch, -1, n),
                                           mean.view(batch, -1, 1), rstd.view(batch, -1, 1),
@@ -273,6 +304,16 @@ class HarmonyRestoreFunction(torch.autograd.Function):
                 None if mix is None else _per_channel(mix, cd))
 
     @staticmethod
+    def _cpp_params(weight: Tensor, bias: Tensor, gamma: Tensor | None, delta: Tensor | None, mix: Tensor | None,
+                    eps: float) -> tuple[Tensor | None, ...]:
+        """(w + eps, b, gamma, delta, mix) for the C++ kernels: per channel as they are ((C,), (C, K)); the kernels
+        read them flat, so no (C, 1) views are made (host time per layer)."""
+        f32 = torch.float32
+        w = weight if weight.dtype == f32 else weight.to(f32)
+        return (w + eps, bias, gamma if gamma is not None and delta is not None else None,
+                delta if gamma is not None and delta is not None else None, mix)
+
+    @staticmethod
     def _terms(xc: Tensor, sl: slice, p: dict[str, Tensor], limit: float, min_den: float, bound: float,
                keep_t: bool = False):
         """(u, clamped, num, dsafe, t) for one chunk: num = x - b - Q(u), dsafe = guard(w + eps + R_b(u)) with
@@ -301,17 +342,17 @@ class HarmonyRestoreFunction(torch.autograd.Function):
         """Autograd's gradient tuple from per-row gradients (dx, dmu, dsigma, dw, db, dgamma, ddelta, dmix)."""
         gx, g_mu, g_sigma, g_w, g_b, g_gamma, g_delta, g_mix = per_row
         grads: list[Tensor | None] = [None] * 13
-        grads[0] = gx.view(x.shape) if need[0] else None
-        grads[1] = g_mu.view(mu.shape).to(mu.dtype) if need[1] else None
-        grads[2] = g_sigma.view(sigma.shape).to(sigma.dtype) if need[2] else None
-        grads[3] = g_w.view(batch, -1).sum(0).to(weight.dtype) if need[3] else None
-        grads[4] = g_b.view(batch, -1).sum(0).to(bias.dtype) if need[4] else None
+        grads[0] = _shaped(gx, x.shape) if need[0] else None
+        grads[1] = _shaped(g_mu, mu.shape).to(mu.dtype) if need[1] else None
+        grads[2] = _shaped(g_sigma, sigma.shape).to(sigma.dtype) if need[2] else None
+        grads[3] = _shaped(g_w, (batch, -1)).sum(0).to(weight.dtype) if need[3] else None
+        grads[4] = _shaped(g_b, (batch, -1)).sum(0).to(bias.dtype) if need[4] else None
         if gamma is not None and g_gamma is not None and need[5]:
-            grads[5] = g_gamma.view(batch, -1, order + 1).sum(0).to(gamma.dtype)
+            grads[5] = _shaped(g_gamma, (batch, -1, order + 1)).sum(0).to(gamma.dtype)
         if delta is not None and g_delta is not None and need[6]:
-            grads[6] = g_delta.view(batch, -1, order + 1).sum(0).to(delta.dtype)
+            grads[6] = _shaped(g_delta, (batch, -1, order + 1)).sum(0).to(delta.dtype)
         if mix is not None and g_mix is not None and need[7]:
-            grads[7] = g_mix.view(batch, -1).sum(0).to(mix.dtype)
+            grads[7] = _shaped(g_mix, (batch, -1)).sum(0).to(mix.dtype)
         return tuple(grads)
 
     @staticmethod
@@ -319,16 +360,18 @@ class HarmonyRestoreFunction(torch.autograd.Function):
                 gamma: Tensor | None, delta: Tensor | None, mix: Tensor | None, eps: float, limit: float,
                 min_den: float, out_dtype: torch.dtype, bound: float) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            cd = _compute_dtype(x)
-            x2, batch, n = _rows_of(x)
             if out_dtype == torch.float32 and harmony_cpu.serves(x):  # C++ loops, written straight into out
-                out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-                w_eps, b, q, r, a = HarmonyRestoreFunction._channel_params(weight, bias, gamma, delta, mix, eps, cd)
-                harmony_cpu.restore_forward(x2.view(batch, -1, n), mu, sigma, w_eps, b, q, r, a, limit, min_den,
-                                            bound, out.view(batch, -1, n))
+                batch, c = x.shape[:2]
+                shape3 = (batch, c, x.numel() // max(batch * c, 1))
+                out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view (see HarmonyNorm)
+                harmony_cpu.restore_forward(x.contiguous().view(shape3), mu, sigma,
+                                            *HarmonyRestoreFunction._cpp_params(weight, bias, gamma, delta, mix, eps),
+                                            limit, min_den, bound, out.view(shape3))
                 ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta, mix)
                 ctx.consts = (eps, limit, min_den, bound)
                 return out
+            cd = _compute_dtype(x)
+            x2, batch, n = _rows_of(x)
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
                 y = harmony_fused.run("restore_forward", x2.view(batch, -1, n), mu.to(cd).unsqueeze(-1),
                                       sigma.to(cd).unsqueeze(-1), *HarmonyRestoreFunction._channel_params(
@@ -370,18 +413,20 @@ class HarmonyRestoreFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         with torch.autocast(device_type=x.device.type, enabled=False):
             cd = _compute_dtype(x)
+            order = gamma.shape[1] - 1 if gamma is not None else 0
+            if harmony_cpu.serves(x) and grad_out.dtype == torch.float32:
+                batch, c = x.shape[:2]
+                shape3 = (batch, c, x.numel() // max(batch * c, 1))
+                grad_x = torch.empty(shape3, dtype=x.dtype, device=x.device)
+                sums = harmony_cpu.restore_backward(
+                    x.contiguous().view(shape3), grad_out.contiguous().view(shape3), mu, sigma,
+                    *HarmonyRestoreFunction._cpp_params(weight, bias, gamma, delta, mix, eps),
+                    limit, min_den, bound, grad_x)
+                return HarmonyRestoreFunction._grads((grad_x.view(x.shape), *sums), need, x, mu, sigma, weight, bias,
+                                                     gamma, delta, mix, batch, order)
             x2, batch, n = _rows_of(x)
             g2 = grad_out.contiguous().view(x2.shape)
             rows = x2.shape[0]
-            order = gamma.shape[1] - 1 if gamma is not None else 0
-            if harmony_cpu.serves(x) and g2.dtype == torch.float32:
-                grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                sums = harmony_cpu.restore_backward(
-                    x2.view(batch, -1, n), g2.view(batch, -1, n), mu, sigma,
-                    *HarmonyRestoreFunction._channel_params(weight, bias, gamma, delta, mix, eps, cd),
-                    limit, min_den, bound, grad_x.view(batch, -1, n))
-                return HarmonyRestoreFunction._grads((grad_x, *sums), need, x, mu, sigma, weight, bias, gamma, delta,
-                                                     mix, batch, order)
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
                 fused = harmony_fused.run("restore_backward", x2.view(batch, -1, n), g2.view(batch, -1, n),
                                           mu.to(cd).unsqueeze(-1), sigma.to(cd).unsqueeze(-1),
