@@ -126,8 +126,21 @@ def test_slicers_equal_nnunets(image, patch):
 def test_case_availability_marks_constant_channels_missing():
     data = torch.zeros(3, 4, 4, 4)
     data[0, 1, 1, 1] = 1.0
+    data[0, 2, 1, 1] = 0.3
     data[2] = -0.7  # a zero-filled CT slot after CT normalization: constant but non-zero
     assert case_availability(data).tolist() == [True, False, False]
+
+
+def test_a_missing_ct_slot_stays_missing_in_a_zero_padded_tile():
+    """nnU-Net pads a case smaller than the patch with zeros: a missing CT slot (a non-zero constant after CT
+    normalization) must not look like data because of the padding; real data with zeros stays available."""
+    from nnunet_universal.nn.availability import derive_availability
+
+    tile = torch.zeros(1, 3, 6, 6, 6)
+    tile[0, 0, :4] = torch.randn(4, 6, 6)  # real MR data, padded
+    tile[0, 1, :4] = -0.7  # missing CT slot: constant, padded with zeros
+    tile[0, 2] = 0.0  # missing MR slot
+    assert derive_availability(tile).tolist() == [[True, False, False]]
 
 
 class _ToyRoutedNet(nn.Module):

@@ -197,11 +197,12 @@ def test_missing_slot_is_zeroed_and_availability_is_derived():
 
 def test_one_availability_rule_for_patches_and_cases():
     """Training (per patch) and inference (per case) use the same rule and tolerance: a channel is missing where it
-    is constant up to float round-off; one varying voxel makes it available."""
+    is constant up to float round-off (exact zeros, nnU-Net's padding, left out); varying voxels make it available."""
     from nnunet_universal.inference.routing import case_availability
 
     x = torch.zeros(2, 4, 3, 5, 5)
-    x[0, 0, 1, 2, 2] = 1.0  # one real voxel
+    x[0, 0, 1, 2, 2] = 1.0  # two real voxels with different values (zeros are left out: padding)
+    x[0, 0, 2, 2, 2] = 0.5
     x[:, 1] = -0.7  # a zero-filled CT slot after CT normalization: constant but non-zero
     x[:, 2] = 1000.0
     x[1, 2, 0, 0, 0] += 1e-4  # round-off of a normalized constant (1e-7 relative): still missing

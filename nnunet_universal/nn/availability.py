@@ -1,9 +1,9 @@
 """Which input channels (modality slots) hold real data: the one rule used in training and inference.
 
 Missing slots are zero-filled in the raw data and stay constant through nnU-Net's normalization (zero for
-z-score, some constant for CT), see DESIGN §4.3. A channel is therefore *missing* where it is constant over the
-region looked at, up to a relative tolerance (float round-off of a constant after normalization is not data):
-over the patch while training (:class:`~nnunet_universal.nn.universal_unet.UniversalUNet` without a given
+z-score, some constant for CT), see DESIGN §4.3. A channel is therefore *missing* where its non-zero values are
+constant over the region looked at (zeros are left out: nnU-Net's padding of small cases), up to a relative
+tolerance (float round-off of a constant after normalization is not data): over the patch while training (:class:`~nnunet_universal.nn.universal_unet.UniversalUNet` without a given
 availability), over the whole case at inference (the predictor fixes one availability per case).
 """
 
@@ -29,6 +29,10 @@ def derive_availability(x: Tensor, start_dim: int = 2, rtol: float = RTOL) -> Te
         bool of shape ``x.shape[:start_dim]``: ``(B, C)`` or ``(C,)``.
     """
     flat = x.detach().flatten(start_dim)  # (*kept, N)
-    lo, hi = torch.aminmax(flat, dim=-1)
+    zero = flat == 0
+    # exact zeros are left out: nnU-Net pads a case smaller than the patch with zeros, which would make a missing
+    # CT slot (a non-zero constant after CT normalization) look like data in a padded tile
+    lo = torch.where(zero, torch.inf, flat).amin(dim=-1)
+    hi = torch.where(zero, -torch.inf, flat).amax(dim=-1)
     scale = torch.maximum(lo.abs(), hi.abs()).clamp_min(1.0)
-    return (hi - lo) > rtol * scale
+    return torch.nan_to_num(hi - lo, nan=0.0, posinf=0.0, neginf=0.0) > rtol * scale
