@@ -4,7 +4,8 @@ Missing slots are zero-filled in the raw data and stay constant through nnU-Net'
 z-score, some constant for CT), see DESIGN §4.3. A channel is therefore *missing* where its non-zero values are
 constant over the region looked at (zeros are left out: nnU-Net's padding of small cases), up to a relative
 tolerance (float round-off of a constant after normalization is not data): over the patch while training
-(:class:`~nnunet_universal.nn.universal_unet.UniversalUNet` without a given availability), over the whole case at inference (the predictor fixes one availability per case).
+(:class:`~nnunet_universal.nn.universal_unet.UniversalUNet` without a given availability), over the whole case
+at inference (the predictor fixes one availability per case).
 """
 
 from __future__ import annotations
