@@ -119,8 +119,48 @@ def gate_embedding(pooled: Tensor, styles: list[Tensor | None], availability: Te
     """
     if not styles or any(st is None for st in styles):
         raise RuntimeError("the gate's style statistics were not recorded; call the encoder through UniversalUNet")
-    parts = (pooled, styles[0], torch.cat([st.float() for st in styles[1:]], dim=1), availability.to(pooled.dtype))
-    return torch.cat([F.normalize(p.float(), dim=1) for p in parts], dim=1) / math.sqrt(len(parts))
+    # one concatenation and one segmented normalization instead of one F.normalize per part (host time): the same
+    # p / max(||p||, 1e-12) per part up to float round-off; the norm's floor is applied to its square, so that a
+    # zero part has a zero (not NaN) gradient through its norm, as with F.normalize
+    sizes = (pooled.shape[1], styles[0].shape[1], sum(st.shape[1] for st in styles[1:]), availability.shape[1])
+    member, index = _segments(sizes, pooled.device)
+    v = torch.cat([_float(pooled), *(_float(st) for st in styles), availability.to(torch.float32)], dim=1)
+    norms = torch.mm(v * v, member).clamp_min(1e-24).sqrt()  # (B, parts)
+    return v / norms.index_select(1, index) / math.sqrt(len(sizes))
+
+
+_SEGMENT_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _segments(sizes: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(membership (F, P) float, part index (F,) long) of consecutive parts of ``sizes``; made once per layout."""
+    key = (sizes, device)
+    seg = _SEGMENT_CACHE.get(key)
+    if seg is None:
+        with torch.inference_mode(False):  # normal tensors even when first made under inference mode
+            index = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+            seg = _SEGMENT_CACHE[key] = (F.one_hot(index, len(sizes)).float(), index)
+    return seg
+
+
+def _float(t: Tensor) -> Tensor:
+    """``t.float()`` without dispatching a no-op cast (inference mode dispatches one)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _plain(t: Tensor) -> Tensor:
+    """``t.detach().float()``, dispatching only what changes something."""
+    return _float(t.detach() if t.requires_grad else t)
+
+
+
+def _fit(t: Tensor, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+    """``t.to(device, dtype).reshape(-1, *shape[1:]).expand(shape)``, each step only when it changes something."""
+    if t.device != device or t.dtype != dtype:
+        t = t.to(device=device, dtype=dtype)
+    if t.ndim != len(shape) or t.shape[1:] != shape[1:]:
+        t = t.reshape(-1, *shape[1:])
+    return t if t.shape == shape else t.expand(shape)
 
 
 class UniversalUNet(nn.Module):
@@ -202,6 +242,7 @@ class UniversalUNet(nn.Module):
         # style statistics of the style normalizations' inputs, for the gate's embedding (gated nets only: HarmonyNorm
         # computes them anyway, an InstanceNorm needs an extra reduction per forward that nothing else needs)
         self._styles: list[Tensor | None] = []
+        self._record_styles = True  # off while encoding for a forward whose routing is given (phi unused)
         if self.router is not None:
             norms = style_norms(encoder)
             self._styles = [None] * len(norms)
@@ -223,6 +264,8 @@ class UniversalUNet(nn.Module):
     def _style_hook(self, index: int, module: nn.Module, args: Any) -> None:
         """Per-channel mean and log-std of a style normalization's input (B, 2 C): the appearance that instance
         normalization removes, so that the gate still sees it. Std as InstanceNorm's, sqrt(var + eps)."""
+        if not self._record_styles:
+            return
         flat = args[0].detach().float().flatten(2)
         mean = flat.mean(2, keepdim=True)
         centred = flat - mean  # two passes: exact where the mean dwarfs the spread (torch.std_mean is ~7x slower)
@@ -231,8 +274,10 @@ class UniversalUNet(nn.Module):
 
     def _style_from_norm(self, index: int, module: nn.Module, args: Any, output: Tensor) -> None:
         """The same statistics, as a HarmonyNorm computed them: (mean, sqrt(var + eps)) of its input."""
+        if not self._record_styles:
+            return
         mean, sigma = module.last_stats
-        self._styles[index] = torch.cat([mean.detach().float(), torch.log(sigma.detach().float())], dim=1)
+        self._styles[index] = torch.cat([_plain(mean), torch.log(_plain(sigma))], dim=1)
 
     def _clear_stats(self) -> None:
         for norm in self._stat_norms:
@@ -288,28 +333,36 @@ class UniversalUNet(nn.Module):
                 domain = torch.full((b,), self._context["domain"], dtype=torch.long, device=x.device)
             elif self._context.get("routing") is not None:
                 routing = self._context["routing"]
+        # each step only when it changes something: the context's tensors already fit every sliding-window tile
         if routing is not None:
-            routing = routing.to(device=x.device, dtype=torch.float32).reshape(-1, self.num_domains).expand(b, -1)
+            routing = _fit(routing, x.device, torch.float32, (b, self.num_domains))
         if domain is not None:
-            domain = torch.as_tensor(domain, device=x.device).long().reshape(-1).expand(b)
+            domain = _fit(torch.as_tensor(domain, device=x.device), x.device, torch.long, (b,))
         if availability is None:
             availability = self._context.get("availability")
         if availability is None:
             availability = derive_availability(x)
-        availability = availability.to(device=x.device, dtype=torch.bool).reshape(-1, self.num_slots).expand(b, -1)
+        availability = _fit(availability, x.device, torch.bool, (b, self.num_slots))
         return domain, routing, availability
 
     # ---- building blocks -----------------------------------------------------------------------------
-    def _encode(self, x: Tensor, availability: Tensor) -> tuple[list[Tensor], Tensor]:
-        """x: (B, C, *spatial) -> encoder skips (bottleneck last) and the gate's embedding phi (B, F)."""
+    def _encode(self, x: Tensor, availability: Tensor, need_phi: bool = True) -> tuple[list[Tensor], Tensor | None]:
+        """x: (B, C, *spatial) -> encoder skips (bottleneck last) and the gate's embedding phi (B, F); phi is None
+        when not ``need_phi`` (a forward whose domain or routing is given: neither styles nor phi are computed)."""
         mask = availability.to(x.dtype).view(*availability.shape, *([1] * (x.ndim - 2)))
         x = x * mask  # missing slots are zero inside the network, whatever preprocessing made of them
         if self.modality_prompt is not None:
             x = self.modality_prompt(x, availability)
         self._styles = [None] * len(self._styles)
-        skips = list(self.encoder(x))
-        pooled = skips[-1].float().mean(dim=tuple(range(2, x.ndim)))
-        phi = gate_embedding(pooled, self._styles, availability) if self.router is not None else pooled
+        self._record_styles = need_phi
+        try:
+            skips = list(self.encoder(x))
+        finally:
+            self._record_styles = True
+        phi = None
+        if need_phi:
+            pooled = _float(skips[-1]).mean(dim=tuple(range(2, x.ndim)))
+            phi = gate_embedding(pooled, self._styles, availability) if self.router is not None else pooled
         self._styles = [None] * len(self._styles)
         return skips, phi
 
@@ -377,8 +430,9 @@ class UniversalUNet(nn.Module):
             for norm, st in zip(self._stat_norms, hit.stats, strict=True):
                 if norm is not None:
                     norm.last_stats = st
-        else:
-            skips, phi = self._encode(x, availability)
+        else:  # phi only serves the gate's routing: unused when the domain or the routing is given
+            need_phi = domain is None and routing is None and not self.union_head
+            skips, phi = self._encode(x, availability, need_phi=need_phi)
         if self.union_head:
             out = self._decode(skips)
             return out if self.decoder.deep_supervision else out[0]
