@@ -124,3 +124,13 @@ def test_training_gradients_match_the_replaced_gate_embedding(monkeypatch):
         torch.testing.assert_close(new[name], g, rtol=0, atol=3e-5 * float(g.abs().max()), msg=name)
     for key in ("loss", "phi", "gate", "prototypes", "free", "embed"):
         assert got[key] == pytest.approx(want[key], rel=1e-6), key
+
+
+def test_deep_supervision_local_ids_equal_the_checked_mapping():
+    from nnunet_universal.trainers.losses import _local_ids, local_label_lut
+
+    target = torch.tensor([0, 1, 2, 3, 5, 6, 4, 9], dtype=torch.float32).view(1, 1, 2, 4)
+    for ids in DOMAINS:
+        lut = local_label_lut(ids, N_UNION, ignore_label=9)
+        local, _ = _map_to_local(target, lut)
+        assert torch.equal(_local_ids(target, lut), local)

@@ -66,6 +66,14 @@ def _map_to_local(target: Tensor, lut: Tensor) -> tuple[Tensor, Tensor]:
     return local.to(target.dtype if target.dtype != torch.int8 else torch.int16), bad
 
 
+def _local_ids(target: Tensor, lut: Tensor) -> Tensor:
+    """The local ids of :func:`_map_to_local` without its check (deep-supervision targets, downsampled from the
+    checked full-resolution one, hold no label of their own): four operations fewer per domain and scale."""
+    t = target.long()
+    local = lut.to(t.device)[t.clamp(0, lut.numel() - 1)]
+    return local.to(target.dtype if target.dtype != torch.int8 else torch.int16)
+
+
 def _label_error(target: Tensor, bad: Tensor, keys: Sequence[str], domain: str) -> ValueError:
     per_sample = bad.flatten(1).any(1).tolist()
     names = [str(k) for k, b in zip(keys, per_sample, strict=True) if b] if keys else ["<unknown>"]
@@ -190,7 +198,7 @@ class PartialLabelLoss(nn.Module):
                 continue
             for d, (idx, logits) in self.domain_logits(out, s, domain).items():
                 idx = idx.to(target.device)
-                local = local0[d] if s == 0 else _map_to_local(target[idx], self.lut(d))[0]
+                local = local0[d] if s == 0 else _local_ids(target[idx], self.lut(d))
                 total = total + w * (idx.numel() / batch) * self.dc_ce(logits, local)
         gate = getattr(out, "gate_logits", None)
         if self.objective == "domain_heads" and gate is not None and self.gate_weight > 0:
