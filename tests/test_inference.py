@@ -536,8 +536,13 @@ def test_export_zip_round_trip_predicts_identically(model, free_run, monkeypatch
     assert sorted(p.name for p in written) == sorted(f"{c}.nii.gz" for c in CASES)
     for case in CASES:
         _same_image(out / f"{case}.nii.gz", free_run / f"{case}.nii.gz")
-        assert (json.loads((out / f"{case}.routing.json").read_text())
-                == json.loads((free_run / f"{case}.routing.json").read_text()))
+        rec, ref = (json.loads((d / f"{case}.routing.json").read_text()) for d in (out, free_run))
+        # the runner-up's map of an uncertain case lies in domain_maps/ when the reference run saved those
+        for r in (rec, ref):
+            r.pop("action", None)
+            if "alternative" in r:
+                r["alternative"] = Path(r.pop("alternative")).parent.name
+        assert rec == ref
 
 
 def test_uncertain_conflicting_cases_are_flagged_and_get_the_runner_ups_map(model, free_run, monkeypatch):
