@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from test_nn_universal_unet import DOMAINS, N_UNION, _input, _perturb, _small_net
 
-from nnunet_universal.nn.gating import DomainRouter
 from nnunet_universal.nn.universal_unet import gate_embedding
 from nnunet_universal.trainers.losses import PartialLabelLoss, _map_to_local, deep_supervision_weights
 
