@@ -462,6 +462,9 @@ def test_stock_nnunetv2_predict_writes_union_label_maps(model):
         img = sitk.ReadImage(str(pred))
         assert img.GetSize() == ref.GetSize() and np.allclose(img.GetSpacing(), ref.GetSpacing())
         assert _labels(pred) <= set(range(7))  # union ids of the fixture: 0..6
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(pred)))
+        gt = sitk.GetArrayFromImage(sitk.ReadImage(str(model["raw"] / "labelsTr" / f"{case}.nii.gz")))
+        assert (seg[gt > 0] > 0).any(), f"{case}: stock prediction has no foreground where the ground truth has some"
 
 
 def test_universal_predict_dataset_free_routing_json_and_domain_maps(model, free_run):
