@@ -180,9 +180,18 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from nnunet_universal.evaluation.report import domain_table
 
     out = Path(a.output) if a.output else Path(a.pred_dir) / "evaluation"
+    if a.protocol == "brats2024":
+        from nnunet_universal.evaluation.brats2024 import Brats2024Unavailable, _import
+
+        try:
+            _import()
+        except Brats2024Unavailable as e:
+            print(f"nnunet-universal evaluate: error: {e}", file=sys.stderr)
+            return 2
     summary = evaluate(Path(a.pred_dir), gt_dir=Path(a.gt) if a.gt else None, dataset_id=a.dataset_id,
-                       output_dir=out)
-    print(f"{summary['dataset']}: {summary['n_cases']} cases, protocol {summary['protocol']}\n")
+                       output_dir=out, lesion_protocol=a.protocol, brats2024_parser=a.brats2024_parser)
+    print(f"{summary['dataset']}: {summary['n_cases']} cases, protocol {summary['protocol']}, lesion-wise protocol "
+          f"{summary['lesion_protocol_detail']}\n")
     print("\n".join(domain_table(summary)))
     print(f"\nwrote {out / 'metrics.json'}, {out / 'metrics.md'} (per class and region, notes) and plots")
     return 0
@@ -357,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-d", "--dataset-id", type=int, required=True, help="merged dataset id (for the universal block)")
     s.add_argument("--gt", help="ground-truth folder (default: the dataset's labelsTs, else labelsTr)")
     s.add_argument("-o", "--output", help="report folder (default: PRED_DIR/evaluation)")
+    s.add_argument("--protocol", choices=("brats2023", "brats2024"), default="brats2023",
+                   help="lesion-wise scoring: brats2023 (default; this project's BraTS 2023-style rules) or brats2024 "
+                   "(the official BraTS 2024+ package: pip install 'nnunet-universal[brats2024]', needs numpy<2.3, "
+                   "so its own environment); the two give numbers that are not comparable")
+    s.add_argument("--brats2024-parser", choices=("auto", "mets", "seg"), default="auto",
+                   help="official parser for --protocol brats2024: mets (lesions < 20 mm³ detection only), seg, or "
+                   "auto (mets for domains whose name/source contains 'met', seg otherwise)")
     s.set_defaults(func=_cmd_evaluate)
 
     s = add("demo", "the whole pipeline on built-in synthetic data: synth, convert, merge, plan, train, predict, "

@@ -240,6 +240,20 @@ def test_cli_evaluate_end_to_end(nnunet_dirs, tmp_path):
     assert "| brats | 1 |" in md and "cross-domain FP" in md and "liver_002" in md
     assert "## Routing (dataset-free, 3 cases" in md
     assert m["protocol"] == "nnunet-universal" and "Protocol: nnunet-universal" in md
+    assert m["lesion_protocol"] == "brats2023" and m["lesion_protocol_detail"].startswith("brats2023 (")
+    assert "lesion-wise protocol: brats2023 (" in md and "Lesion-wise: protocol brats2023" in md
+    assert "lesion-wise protocol brats2023" in proc.stdout
+
+    # --protocol brats2024 needs the optional extra; without it: exit 2 and how to install it, nothing written
+    from nnunet_universal.evaluation.brats2024 import available
+
+    if not available():
+        proc = subprocess.run([str(exe), "evaluate", str(pred_dir), "-d", "990", "--protocol", "brats2024", "-o",
+                               str(tmp_path / "b24")], capture_output=True, text=True, env=os.environ.copy(),
+                              timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "pip install 'nnunet-universal[brats2024]'" in proc.stderr and "numpy<2.3" in proc.stderr
+        assert not (tmp_path / "b24").exists()
     assert "MONAI" in md and "n/a" in md and "HD95 374 mm" in md
 
 

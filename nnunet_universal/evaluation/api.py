@@ -25,7 +25,7 @@ from tqdm import tqdm
 from nnunet_universal.atomic_io import atomic_write_json, atomic_write_text
 from nnunet_universal.evaluation.lesions import LesionConfig
 from nnunet_universal.evaluation.plots import dice_boxplots, routing_confusion_plot
-from nnunet_universal.evaluation.report import PROTOCOL, evaluate_case, summarize, to_markdown
+from nnunet_universal.evaluation.report import LESION_PROTOCOLS, PROTOCOL, evaluate_case, summarize, to_markdown
 from nnunet_universal.metadata import load_universal
 from nnunet_universal.nifti_integrity import check_file
 
@@ -36,7 +36,8 @@ ROUTING_MODES = ("dataset-free", "oracle")
 
 
 def evaluate(pred_dir: Path, gt_dir: Path | None = None, *, dataset_id: int | str, output_dir: Path | None = None,
-             lesion_config: LesionConfig | None = None) -> dict[str, Any]:
+             lesion_config: LesionConfig | None = None, lesion_protocol: str = "brats2023",
+             brats2024_parser: str = "auto") -> dict[str, Any]:
     """Evaluate the union-space label maps in ``pred_dir`` against ``gt_dir``.
 
     Args:
@@ -46,12 +47,27 @@ def evaluate(pred_dir: Path, gt_dir: Path | None = None, *, dataset_id: int | st
         dataset_id: the merged dataset (id or name): its dataset.json gives domains, classes and each case's domain.
         output_dir: report folder (default ``pred_dir/evaluation``); receives ``metrics.json``, ``metrics.md``,
             ``dice_boxplots.png`` and, when routing JSONs are present, ``routing_confusion.png``.
-        lesion_config: lesion-wise matching parameters (default: BraTS-METS).
+        lesion_config: lesion-wise matching parameters of the brats2023 protocol (default: BraTS-METS).
+        lesion_protocol: ``brats2023`` (this project's BraTS 2023-style lesion-wise rules) or ``brats2024`` (the
+            official ``brats-evaluation`` package, optional extra ``nnunet-universal[brats2024]``; raises
+            :class:`~nnunet_universal.evaluation.brats2024.Brats2024Unavailable` when it cannot be imported).
+        brats2024_parser: the official parser for ``brats2024``: ``auto`` (``mets`` for metastasis domains,
+            ``seg`` otherwise), ``mets`` or ``seg``.
 
     Returns:
         The metrics dict written to ``metrics.json`` (NaN written as ``null``).
     """
     pred_dir = Path(pred_dir)
+    if lesion_protocol not in LESION_PROTOCOLS:
+        raise ValueError(f"lesion protocol {lesion_protocol!r} is not one of {LESION_PROTOCOLS}")
+    if lesion_protocol == "brats2024":
+        from nnunet_universal.evaluation import brats2024
+
+        brats2024._import()  # Brats2024Unavailable (with the install hint) before any work
+        brats2024.parser_for("", None, brats2024_parser)  # validates the parser name
+        protocol_detail = brats2024.describe(brats2024_parser)
+    else:
+        protocol_detail = ""
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder {pred_dir} does not exist")
     name, dataset_json, raw_dir = _locate_dataset(dataset_id)
@@ -62,6 +78,10 @@ def evaluate(pred_dir: Path, gt_dir: Path | None = None, *, dataset_id: int | st
         raise FileNotFoundError(f"ground-truth folder {gt_dir} does not exist; pass --gt FOLDER")
     output_dir = Path(output_dir) if output_dir is not None else pred_dir / "evaluation"
     cfg = lesion_config or LesionConfig()
+    if lesion_protocol == "brats2023":
+        protocol_detail = (f"brats2023 (nnunet-universal BraTS 2023-style rules: GT lesions dilated {cfg.dilation}x "
+                           f"for merging and matching, GT lesions ≤ {cfg.min_volume_mm3:g} mm³ ignored, penalty "
+                           f"{cfg.hd95_penalty_mm:g} mm)")
 
     preds, gts = _cases_in(pred_dir, ending), _cases_in(gt_dir, ending)
     if not preds:
@@ -93,16 +113,20 @@ def evaluate(pred_dir: Path, gt_dir: Path | None = None, *, dataset_id: int | st
         if stray:
             logger.warning("case %s: ground truth contains union ids %s that domain %s does not annotate", case,
                            stray, domains[case])
-        res = {"case": case, **evaluate_case(pred, gt, spacing, domains[case], meta, lesion_config=cfg)}
+        res = {"case": case, **evaluate_case(pred, gt, spacing, domains[case], meta, lesion_config=cfg,
+                                             lesion_protocol=lesion_protocol, brats2024_parser=brats2024_parser)}
         routing_file = pred_dir / f"{case}{ROUTING_SUFFIX}"
         if routing_file.is_file():
             res["routing"] = read_routing(routing_file, case, domains[case])
         results.append(res)
 
     summary = summarize(results, meta)
-    summary = {"dataset": name, "protocol": PROTOCOL, "pred_dir": str(pred_dir), "gt_dir": str(gt_dir),
-               "file_ending": ending, "lesion_config": cfg.to_dict(), **summary, "missing_predictions": missing,
-               "unmatched_predictions": unmatched, "cases": results}
+    summary = {"dataset": name, "protocol": PROTOCOL, "lesion_protocol": lesion_protocol,
+               "lesion_protocol_detail": protocol_detail, "pred_dir": str(pred_dir), "gt_dir": str(gt_dir),
+               "file_ending": ending,
+               **({"lesion_config": cfg.to_dict()} if lesion_protocol == "brats2023" else
+                  {"brats2024": {"parser": brats2024_parser, **brats2024.versions()}}),
+               **summary, "missing_predictions": missing, "unmatched_predictions": unmatched, "cases": results}
     summary = _jsonable(summary)
     _write_reports(summary, output_dir, meta.domain_names)
     return summary
@@ -209,8 +233,9 @@ def _write_reports(summary: dict[str, Any], output_dir: Path, domain_order: list
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(summary, output_dir / "metrics.json")
     title = (f"# Evaluation of {summary['dataset']}: {summary['n_cases']} cases\n\n"
-             f"Protocol: {summary['protocol']}. Predictions: `{summary['pred_dir']}`, ground truth: "
-             f"`{summary['gt_dir']}`.\n\n")
+             f"Protocol: {summary['protocol']}; lesion-wise protocol: "
+             f"{summary.get('lesion_protocol_detail') or summary.get('lesion_protocol', 'brats2023')}. "
+             f"Predictions: `{summary['pred_dir']}`, ground truth: `{summary['gt_dir']}`.\n\n")
     atomic_write_text(title + to_markdown(summary), output_dir / "metrics.md")
     written = [output_dir / "metrics.json", output_dir / "metrics.md",
                dice_boxplots(summary["cases"], domain_order, output_dir / "dice_boxplots.png")]

@@ -22,6 +22,10 @@ from nnunet_universal.metadata import DomainInfo, MetadataError, UniversalMeta
 
 _LESION_COUNTS = ("tp", "fn", "fp", "n_pred", "pred_matched", "n_gt_ignored")
 
+#: lesion-wise protocols: this project's BraTS 2023-style rules (``lesions.py``) or the official BraTS 2024+
+#: package (``brats2024.py``, optional extra); every report names the one used
+LESION_PROTOCOLS = ("brats2023", "brats2024")
+
 #: the protocol of this module's metrics (every report names it)
 PROTOCOL = "nnunet-universal"
 TABLE_NOTE = (
@@ -29,10 +33,23 @@ TABLE_NOTE = (
     "HD95 is MONAI's definition (95th percentile of distances between surface-voxel centres, each surface voxel "
     "counted once), not BraTS 2023's (DeepMind surface-distance: voxel-boundary surface elements, area-weighted "
     "percentile); a case where exactly one of prediction and ground truth is empty has no HD95: it is left out "
-    "of the mean and counted as \"n/a\" (BraTS would score it 374 mm); both empty: 0 mm. Lesion-wise: BraTS 2023 "
-    "style (GT lesions dilated for matching, lesions ≤ 2 mm³ ignored); a missed GT lesion (FN) or a false "
-    "positive lesion (FP) scores Dice 0 and HD95 374 mm (per-lesion HD95 with the same MONAI definition); F1 "
-    "pooled over cases. Cross-domain FP: voxels and connected components predicted with labels of other domains."
+    "of the mean and counted as \"n/a\" (BraTS would score it 374 mm); both empty: 0 mm. Lesion-wise: protocol "
+    "brats2023, BraTS 2023 style (GT lesions dilated for matching, lesions ≤ 2 mm³ ignored); a missed GT lesion "
+    "(FN) or a false positive lesion (FP) scores Dice 0 and HD95 374 mm (per-lesion HD95 with the same MONAI "
+    "definition); F1 pooled over cases. Cross-domain FP: voxels and connected components predicted with labels of "
+    "other domains."
+)
+BRATS2024_NOTE = (
+    "Protocol: {protocol}. Dice and HD95 (voxel level): mean ± std over cases of the mean over the domain's classes, "
+    "HD95 MONAI's definition (one side empty: n/a). Lesion-wise columns: **{lesion_protocol}**, the official BraTS "
+    "2024+ package: lesions are connected components matched one to one (no dilation). mets parser: a missed "
+    "GT lesion or a false positive scores Dice 0, NSD 0, HD95 373 mm, GT lesions < 20 mm³ count for detection "
+    "only (TP if matched with Dice ≥ 0.1), a case without a (large) GT lesion has no lesion-wise score (left out "
+    "of the mean, counted n/a); seg parser: panoptica's means over matched lesions (misses and false positives "
+    "count in TP/FN/FP only). Lesion-wise Dice/NSD/HD95: mean ± std over cases of the package's per-case values; "
+    "TP/FN/FP (all lesion sizes) pooled over cases, precision/recall/F1 from the pooled counts. Not comparable "
+    "with the brats2023 protocol's numbers. Cross-domain FP: voxels and connected components predicted with "
+    "labels of other domains."
 )
 
 
@@ -79,7 +96,8 @@ def cross_domain_fp(pred: np.ndarray, domain: str, meta: UniversalMeta, spacing:
 
 
 def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], domain: str, meta: UniversalMeta,
-                  lesion_config: LesionConfig | None = None) -> dict[str, Any]:
+                  lesion_config: LesionConfig | None = None, lesion_protocol: str = "brats2023",
+                  brats2024_parser: str = "auto") -> dict[str, Any]:
     """Score one case's union-space label map against its ground truth.
 
     Args:
@@ -87,16 +105,22 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], do
         spacing: voxel size per array axis in mm (SimpleITK arrays are (z, y, x): pass ``GetSpacing()[::-1]``).
         domain: the case's domain in ``meta``.
         meta: the merged dataset's universal metadata.
-        lesion_config: lesion-wise matching parameters (default: BraTS-METS).
+        lesion_config: lesion-wise matching parameters of the brats2023 protocol (default: BraTS-METS).
+        lesion_protocol: ``brats2023`` (:func:`lesion_wise`) or ``brats2024`` (the official package, see
+            :mod:`~nnunet_universal.evaluation.brats2024`; raises ``Brats2024Unavailable`` when not installed).
+        brats2024_parser: the official parser for brats2024 (``auto``, ``mets``, ``seg``).
 
     Returns:
         ``{"domain", "spacing", "classes": {name: {"ids", "dice", "hd95"}}, "regions": {…same…},
-        "lesions": {target: lesion_wise(...)}, "mean_dice", "mean_hd95", "cross_domain_fp": {...}}``.
+        "lesions": {target: lesion_wise(...) or the official columns}, "mean_dice", "mean_hd95",
+        "cross_domain_fp": {...}}``.
         Dice follows :func:`~nnunet_universal.evaluation.metrics.dice` (1.0 when both empty), HD95 is NaN where
         exactly one side is empty.
     """
     if domain not in meta.domains:
         raise MetadataError(f"unknown domain {domain!r}; this dataset has {meta.domain_names}")
+    if lesion_protocol not in LESION_PROTOCOLS:
+        raise ValueError(f"lesion protocol {lesion_protocol!r} is not one of {LESION_PROTOCOLS}")
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction and ground truth differ in shape: {pred.shape} vs {gt.shape}")
@@ -113,7 +137,13 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], do
             masks[name] = (p, g)
             out[kind][name] = {"ids": ids, "dice": dice(p, g), "hd95": hd95(p, g, spacing)}
     out["lesions"] = {}
-    if dom.lesion_wise:
+    if dom.lesion_wise and lesion_protocol == "brats2024":
+        from nnunet_universal.evaluation.brats2024 import lesion_wise_brats2024, parser_for
+
+        targets = {**{n: (ids, False) for n, ids in classes.items()}, **{n: (ids, True) for n, ids in regions.items()}}
+        out["lesions"] = lesion_wise_brats2024(pred, gt, spacing, targets, meta.domain_label_ids(domain),
+                                               parser_for(domain, dom.source, brats2024_parser))
+    elif dom.lesion_wise:
         for name, (p, g) in masks.items():
             out["lesions"][name] = lesion_wise(p, g, spacing, lesion_config)
     class_dice = [v["dice"] for v in out["classes"].values()]
@@ -146,6 +176,9 @@ def summarize(cases: list[dict[str, Any]], meta: UniversalMeta) -> dict[str, Any
         d["lesions"] = {}
         for name in (list(classes) + list(regions)) if dom.lesion_wise else []:
             per = [c["lesions"][name] for c in rows]
+            if "parser" in per[0]:  # brats2024: the official package's per-case columns
+                d["lesions"][name] = _summarize_brats2024(per)
+                continue
             pooled = {k: int(sum(x[k] for x in per)) for k in _LESION_COUNTS}
             d["lesions"][name] = {"lesion_dice": stats(x["lesion_dice"] for x in per),
                                   "lesion_hd95": stats(x["lesion_hd95"] for x in per), **pooled,
@@ -165,6 +198,24 @@ def summarize(cases: list[dict[str, Any]], meta: UniversalMeta) -> dict[str, Any
         domains[dname] = d
     return {"n_cases": len(cases), "domains": domains, "routing": routing_confusion(cases, meta),
             "per_case": [per_label_metrics(c) for c in cases]}
+
+
+def _summarize_brats2024(per: list[dict[str, Any]]) -> dict[str, Any]:
+    """Domain summary of one target's official BraTS 2024+ columns: means over cases (NaN: n/a), pooled counts."""
+    counts = {k: int(sum(x[f"all_instance_{k}"] for x in per)) for k in ("tp", "fn", "fp")}
+    out = {"protocol": "brats2024", "parser": per[0]["parser"],
+           "lesion_dice": stats(x["lesionwise_dsc_mean"] for x in per),
+           "lesion_nsd": stats(x["lesionwise_nsd_mean"] for x in per),
+           "lesion_hd95": stats(x["lesionwise_hd95_mean"] for x in per),
+           "case_f1": stats(x["all_instance_f1"] for x in per), **counts,
+           **detection_scores(counts["tp"], counts["fn"], counts["tp"], counts["tp"] + counts["fp"])}
+    if out["parser"] == "mets":
+        for size in ("large", "small"):
+            for k in ("tp", "fn"):
+                out[f"{size}_{k}"] = int(sum(x[f"{size}_instance_{k}"] for x in per
+                                             if math.isfinite(x[f"{size}_instance_{k}"])))
+            out[f"{size}_f1"] = stats(x[f"{size}_instance_f1"] for x in per)
+    return out
 
 
 def per_label_metrics(case: dict[str, Any]) -> dict[str, Any]:
@@ -196,12 +247,16 @@ def routing_confusion(cases: list[dict[str, Any]], meta: UniversalMeta) -> dict[
 def to_markdown(summary: dict[str, Any]) -> str:
     """Readable report of :func:`summarize`'s output: a per-domain table, a per-class/region table, routing."""
     lines = ["## Per-domain summary", "", *domain_table(summary)]
-    lines += ["", TABLE_NOTE.format(protocol=summary.get("protocol", PROTOCOL)), "",
+    b24 = summary.get("lesion_protocol") == "brats2024"
+    note = BRATS2024_NOTE if b24 else TABLE_NOTE
+    lines += ["", note.format(protocol=summary.get("protocol", PROTOCOL),
+                              lesion_protocol=summary.get("lesion_protocol_detail", "brats2024")), "",
               "## Per class and region", "",
-              "| domain | class / region | Dice | HD95 (mm) | lesion-wise Dice | lesion-wise HD95 (mm) "
+              "| domain | class / region | Dice | HD95 (mm) | lesion-wise Dice "
+              + ("| lesion-wise NSD " if b24 else "") + "| lesion-wise HD95 (mm) "
               "| lesions TP / FN / FP | precision | recall | F1 |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    return _rest_of_markdown(summary, lines)
+              "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if b24 else "")]
+    return _rest_of_markdown(summary, lines, b24)
 
 
 def domain_table(summary: dict[str, Any]) -> list[str]:
@@ -223,7 +278,7 @@ def domain_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _rest_of_markdown(summary: dict[str, Any], lines: list[str]) -> str:
+def _rest_of_markdown(summary: dict[str, Any], lines: list[str], b24: bool = False) -> str:
     for dname, d in summary["domains"].items():
         for kind in ("classes", "regions"):
             for name, t in d[kind].items():
@@ -231,11 +286,11 @@ def _rest_of_markdown(summary: dict[str, Any], lines: list[str]) -> str:
                 label = name if kind == "classes" else f"{name} (region)"
                 cells = [dname, label, _ms(t["dice"]), _ms(t["hd95"], 2)]
                 if les:
-                    cells += [_ms(les["lesion_dice"]), _ms(les["lesion_hd95"], 1),
-                              f"{les['tp']} / {les['fn']} / {les['fp']}",
+                    cells += [_ms(les["lesion_dice"]), *([_ms(les["lesion_nsd"])] if b24 else []),
+                              _ms(les["lesion_hd95"], 1), f"{les['tp']} / {les['fn']} / {les['fp']}",
                               f"{les['precision']:.3f}", f"{les['recall']:.3f}", f"{les['f1']:.3f}"]
                 else:
-                    cells += ["–"] * 6
+                    cells += ["–"] * (7 if b24 else 6)
                 lines.append("| " + " | ".join(cells) + " |")
     rc = summary.get("routing")
     if rc and rc["n"]:
