@@ -175,3 +175,55 @@ def test_anisotropic_spacing_is_passed_per_array_axis():
     small = evaluate_case(gt, gt, (0.5, 0.5, 0.5), "brats_mets", meta, lesion_protocol="brats2024")["lesions"]["ET"]
     assert big["large_instance_tp"] == 1 and big["lesionwise_dsc_mean"] == 1.0
     assert small["small_instance_tp"] == 1 and math.isnan(small["lesionwise_dsc_mean"])
+
+
+def test_cli_evaluate_protocol_brats2024_writes_and_names_it(nnunet_dirs, tmp_path):
+    """``nnunet-universal evaluate --protocol brats2024`` end to end: metrics.json and metrics.md carry the official
+    numbers (equal to evaluate_case's) and name the protocol; the default run of the same folder names brats2023."""
+    pytest.importorskip("nnunetv2")  # dataset lookup (installed --no-deps next to the extra)
+    import os
+    import subprocess
+    import sys
+
+    from nnunet_universal.metadata import atomic_write_json
+
+    meta = _meta()
+    cases = {"mets_001": "missed", "mets_002": "tiny"}
+    meta.cases = {c: CaseInfo(domain="brats_mets", slots=["T1c"]) for c in cases}
+    ds = nnunet_dirs["nnUNet_raw"] / "Dataset993_Brats2024"
+    (ds / "labelsTr").mkdir(parents=True)
+    atomic_write_json({"channel_names": {"0": "T1c", "1": "CT"}, "labels": {"background": 0, **BRATS_LABELS,
+                       "liver": 5}, "numTraining": len(cases), "file_ending": ".nii.gz",
+                       "universal": meta.to_dict()}, ds / "dataset.json")
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    made = _cases()
+    for case, which in cases.items():
+        for folder, arr in ((pred_dir, made[which][0]), (ds / "labelsTr", made[which][1])):
+            img = sitk.GetImageFromArray(arr.astype(np.uint8))
+            sitk.WriteImage(img, str(folder / f"{case}.nii.gz"))
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nnunet_universal.cli", "evaluate", str(pred_dir), "-d", "993",
+                               *extra], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+
+    proc = run("--protocol", "brats2024", "-o", str(tmp_path / "b24"))
+    assert proc.returncode == 0, proc.stderr
+    assert "lesion-wise protocol brats2024 (official brats-evaluation" in proc.stdout
+    m = json.loads((tmp_path / "b24" / "metrics.json").read_text())
+    md = (tmp_path / "b24" / "metrics.md").read_text()
+    assert m["lesion_protocol"] == "brats2024" and m["brats2024"]["parser"] == "auto"
+    assert "lesion-wise protocol: brats2024 (official brats-evaluation" in md and "lesion-wise NSD" in md
+    et = m["domains"]["brats_mets"]["lesions"]["ET"]
+    per_case = [evaluate_case(made[w][0], made[w][1], (1.0, 1.0, 1.0), "brats_mets", meta,
+                              lesion_protocol="brats2024")["lesions"]["ET"] for w in cases.values()]
+    assert et["lesion_dice"]["mean"] == pytest.approx(np.mean([x["lesionwise_dsc_mean"] for x in per_case]))
+    assert et["tp"] == sum(x["all_instance_tp"] for x in per_case) and et["parser"] == "mets"
+    for case in m["cases"]:
+        assert case["lesions"]["ET"]["parser"] == "mets"
+
+    proc = run("-o", str(tmp_path / "b23"))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "b23" / "metrics.json").read_text())
+    assert m["lesion_protocol"] == "brats2023" and "parser" not in m["domains"]["brats_mets"]["lesions"]["ET"]
+    assert "lesion-wise protocol: brats2023 (" in (tmp_path / "b23" / "metrics.md").read_text()
