@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from nnunet_universal.dataset_conversion.layouts import LAYOUTS as CONVERT_LAYOUTS
+from nnunet_universal.dataset_conversion.layouts import SPACING_FILE
 from nnunet_universal.metadata import PLANS_NAME
 from nnunet_universal.registry import CONVERT_SOURCES, SLOTS, SYNTH_SOURCES
 
@@ -54,12 +56,18 @@ def _kv_pairs(values: list[str] | None, what: str) -> dict[str, str]:
 # ---- subcommand handlers (one library call each) -------------------------------------------------
 
 def _cmd_synth(a: argparse.Namespace) -> int:
-    from nnunet_universal.synthetic.api import synthesize
+    from nnunet_universal.synthetic.api import synthesize_dataset
 
-    out = synthesize(a.source, Path(a.output), cases=a.cases, seed=a.seed,
-                     shape=tuple(a.shape) if a.shape else None, preview=Path(a.preview) if a.preview else None,
-                     lesion_scale=a.lesion_scale)
-    print(f"wrote synthetic {a.source} dataset to {out}")
+    out = synthesize_dataset(a.source, Path(a.output), cases=a.cases, seed=a.seed,
+                             shape=tuple(a.shape) if a.shape else None,
+                             preview=Path(a.preview) if a.preview else None, lesion_scale=a.lesion_scale)
+    print(f"wrote synthetic {a.source} dataset ({len(out.spacings)} cases) to {out.top}")
+    print(f"voxel spacing: {out.spacing_text()} (x, y, z; range over cases)")
+    if out.spacing_file is not None:
+        print(f"PNG slices carry no geometry: the spacing of each case is in {out.spacing_file}, which "
+              "'nnunet-universal convert brainmetshare' reads (--spacing overrides it)")
+    if out.preview is not None:
+        print(f"preview: {out.preview}")
     return 0
 
 
@@ -69,7 +77,9 @@ def _cmd_convert(a: argparse.Namespace) -> int:
     out = convert(a.source, Path(a.input_dir), a.dataset_id, name=a.name, workers=a.workers, skip_bad=a.skip_bad,
                   label_map=_kv_pairs(a.label_map, "--label-map"), slot_map=_kv_pairs(a.slot_map, "--slot-map"),
                   spacing=tuple(a.spacing) if a.spacing else None, domain=a.domain)
-    print(f"wrote {out}")
+    from nnunet_universal.dataset_conversion.summary import convert_summary
+
+    print("\n".join(convert_summary(out)))
     return 0
 
 
@@ -78,7 +88,9 @@ def _cmd_merge(a: argparse.Namespace) -> int:
 
     out = merge_datasets(a.dataset_id, a.name, a.datasets, identical=a.identical or [], slots=a.slots,
                          workers=a.workers, skip_bad=a.skip_bad, holdout=a.holdout, force=a.force)
-    print(f"wrote {out}")
+    from nnunet_universal.dataset_conversion.summary import merge_summary
+
+    print("\n".join(merge_summary(out)))
     return 0
 
 
@@ -223,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("synth", "write a synthetic dataset in the native layout of a public dataset",
             "nnunet-universal synth brats-mets -o /data/synth/brats --cases 3 --preview brats.png")
-    s.add_argument("source", choices=SYNTH_SOURCES)
+    s.add_argument("source", choices=SYNTH_SOURCES, help="the public dataset whose native layout to write")
     s.add_argument("-o", "--output", required=True, help="output folder (the dataset's top-level folder goes inside)")
     s.add_argument("--cases", type=int, default=4, help="number of cases (default 4)")
     s.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
@@ -236,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("convert", "convert a native public dataset to an nnU-Net raw dataset with universal metadata",
             "nnunet-universal convert brats-mets ASNR-MICCAI-BraTS2023-MET-Challenge-TrainingData -d 501")
-    s.add_argument("source", choices=CONVERT_SOURCES)
-    s.add_argument("input_dir", help="the dataset folder as downloaded")
+    s.add_argument("source", choices=CONVERT_SOURCES, help="the public dataset to read (its layout: below)")
+    s.add_argument("input_dir", help="the dataset folder as downloaded (layouts below)")
     s.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id to write")
     s.add_argument("-n", "--name", help="dataset name (default: derived from the source)")
     s.add_argument("-j", "--workers", type=int, default=2, help="parallel workers (default 2)")
@@ -246,21 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slot-map", nargs="*", metavar="CHANNEL=SLOT",
                    help=f"source channel name -> modality slot ({', '.join(SLOTS)})")
     s.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                   help="voxel spacing in mm where the source has no geometry (BrainMetShare PNG slices)")
+                   help="voxel spacing in mm for BrainMetShare PNG slices, which have no geometry (default: the "
+                        f"{SPACING_FILE} file 'synth' writes next to the case folders, else the real "
+                        "release's 0.94 0.94 1.0); overrides both")
     s.add_argument("--domain", help="domain name in the universal metadata (default: derived from the source)")
+    s.epilog += "\n\nexpected layouts:\n" + "\n".join(f"  {k}: {v}" for k, v in CONVERT_LAYOUTS.items())
     s.set_defaults(func=_cmd_convert)
 
     s = add("merge", "merge converted datasets into one partial-label, mixed-modality nnU-Net raw dataset",
             "nnunet-universal merge -d 600 -n Universal 501 502 503 --identical ucsf_bmsr.ET=brainmetshare.ET")
     s.add_argument("datasets", nargs="+", help="dataset ids or names of converted datasets in $nnUNet_raw")
-    s.add_argument("-d", "--dataset-id", type=int, required=True)
-    s.add_argument("-n", "--name", required=True)
-    s.add_argument("--identical", nargs="*", metavar="a.cls=b.cls", help="classes that share one union label id")
-    s.add_argument("--slots", nargs="*", help="restrict/extend the merged slot set (canonical order is kept)")
+    s.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id of the merged dataset")
+    s.add_argument("-n", "--name", required=True, help="name of the merged dataset (DatasetID_NAME)")
+    s.add_argument("--identical", nargs="*", metavar="a.cls=b.cls",
+                   help="classes that share one union label id (default: none; every domain's classes get own ids)")
+    s.add_argument("--slots", nargs="*",
+                   help="restrict/extend the merged slot set (canonical order is kept; default: the union of the "
+                        "inputs' slots)")
     s.add_argument("--holdout", type=int, default=0,
-                   help="cases per domain held out as a test set (imagesTs + labelsTs), chosen by a fixed rule")
-    s.add_argument("-j", "--workers", type=int, default=2)
-    s.add_argument("--skip-bad", action="store_true")
+                   help="cases per domain held out as a test set (imagesTs + labelsTs), chosen by a fixed rule "
+                        "(default: 0, none)")
+    s.add_argument("-j", "--workers", type=int, default=2, help="parallel workers")
+    s.add_argument("--skip-bad", action="store_true",
+                   help="skip invalid cases and list them in conversion_report.json instead of stopping")
     s.add_argument("--force", action="store_true",
                    help="re-merge into an existing dataset id even if that renumbers its classes/channels or changes a "
                         "dataset already planned or trained (then delete its preprocessed data and re-run 'plan')")
@@ -283,12 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("plan", "fingerprint, plan and preprocess a merged dataset (plans: nnUNetUniversalPlans)",
             "nnunet-universal plan -d 600 -c 3d_fullres --verify")
-    s.add_argument("-d", "--dataset-id", type=int, required=True)
-    s.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"])
-    s.add_argument("--preset", choices=["default", "resenc-m", "resenc-l"], default="default")
-    s.add_argument("-np", "--num-processes", type=int, default=2)
+    s.add_argument("-d", "--dataset-id", type=int, required=True, help="id of the merged dataset in $nnUNet_raw")
+    s.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"],
+                   help="nnU-Net configurations to plan and preprocess, e.g. 2d 3d_fullres")
+    s.add_argument("--preset", choices=["default", "resenc-m", "resenc-l"], default="default",
+                   help="network: nnU-Net's PlainConvUNet (plans nnUNetUniversalPlans) or ResidualEncoderUNet "
+                        "(resenc-m/-l: nnUNetUniversalResEncUNetM/LPlans)")
+    s.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes")
     s.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check first")
-    s.add_argument("--target-spacing", type=float, nargs="+", help="override nnU-Net's target spacing")
+    s.add_argument("--target-spacing", type=float, nargs="+",
+                   help="override nnU-Net's target spacing (default: nnU-Net's choice)")
     s.add_argument("--gpu-memory-gb", type=float, default=None, help="VRAM target for planning (nnU-Net default 8)")
     s.set_defaults(func=_cmd_plan)
 

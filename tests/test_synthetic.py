@@ -149,8 +149,14 @@ def _png_stack(folder: Path) -> np.ndarray:
 def test_brainmetshare_layout(written):
     top = written["brainmetshare"]
     assert [p.name for p in top.iterdir()] == ["mets_stanford_releaseMask_train"]
-    cases = sorted((top / "mets_stanford_releaseMask_train").iterdir())
+    cases = sorted(p for p in (top / "mets_stanford_releaseMask_train").iterdir() if p.is_dir())
     assert len(cases) == CASES and all(re.fullmatch(r"Mets_\d{3}", p.name) for p in cases)
+    # PNG has no geometry: the true spacing of every case is written next to the case folders (convert reads it)
+    train = top / "mets_stanford_releaseMask_train"
+    spacing = json.loads((train / "spacing_mm.json").read_text())["spacing_mm"]
+    assert sorted(spacing) == [p.name for p in cases]
+    assert all(len(v) == 3 and min(v) > 1 for v in spacing.values())
+    assert sorted(train.iterdir()) == [*cases, train / "spacing_mm.json"]
     for case in cases:
         assert sorted(p.name for p in case.iterdir()) == ["0", "1", "2", "3", "seg"]
         vols = {name: _png_stack(case / name) for name in ("0", "1", "2", "3", "seg")}
@@ -280,7 +286,9 @@ def test_cli_with_preview(tmp_path):
                         "--seed", "1", "--preview", str(preview)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "stanford_release_brainmask" in r.stdout
-    assert len(list((tmp_path / "out" / TOPS["brainmetshare"] / "mets_stanford_releaseMask_train").iterdir())) == 2
+    assert f"preview: {preview}" in r.stdout and "voxel spacing: 3.75 x 3.75 x " in r.stdout
+    assert "spacing_mm.json" in r.stdout, "where the PNG cases' spacing was recorded"
+    assert len(list((tmp_path / "out" / TOPS["brainmetshare"] / "mets_stanford_releaseMask_train").glob("Mets_*"))) == 2
     with Image.open(preview) as im:
         assert im.format == "PNG" and im.width > 400 and im.height > 400
         px = np.asarray(im.convert("RGB")).astype(int)

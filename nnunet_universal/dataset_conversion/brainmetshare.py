@@ -1,9 +1,11 @@
 """BrainMetShare (Stanford) reader: the original PNG-slice release and the NIfTI re-release (auto-detected).
 
-PNG release (DATASETS.md): ``stanford_release_brainmask/mets_stanford_releaseMask_train/Mets_005/{0,1,2,3,seg}/*.png``.
+PNG release: ``stanford_release_brainmask/mets_stanford_releaseMask_train/Mets_005/{0,1,2,3,seg}/*.png``.
 Slices are stacked along z in numeric order of their file names (``10.png`` after ``9.png``); PNG has no
-geometry, so spacing comes from ``--spacing X Y Z`` (default 0.94 x 0.94 x 1.0 mm, recorded in provenance), with
-identity direction and zero origin. Folders: 0 BRAVO (gradient-echo T1 post) -> ``T1c_GRE``, 1 T1 spin-echo pre ->
+geometry, so spacing comes from ``--spacing X Y Z``, else from a ``spacing_mm.json`` next to the case folders
+(per case; ``nnunet-universal synth brainmetshare`` writes one, since its cases are not on the real release's grid),
+else the real release's 0.94 x 0.94 x 1.0 mm; which one was used and why is recorded in provenance. Identity
+direction and zero origin. Folders: 0 BRAVO (gradient-echo T1 post) -> ``T1c_GRE``, 1 T1 spin-echo pre ->
 ``T1``, 2 T1 spin-echo post -> ``T1c``, 3 FLAIR -> ``FLAIR`` (registry comment: no channel is dropped).
 NIfTI re-release: ``train/Mets_XXX/{bravo,t1_pre,t1_gd,flair,seg}.nii.gz`` (geometry from the files).
 Label: any non-zero value is a metastasis, written as class ``ET`` = 1 (the U-Harmony paper evaluates it as ET).
@@ -12,11 +14,13 @@ The test folders have no labels and are not read.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
 
 from nnunet_universal.dataset_conversion.common import ConversionError, find_nifti, inside, is_hidden
+from nnunet_universal.dataset_conversion.layouts import SPACING_FILE
 from nnunet_universal.dataset_conversion.spec import CaseSpec, ImageRef, LabelTable, SourceSpec, parse_label_map
 from nnunet_universal.registry import SOURCES
 
@@ -102,24 +106,63 @@ def _nifti_case(d: Path, input_dir: Path) -> CaseSpec:
                     label=ImageRef("file", str(files["seg"])))
 
 
+def read_spacing_file(path: Path) -> dict[str, tuple[float, float, float]]:
+    """Per-case spacing (mm) from a :data:`SPACING_FILE`; raise a ConversionError naming the file if it is bad."""
+    try:
+        table = json.loads(path.read_text())["spacing_mm"]
+        out = {str(c): tuple(float(v) for v in s) for c, s in table.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"unreadable spacing file ({type(e).__name__}: {e})", file=path,
+                              fix='it must hold {"spacing_mm": {"CASE": [x, y, z], ...}}; fix or delete it, or pass '
+                                  "--spacing X Y Z") from None
+    bad = [c for c, s in out.items() if len(s) != 3 or not all(0 < v < 100 for v in s)]
+    if bad:
+        raise ConversionError(f"spacing of {bad[:5]} is not three positive sizes in mm", file=path,
+                              fix="fix or delete the file, or pass --spacing X Y Z")
+    return out  # type: ignore[return-value]
+
+
+def _png_spacings(root: Path, spacing: tuple[float, float, float] | None,
+                  ) -> tuple[tuple[float, float, float] | dict[str, tuple[float, float, float]], str]:
+    """The PNG cases' spacing (one for all, or per case) and where it came from: --spacing, the spacing file, or
+    the real release's default."""
+    if spacing is not None:
+        return tuple(float(s) for s in spacing), "option --spacing"  # type: ignore[return-value]
+    sidecar = root / SPACING_FILE
+    if sidecar.is_file():
+        return read_spacing_file(sidecar), f"per case from {sidecar}; --spacing X Y Z overrides it"
+    return DEFAULT_SPACING, ("default: the real release's spacing, as PNG slices carry no geometry; pass --spacing X Y Z "
+                             "for data on another grid")
+
+
 def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = None,
              spacing: tuple[float, float, float] | None = None, **_: object) -> SourceSpec:
     """List the training cases of either BrainMetShare release."""
     layout, root = _find_layout(input_dir)
-    given = spacing is not None
     if layout == "nifti" and spacing:
         logger.warning("--spacing is ignored for the NIfTI re-release of BrainMetShare (the files carry geometry)")
-    spacing = tuple(float(s) for s in (spacing or DEFAULT_SPACING)) if layout == "png" else None
     table = parse_label_map(label_map, LabelTable.from_pairs([(1, "ET")], binary=True), str(input_dir))
+    options: dict[str, object] = {"layout": layout}
+    spacings: tuple[float, float, float] | dict[str, tuple[float, float, float]] | None = None
+    if layout == "png":
+        spacings, why = _png_spacings(root, spacing)
+        options.update(spacing_mm={c: list(s) for c, s in spacings.items()} if isinstance(spacings, dict)
+                       else list(spacings), spacing_source=why)
     spec = SourceSpec(source=source, title=SOURCES[source].title, domain="brainmetshare",
                       default_name="BrainMetShare", slots=list(SLOTS), required=list(SLOTS), labels=table,
-                      input_dir=input_dir, lesion_wise=True,
-                      options={"layout": layout, **({"spacing_mm": list(spacing), "spacing_source":
-                               "option --spacing" if given else "default (PNG has no geometry)"} if spacing else {})})
+                      input_dir=input_dir, lesion_wise=True, options=options)
     spec.options["direction"] = "identity" if layout == "png" else "from files"
     for d in _subdirs(root):
         try:
-            spec.add_case(_png_case(d, input_dir, spacing) if layout == "png" else _nifti_case(d, input_dir))
+            if layout == "nifti":
+                spec.add_case(_nifti_case(d, input_dir))
+                continue
+            case_spacing = spacings.get(d.name) if isinstance(spacings, dict) else spacings
+            if case_spacing is None:
+                raise ConversionError(f"not listed in {SPACING_FILE}", case=d.name, file=root / SPACING_FILE,
+                                      fix="add its spacing there (or re-run 'nnunet-universal synth'), or pass "
+                                          "--spacing X Y Z for every case")
+            spec.add_case(_png_case(d, input_dir, case_spacing))
         except ConversionError as e:
             spec.bad.append(e)
     spec.finalize()

@@ -1,4 +1,4 @@
-"""BraTS 2023 readers (METS, GLI, MEN, PED, SSA share one naming; DATASETS.md "BraTS 2023").
+"""BraTS 2023 readers (METS, GLI, MEN, PED, SSA share one naming).
 
 ``BraTS-{MET|GLI|MEN|PED|SSA}-NNNNN-TTT/BraTS-…-TTT-{t1n,t1c,t2w,t2f,seg}.nii.gz`` (``.nii`` accepted too).
 Labels 1 NETC, 2 SNFH, 3 ET (2023 numbering; BraTS <= 2021 used 4 for ET: pass ``--label-map 1=NETC 2=SNFH 4=ET``;

@@ -1,4 +1,4 @@
-"""LiTS reader (DATASETS.md "LiTS"): ``volume-N.nii`` + ``segmentation-N.nii``, paired by number.
+"""LiTS reader: ``volume-N.nii`` + ``segmentation-N.nii``, paired by number.
 
 Files may sit in one folder or in "Training Batch 1/2" sub-folders (searched recursively; symlinked files and
 folders are followed inside the input folder, one pointing outside is refused and its case listed);

@@ -1,4 +1,4 @@
-"""Medical Segmentation Decathlon reader (any of Task01-Task10; DATASETS.md "Medical Segmentation Decathlon").
+"""Medical Segmentation Decathlon reader (any of Task01-Task10).
 
 Channel names and labels come from the task's ``dataset.json`` (``modality``, ``labels``, ``training``); 4D
 images are split into one file per channel (the last axis is the channel); macOS ``._*`` files are ignored.

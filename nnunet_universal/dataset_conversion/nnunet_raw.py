@@ -1,4 +1,4 @@
-"""Adopt an existing nnU-Net v2 raw dataset (DATASETS.md "An existing nnU-Net v2 raw dataset").
+"""Adopt an existing nnU-Net v2 raw dataset.
 
 Reads ``dataset.json`` (``channel_names`` or legacy ``modality``, ``labels``, ``file_ending``, optional ``dataset``
 key) and ``imagesTr``/``labelsTr``. Channel names map to slots through :data:`registry.SLOT_ALIASES`

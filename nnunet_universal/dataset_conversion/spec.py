@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nnunet_universal.dataset_conversion.common import ConversionError, check_case_id, stat_fingerprint
+from nnunet_universal.dataset_conversion.layouts import expected_layout
 
 
 @dataclass(frozen=True)
@@ -153,5 +154,6 @@ class SourceSpec:
         if not self.cases and not self.bad:
             raise ConversionError(f"no cases found in {self.input_dir} for source {self.source!r}",
                                   file=self.input_dir,
-                                  fix="point the converter at the dataset's top-level folder as downloaded "
-                                      "(see DATASETS.md for the expected layout)")
+                                  fix="point the converter at the dataset's top-level folder as downloaded; "
+                                      f"expected: {expected_layout(self.source)} ('nnunet-universal convert "
+                                      "--help' lists every source's layout)")

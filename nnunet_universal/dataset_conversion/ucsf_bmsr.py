@@ -1,4 +1,4 @@
-"""UCSF-BMSR reader (DATASETS.md "UCSF-BMSR").
+"""UCSF-BMSR reader.
 
 ``UCSF-BMSR/UCSF_BrainMetastases_TRAIN/100101A/100101A_{T1pre,T1post,FLAIR,subtraction,seg}.nii.gz``; the
 input may be the top folder or the TRAIN folder itself (the TEST folder has no labels and is not read).

@@ -18,7 +18,7 @@ from nnunet_universal.dataset_conversion.spec import ImageRef, LabelTable
 from nnunet_universal.nifti_integrity import CorruptImageError, is_nifti, verify_nifti
 
 _ATOL, _RTOL = 1e-4, 1e-5
-_ROUND_TOL = 1e-3  # DATASETS.md: labels within 1e-3 of a table value are rounded
+_ROUND_TOL = 1e-3  # labels within 1e-3 of a table value are rounded
 
 
 def _unreadable(path: str, case: str, e: Exception) -> ConversionError:

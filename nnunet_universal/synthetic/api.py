@@ -104,10 +104,10 @@ def _check_args(source: str, cases: int, shape: tuple[int, int, int] | None, les
 def png_slice_spacing(shape: tuple[int, int, int] | None = None) -> tuple[float, float, float]:
     """Voxel spacing (mm) of synthetic BrainMetShare PNG slices written at ``shape`` (default: the small shape).
 
-    PNG slices carry no geometry, so ``convert brainmetshare`` assumes the real release's 0.94 x 0.94 x 1 mm
-    unless told otherwise. Synthetic cases keep the real field of view on fewer voxels; pass this to
-    ``convert --spacing`` so that nnU-Net does not shrink them to a fraction of their size when it resamples a
-    merged dataset to a common spacing (the slice thickness varies per case; this is the mean).
+    PNG slices carry no geometry; synthetic cases keep the real field of view on fewer voxels, so they are not on
+    the real release's 0.94 x 0.94 x 1 mm grid. ``synthesize`` records each case's true spacing in a spacing file
+    that ``convert brainmetshare`` reads; this one spacing for all cases (the slice thickness varies per case; this
+    is the mean) is for callers that pass ``convert --spacing``, which overrides the file.
     """
     profile = MR_SOURCES["brainmetshare"]
     shape = tuple(shape or profile.default_shape)
@@ -115,10 +115,28 @@ def png_slice_spacing(shape: tuple[int, int, int] | None = None) -> tuple[float,
     return tuple(round(f / n, 4) for f, n in zip(fov, shape, strict=True))  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class SynthResult:
+    """What :func:`synthesize_dataset` wrote: the native top folder, each case's voxel spacing (x, y, z mm), the
+    file recording them where the format has no geometry (BrainMetShare PNG) and the preview."""
+
+    top: Path
+    spacings: dict[str, tuple[float, float, float]]
+    spacing_file: Path | None = None
+    preview: Path | None = None
+
+    def spacing_text(self) -> str:
+        """``4 x 4 x 3.3-4.2 mm``: the range over cases per axis."""
+        lo = np.min(list(self.spacings.values()), axis=0)
+        hi = np.max(list(self.spacings.values()), axis=0)
+        return " x ".join(f"{a:g}" if a == b else f"{a:g}-{b:g}" for a, b in zip(lo, hi, strict=True)) + " mm"
+
+
 def synthesize(source: str, out_dir: Path, cases: int = 4, seed: int = 0,
                shape: tuple[int, int, int] | None = None, preview: Path | None = None,
                lesion_scale: float = 1.0) -> Path:
-    """Write ``cases`` synthetic cases of ``source`` in its native layout inside ``out_dir``.
+    """Write ``cases`` synthetic cases of ``source`` in its native layout inside ``out_dir``; return the top folder
+    (:func:`synthesize_dataset` with the same arguments also returns the spacings and the preview path).
 
     Args:
         source: one of ``registry.SYNTH_SOURCES``.
@@ -133,22 +151,32 @@ def synthesize(source: str, out_dir: Path, cases: int = 4, seed: int = 0,
         ``out_dir/UCSF-BMSR``, ``out_dir/stanford_release_brainmask``, ``out_dir/LiTS``,
         ``out_dir/Task01_BrainTumour``. All cases go to the training part (with labels).
     """
+    return synthesize_dataset(source, out_dir, cases, seed, shape, preview, lesion_scale).top
+
+
+def synthesize_dataset(source: str, out_dir: Path, cases: int = 4, seed: int = 0,
+                       shape: tuple[int, int, int] | None = None, preview: Path | None = None,
+                       lesion_scale: float = 1.0) -> SynthResult:
+    """:func:`synthesize`, returning what was written (top folder, spacings, spacing file, preview)."""
     _check_args(source, cases, shape, lesion_scale)
     shape = tuple(int(s) for s in shape) if shape is not None else None  # type: ignore[assignment]
     writer = WRITERS[source]
     top = Path(out_dir) / writer.top
     top.mkdir(parents=True, exist_ok=True)
     kept: list[CaseData] = []
+    spacings: dict[str, tuple[float, float, float]] = {}
     for plan in tqdm(plan_cases(source, cases, seed), desc=f"synth {source}", unit="case", disable=None):
         case = make_case(source, plan, seed, shape, lesion_scale)
         writer.write_case(top, case)
+        spacings[case.case_id] = tuple(float(s) for s in case.grid.spacing)  # type: ignore[assignment]
         if len(kept) < 2:
             kept.append(case)
     writer.finish(top, kept)
+    spacing_file = writer.write_spacing(top, spacings)
     logger.info("wrote %d synthetic %s cases to %s", cases, source, top)
     if preview is not None:
         from nnunet_universal.synthetic.preview import write_preview
 
         write_preview(Path(preview), source, kept, writer)
         logger.info("wrote preview %s", preview)
-    return top
+    return SynthResult(top, spacings, spacing_file, Path(preview) if preview is not None else None)

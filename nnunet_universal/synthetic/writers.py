@@ -1,16 +1,18 @@
-"""One writer per native layout (see shared DATASETS.md): folder and file names, label protocol, dtypes.
+"""One writer per native layout (the layouts the converters read): folder and file names, label protocol, dtypes.
 
-Where DATASETS.md leaves a detail open, the choice made here is stated next to the code (e.g. image dtypes
+Where the public layout leaves a detail open, the choice made here is stated next to the code (e.g. image dtypes
 that public loaders report but no specification fixes).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_universal.dataset_conversion.layouts import SPACING_FILE
 from nnunet_universal.synthetic.case import CaseData
 from nnunet_universal.synthetic.grid import LPS_FLIPS, storage_affine, to_storage
 from nnunet_universal.synthetic.io import write_appledouble, write_json, write_nifti, write_png
@@ -37,6 +39,10 @@ class NativeWriter:
 
     def finish(self, top: Path, cases: list[CaseData]) -> None:
         """Dataset-level files written after all cases (default: none)."""
+
+    def write_spacing(self, top: Path, spacings: dict[str, tuple[float, float, float]]) -> Path | None:
+        """Record the cases' voxel spacing where the format cannot (default: the files carry it; nothing written)."""
+        return None
 
 
 class BratsWriter(NativeWriter):
@@ -114,6 +120,23 @@ class BrainMetShareWriter(NativeWriter):
                 out.append(folder / name / f"{k}.png")
                 write_png(out[-1], np.ascontiguousarray(stored[:, :, k].T))
         return out
+
+    def write_spacing(self, top: Path, spacings: dict[str, tuple[float, float, float]]) -> Path:
+        """PNG has no geometry, and synthetic cases are not on the real release's 0.94 x 0.94 x 1 mm grid: write
+        their true spacing (x, y, z mm) next to the case folders, where ``convert brainmetshare`` reads it.
+
+        Entries of cases already in the file (an earlier run into the same folder) are kept unless rewritten.
+        """
+        path = top / "mets_stanford_releaseMask_train" / SPACING_FILE
+        try:
+            old = json.loads(path.read_text()).get("spacing_mm", {}) if path.is_file() else {}
+        except ValueError:
+            old = {}
+        table = {**old, **{c: [float(v) for v in s] for c, s in spacings.items()}}
+        write_json(path, {"note": "synthetic data (nnunet-universal synth): true voxel spacing x, y, z in mm per "
+                                  "case; 'nnunet-universal convert brainmetshare' uses it unless --spacing is given",
+                          "spacing_mm": dict(sorted(table.items()))})
+        return path
 
 
 class MsdBrainTumourWriter(NativeWriter):
