@@ -131,8 +131,8 @@ def _png_spacings(root: Path, spacing: tuple[float, float, float] | None,
     sidecar = root / SPACING_FILE
     if sidecar.is_file():
         return read_spacing_file(sidecar), f"per case from {sidecar}; --spacing X Y Z overrides it"
-    return DEFAULT_SPACING, ("default: the real release's spacing, as PNG slices carry no geometry; pass --spacing X Y Z "
-                             "for data on another grid")
+    return DEFAULT_SPACING, ("default: the real release's spacing, as PNG slices carry no geometry; pass "
+                             "--spacing X Y Z for data on another grid")
 
 
 def discover(source: str, input_dir: Path, label_map: dict[str, str] | None = None,
