@@ -131,6 +131,30 @@ def test_case_availability_marks_constant_channels_missing():
     assert case_availability(data).tolist() == [True, False, False]
 
 
+def test_zero_filled_slots_of_a_merged_folder_are_not_warned_about(tmp_path, caplog):
+    """A merged dataset's imagesTs holds zero-filled files for the slots a case lacks (stock nnUNetv2_predict needs
+    every channel): no "constant" warning for those (the dataset.json beside the folder says they are missing),
+    but one for a constant image in a slot the case claims to have."""
+    from types import SimpleNamespace
+
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    images = tmp_path / "imagesTs"
+    images.mkdir()
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "T1c", "2": "FLAIR"}, "file_ending": ".nii.gz",
+        "universal": {"cases": {"c1": {"domain": "d", "slots": ["T1", "T1c"]}}}}))
+    _write(images / "c1_0000.nii.gz", np.random.default_rng(0).random((4, 5, 6)))
+    _write(images / "c1_0001.nii.gz", np.full((4, 5, 6), 3.0))  # claimed slot, constant: suspicious
+    _write(images / "c1_0002.nii.gz", np.zeros((4, 5, 6)))  # zero-filled by merge: known missing
+    (case,) = cases_from_folder(images, 3, ".nii.gz")
+    assert case.known_missing == frozenset({2})
+    with caplog.at_level("WARNING", logger="nnunet_universal.inference.inputs"):
+        read_case(case, SimpleNamespace(image_reader_writer_class=SimpleITKIO), 3)
+    warned = [r.getMessage() for r in caplog.records if "is constant" in r.getMessage()]
+    assert len(warned) == 1 and "c1_0001" in warned[0]
+
+
 def test_a_missing_ct_slot_stays_missing_in_a_zero_padded_tile():
     """nnU-Net pads a case smaller than the patch with zeros: a missing CT slot (a non-zero constant after CT
     normalization) must not look like data because of the padding; real data with zeros stays available."""

@@ -8,6 +8,7 @@ not co-registered, and silently resampling them would hide that, so it is an err
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ class CaseInput:
 
     case_id: str
     files: dict[int, Path]
+    #: channels the case's dataset says it lacks (zero-filled files of a merged ``imagesTs``): no warning for them
+    known_missing: frozenset[int] = frozenset()
 
     def slots(self, model_slots: list[str]) -> list[str]:
         """Names of the given slots, in the model's channel order."""
@@ -114,7 +117,21 @@ def cases_from_folder(folder: Path, num_channels: int, file_ending: str) -> list
         cases.setdefault(m["case"], {})[ch] = path
     if not cases:
         raise FileNotFoundError(f"no images named CASE_XXXX{file_ending} in {folder}")
-    return [CaseInput(c, files) for c, files in sorted(cases.items())]
+    missing = _known_missing_channels(folder)
+    return [CaseInput(c, files, missing.get(c, frozenset())) for c, files in sorted(cases.items())]
+
+
+def _known_missing_channels(folder: Path) -> dict[str, frozenset[int]]:
+    """Case -> channels it lacks, from the ``universal`` block of the dataset.json beside ``folder`` (a merged
+    dataset's ``imagesTs``/``imagesTr``, whose missing slots are zero-filled files); empty when there is none."""
+    try:
+        dj = json.loads((folder.parent / "dataset.json").read_text())
+        channels = {str(v): int(k) for k, v in dj["channel_names"].items()}
+        cases = dj["universal"]["cases"]
+        return {c: frozenset(i for name, i in channels.items() if name not in info["slots"])
+                for c, info in cases.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _geometry(path: Path) -> dict[str, tuple] | None:
@@ -175,7 +192,7 @@ def read_case(case: CaseInput, plans_manager: PlansManager, num_channels: int,
     data = np.zeros((num_channels, *given.shape[1:]), dtype=np.float32)
     data[channels] = given
     for c, img in zip(channels, given, strict=True):
-        if np.ptp(img) == 0:
+        if np.ptp(img) == 0 and c not in case.known_missing:
             logger.warning("case %s: image %s is constant; the network treats that slot as missing",
                            case.case_id, case.files[c])
     return data, properties
