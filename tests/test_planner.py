@@ -226,3 +226,18 @@ def test_fp_samples_env_new_name_and_deprecated_old_name(monkeypatch):
     monkeypatch.delenv("NNUNET_UNIVERSAL_FP_SAMPLES")
     with pytest.warns(DeprecationWarning, match="nnUNet_universal_fp_samples is deprecated"):
         assert sample_budget_from_env() == 7000.0  # the old name still works
+
+
+def test_a_changed_split_after_planning_is_refused_with_a_message(tmp_path):
+    """Re-merging after planning changes splits_final.json; nnU-Net's planner would stop with a bare AssertionError."""
+    from nnunet_universal.planners.api import check_splits_unchanged
+
+    raw, pre = tmp_path / "raw_splits.json", tmp_path / "pre_splits.json"
+    fold = {"train": ["a", "b"], "val": ["c"]}
+    raw.write_text(json.dumps([fold]))
+    check_splits_unchanged(raw, pre)  # nothing planned yet
+    pre.write_text(json.dumps([fold, {"train": ["a", "c"], "val": ["b"]}]))
+    check_splits_unchanged(raw, pre)  # same folds (the planned file may hold more)
+    raw.write_text(json.dumps([{"train": ["a"], "val": ["b", "c"]}]))
+    with pytest.raises(ValueError, match=r"fold 0.*re-merged.*Delete .*pre_splits.json"):
+        check_splits_unchanged(raw, pre)

@@ -30,6 +30,24 @@ def _planning_safe_n_proc_da() -> Iterator[None]:
             os.environ["nnUNet_n_proc_DA"] = old
 
 
+def check_splits_unchanged(raw_splits: Path, planned_splits: Path) -> None:
+    """Refuse to plan when the merged dataset's ``splits_final.json`` differs from the one an earlier planning copied
+    to ``nnUNet_preprocessed`` (nnU-Net's planner would stop with a bare ``AssertionError``): the dataset was
+    re-merged with other inputs or hold-out after planning, so models trained on the old folds may have seen cases
+    that are now validation or test cases."""
+    if not (raw_splits.is_file() and planned_splits.is_file()):
+        return
+    new, old = json.loads(raw_splits.read_text()), json.loads(planned_splits.read_text())
+    for i, fold in enumerate(new):
+        if i >= len(old) or any(set(fold[k]) != set(old[i][k]) for k in ("train", "val")):
+            raise ValueError(
+                f"{raw_splits} (fold {i}) differs from {planned_splits}, written when this dataset was planned "
+                "before: it was re-merged with other inputs or --holdout since. Models trained on the old folds may "
+                "have seen cases that are now validation or test cases. Delete "
+                f"{planned_splits} (and the trained models of this dataset) and run the plan again, or re-merge "
+                "with the old inputs and options.")
+
+
 def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("3d_fullres",), preset: str = "default",
                         num_processes: int = 2, verify: bool = False,
                         target_spacing: tuple[float, ...] | None = None,
@@ -70,6 +88,8 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("3d_fu
     if verify:
         verify_dataset_integrity(str(raw_folder), num_processes)
 
+    check_splits_unchanged(raw_folder / "splits_final.json", Path(nnUNet_preprocessed) / dataset_name
+                           / "splits_final.json")
     with _planning_safe_n_proc_da():
         extract_fingerprint_dataset(dataset_id, UniversalFingerprintExtractor, num_processes,
                                     check_dataset_integrity=False, clean=True, verbose=False)
