@@ -151,7 +151,7 @@ def worker(work: Path, arm: str, what: str, device: str, threads: int, steps: in
     peak_reset = _reset_peak_rss()
     case_info: dict = {}
     if what == "train":
-        saved = torch.load(work / "batch.pt", weights_only=False)
+        saved = torch.load(work / "batch.pt", weights_only=True)  # tensors and a list of str keys only
         batch = {"data": saved["data"], "target": saved["target"], "keys": np.array(saved["keys"])}
         for _ in range(warmup):
             trainer.train_step(batch)

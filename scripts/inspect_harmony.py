@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 
 def harmony_extremes(path: str) -> dict[str, float]:
     """{'poly_weight': max |.|, 'restore_mix': max |.|} of the network weights in one nnU-Net checkpoint."""
-    weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    from nnunet_universal.inference.checkpoints import load_checkpoint
+
+    weights = load_checkpoint(path)["network_weights"]  # weights only, nnU-Net's allow-list: no code from the file
     out = {}
     for name, suffix in (("poly_weight", ".poly_weight"), ("restore_mix", ".mix")):
         values = [v.abs().max().item() for k, v in weights.items() if k.endswith(suffix) and v.numel()]

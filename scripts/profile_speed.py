@@ -90,7 +90,7 @@ def run_arm(work: Path, arm: str, device: str, threads: int, out: Path) -> dict:
         raise SystemExit(f"unknown variant {variant!r} (known: restore_half)")
     trainer = bench._trainer(arm, device)
     res: dict = {"arm": arm + (f":{variant}" if variant else "")}
-    saved = torch.load(work / "batch.pt", weights_only=False)
+    saved = torch.load(work / "batch.pt", weights_only=True)  # tensors and a list of str keys only
     batch = {"data": saved["data"], "target": saved["target"], "keys": np.array(saved["keys"])}
     step = lambda: trainer.train_step(batch)  # noqa: E731
     for _ in range(3):
