@@ -572,19 +572,25 @@ def test_export_zip_round_trip_predicts_identically(model, free_run, monkeypatch
         assert rec == ref
 
 
+def _model_with_modules(model: dict, name: str, **modules) -> Path:
+    """A copy of the trained test model whose plans' ``universal.modules`` get ``modules``."""
+    folder = model["root"] / name
+    shutil.copytree(model["model_dir"], folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    plans["universal"]["modules"].update(modules)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    return folder
+
+
 def test_uncertain_conflicting_cases_are_flagged_and_get_the_runner_ups_map(model, free_run, monkeypatch):
     """With ``routing_confidence`` 1.0 every case is uncertain: each is predicted with its top domain's head only
     (never mixed), flagged, and the runner-up domain's label map is written beside it and named in the report."""
     from nnunet_universal.inference.api import ALTERNATIVES, predict
 
-    strict = model["root"] / "model_strict"
-    shutil.copytree(model["model_dir"], strict)
-    plans = json.loads((strict / "plans.json").read_text())
-    plans["universal"]["modules"]["routing_confidence"] = 1.0
-    (strict / "plans.json").write_text(json.dumps(plans))
     monkeypatch.setenv("nnUNet_extTrainer", "")
     out = model["root"] / "pred_strict"
-    predict(strict, out, input_dir=model["partial"], device="cpu", mirroring=False)
+    predict(_model_with_modules(model, "model_strict", routing_confidence=1.0), out, input_dir=model["partial"],
+            device="cpu", mirroring=False)
     for case in CASES:
         rec = json.loads((out / f"{case}.routing.json").read_text())
         assert rec["uncertain"] and rec["conflicting"] and rec["rule"] == "hard"
@@ -600,14 +606,10 @@ def test_soft_routing_in_the_plans_mixes_the_heads_by_the_routing_weights(model,
     default (hard) run, applied as they are, and the report says so."""
     from nnunet_universal.inference.api import predict
 
-    soft = model["root"] / "model_soft"
-    shutil.copytree(model["model_dir"], soft)
-    plans = json.loads((soft / "plans.json").read_text())
-    plans["universal"]["modules"]["routing"] = "soft"
-    (soft / "plans.json").write_text(json.dumps(plans))
     monkeypatch.setenv("nnUNet_extTrainer", "")
     out = model["root"] / "pred_soft"
-    predict(soft, out, input_dir=model["partial"], device="cpu", mirroring=False)
+    predict(_model_with_modules(model, "model_soft", routing="soft"), out, input_dir=model["partial"], device="cpu",
+            mirroring=False)
     for case in CASES:
         hard = json.loads((free_run / f"{case}.routing.json").read_text())
         rec = json.loads((out / f"{case}.routing.json").read_text())
