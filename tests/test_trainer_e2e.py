@@ -336,5 +336,6 @@ def test_dispatched_operations_do_not_regress(planned, monkeypatch):
         tiles[key], n_tiles = count_ops.tile_ops(count_ops.predictor_for(tr), count_ops.first_case(tr))
         assert n_tiles >= 2 and steps[key] > 100
     step_ratio, tile_ratio = steps["universal"] / steps["stock"], tiles["universal"] / tiles["stock"]
+    print(f"ops per step {steps}, per tile {tiles}: ratios {step_ratio:.2f} / {tile_ratio:.2f}")  # pytest -s
     assert step_ratio <= OPS_RATIO_BOUNDS["step"], (steps, step_ratio)
     assert tile_ratio <= OPS_RATIO_BOUNDS["tile"], (tiles, tile_ratio)
