@@ -103,6 +103,9 @@ def test_network_sees_missing_slots_as_zero_and_modality_dropout(planned):
 
     tr.network.forward_train = spy
     meta = tr.universal_meta
+    # each slot of a sample is dropped with probability 1/2 (one kept if all would go): unseeded, a batch of two
+    # 2-slot samples kept every slot 1 time in 16 and the last assert failed in a CI run
+    torch.manual_seed(0)
     for _ in range(3):
         batch = next(tr.dataloader_train)
         tr.train_step(batch)
