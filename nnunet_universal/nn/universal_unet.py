@@ -326,6 +326,12 @@ class UniversalUNet(nn.Module):
     def _resolve(self, x: Tensor, domain: Tensor | None, routing: Tensor | None,
                  availability: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor]:
         b = x.shape[0]
+        if x.ndim < 3 or x.shape[1] != self.num_slots:
+            raise ValueError(
+                f"the input has shape {tuple(x.shape)} but this universal model takes (B, {self.num_slots}, "
+                f"*spatial): one channel per modality slot. With stock nnUNetv2_predict every case needs all "
+                f"{self.num_slots} files CASE_0000 ... CASE_{self.num_slots - 1:04d} (a missing sequence as an "
+                f"all-zero image on the case's grid); 'nnunet-universal predict' fills missing slots itself")
         if domain is not None and routing is not None:
             raise ValueError("forward: give either domain (oracle) or routing, not both")
         if domain is None and routing is None:
