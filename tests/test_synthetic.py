@@ -313,3 +313,147 @@ def test_default_cases_reuse_the_cached_template(tmp_path):
     after = anatomy.load_template.cache_info()
     assert after.misses - pooled.misses <= 1  # at most the other pooling (1 or 2 mm) is built, once
     assert after.hits - pooled.hits >= len(SYNTH_SOURCES)  # the later cases reused a cached template
+
+
+# ---- another institution's scans of a known source (synthetic/shifts.py) ---------------------------------------
+
+def _render_phantom(seq, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``render`` on a controlled phantom: halves of WM and GM (with a CSF slab), no lesions; 2 mm voxels."""
+    from nnunet_universal.synthetic.appearance import render
+    from nnunet_universal.synthetic.institutions import CLASSES
+
+    shape = (48, 48, 24)
+    comp = {c: np.zeros(shape, np.float32) for c in CLASSES}
+    comp["wm"][:24], comp["gm"][24:44], comp["csf"][44:] = 1, 1, 1
+    return render(np.random.default_rng(seed), comp, seq, (2.0, 2.0, 2.0)), comp
+
+
+def _noise(image: np.ndarray, mask: np.ndarray) -> float:
+    """Noise sigma relative to the signal: MAD of in-plane neighbour differences (the bias field is too smooth to
+    contribute) over the median, inside ``mask``."""
+    d = np.diff(image, axis=1)[mask[:, 1:]]
+    return float(np.median(np.abs(d - np.median(d))) / np.median(image[mask]))
+
+
+def _bias(image: np.ndarray, mask: np.ndarray) -> float:
+    """Spread of the smooth multiplicative field inside a uniform ``mask``: std of the log of the heavily
+    smoothed image."""
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(image, 3.0)
+    return float(np.std(np.log(smooth[ndimage.binary_erosion(mask, iterations=4)])))
+
+
+@pytest.mark.parametrize("source", ["brats-mets", "ucsf-bmsr", "brainmetshare", "msd-braintumour"])
+def test_unseen_institution_parameters_are_outside_the_training_ones(source):
+    """Every sequence of the shifted profile: other contrast curve, more noise, stronger bias than any training
+    profile, more blur; names, contrasts, order, lesions and geometry rules stay the source's (the converter's
+    view); the source's own profile is unchanged."""
+    from dataclasses import replace
+
+    from nnunet_universal.synthetic.institutions import MR_SOURCES
+    from nnunet_universal.synthetic.shifts import INSTITUTION_SHIFTS, TRAINING_MAX_BIAS, shifted_profile
+
+    own = MR_SOURCES[source]
+    before = repr(own)
+    new = shifted_profile(own, INSTITUTION_SHIFTS["unseen"])
+    assert repr(own) == before and shifted_profile(own, None) is own
+    assert [(s.name, s.contrast) for s in new.sequences] == [(s.name, s.contrast) for s in own.sequences]
+    assert replace(new, sequences=own.sequences, notes=own.notes) == own
+    for a, b in zip(own.sequences, new.sequences, strict=True):
+        assert b.gamma == pytest.approx(1.4 * a.gamma) and b.noise == pytest.approx(1.7 * a.noise)
+        assert b.bias > TRAINING_MAX_BIAS >= a.bias
+        assert b.blur_mm[2] > a.blur_mm[2] and b.scale < a.scale
+
+
+def test_unseen_institution_renders_the_intended_differences():
+    """Same phantom, same random stream: the shifted sequence is noisier, has a stronger bias field, a flatter
+    GM/WM contrast, other intensity units; the source's own rendering is what it was."""
+    from nnunet_universal.synthetic.institutions import MR_SOURCES
+    from nnunet_universal.synthetic.shifts import INSTITUTION_SHIFTS, InstitutionShift, shifted_profile
+
+    seq = MR_SOURCES["brats-mets"].sequences[1]  # t1c
+    unseen = shifted_profile(MR_SOURCES["brats-mets"], INSTITUTION_SHIFTS["unseen"]).sequences[1]
+    (a, comp), (b, _) = _render_phantom(seq), _render_phantom(unseen)
+    wm, gm = comp["wm"] > 0.5, comp["gm"] > 0.5
+    assert _noise(b, wm) > 1.3 * _noise(a, wm)
+    assert _bias(b, wm) > 3 * _bias(a, wm)
+    assert np.median(b[wm]) < 0.75 * np.median(a[wm]), "other scanner units (x0.6)"
+
+    def wm_gm(shift: InstitutionShift | None) -> float:
+        x, _ = _render_phantom(shifted_profile(MR_SOURCES["brats-mets"], shift).sequences[1])
+        return float(np.median(x[wm]) / np.median(x[gm]))
+
+    # the contrast curve: flatter tissue contrast alone lowers WM/GM, the steeper gamma alone raises it, and the
+    # named shift's WM/GM is what its two parameters predict (t1c: WM 0.78, GM 0.55, CSF 0.22)
+    own = wm_gm(None)
+    assert wm_gm(InstitutionShift("flat", tissue_contrast=0.5)) < own - 0.1
+    assert wm_gm(InstitutionShift("steep", gamma=1.5)) > own + 0.1
+    mean = (0.78 + 0.55 + 0.22) / 3
+    predicted = ((mean + 0.75 * (0.78 - mean)) / (mean + 0.75 * (0.55 - mean))) ** 1.4
+    assert wm_gm(INSTITUTION_SHIFTS["unseen"]) == pytest.approx(predicted, rel=0.05)
+    assert own == pytest.approx(0.78 / 0.55, rel=0.05) and abs(predicted - own) > 0.05
+    # an explicit override changes what it names only (noise: same field, same contrast)
+    (c, _) = _render_phantom(shifted_profile(MR_SOURCES["brats-mets"],
+                                             InstitutionShift("noisy", noise=3.0)).sequences[1])
+    assert _noise(c, wm) > 2 * _noise(a, wm) and _bias(c, wm) == pytest.approx(_bias(a, wm), rel=0.2)
+    assert float(np.median(c[wm]) / np.median(c[gm])) == pytest.approx(own, rel=0.03)
+
+
+def test_unseen_institution_converts_with_the_domains_converters(tmp_path, nnunet_dirs):
+    """Unseen-institution cases of every MR source of the accuracy suites convert with the source's converter,
+    keep its label protocol and channels, are deterministic, come on coarser voxels (thicker slices), and differ
+    from the same subjects at the source's own institution in noise and intensity units."""
+    from nnunet_universal.dataset_conversion.api import convert
+    from nnunet_universal.synthetic.api import synthesize_dataset
+
+    converters = {"brats-mets": "brats-mets", "ucsf-bmsr": "ucsf-bmsr", "brainmetshare": "brainmetshare",
+                  "msd-braintumour": "msd"}
+    labels = {"brats-mets": {"NETC", "SNFH", "ET"}, "ucsf-bmsr": {"ET"}, "brainmetshare": {"ET"},
+              "msd-braintumour": {"edema", "non-enhancing tumor", "enhancing tumour"}}
+    for i, (source, conv) in enumerate(converters.items()):
+        own = synthesize_dataset(source, tmp_path / "own" / source, cases=2, seed=5)
+        new = synthesize_dataset(source, tmp_path / "new" / source, cases=2, seed=5, institution="unseen")
+        again = synthesize_dataset(source, tmp_path / "again" / source, cases=2, seed=5, institution="unseen")
+        def layout(top: Path) -> set[Path]:  # files, PNG slices by their folder (thicker slices: fewer of them)
+            return {p.parent if p.suffix == ".png" else p for p in (q.relative_to(top) for q in top.rglob("*"))
+                    if (top / p).is_file()}
+
+        assert layout(new.top) == layout(own.top), "same layout and file names as the source's own cases"
+        files = sorted(p.relative_to(new.top) for p in new.top.rglob("*") if p.is_file())
+        assert all((new.top / f).read_bytes() == (again.top / f).read_bytes() for f in files), "deterministic"
+        for case, sp in new.spacings.items():
+            ratio = np.array(sp) / np.array(own.spacings[case])
+            assert ratio[2] > 1.2 and min(ratio) > 1.05, f"{source} {case}: voxel size x{ratio}"
+        a = convert(conv, own.top, 700 + 2 * i, f"Own{i}", workers=1)
+        b = convert(conv, new.top, 701 + 2 * i, f"New{i}", workers=1)
+        dja, djb = (json.loads((d / "dataset.json").read_text()) for d in (a, b))
+        assert djb["labels"] == dja["labels"] and djb["channel_names"] == dja["channel_names"]
+        assert set(djb["labels"]) - {"background"} == labels[source]
+        assert len(list((b / "labelsTr").glob("*.nii.gz"))) == 2
+        ids = set(djb["labels"].values())
+        for lab in sorted((b / "labelsTr").glob("*.nii.gz")):
+            assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(lab))))) <= ids
+            img_a = sitk.ReadImage(str(a / "imagesTr" / lab.name.replace(".nii.gz", "_0000.nii.gz")))
+            img_b = sitk.ReadImage(str(b / "imagesTr" / lab.name.replace(".nii.gz", "_0000.nii.gz")))
+            assert sitk.ReadImage(str(lab)).GetSize() == img_b.GetSize() != img_a.GetSize()
+            if source in ("brats-mets", "msd-braintumour"):  # skull-stripped, scanner units kept in the files
+                xa, xb = sitk.GetArrayFromImage(img_a).astype(float), sitk.GetArrayFromImage(img_b).astype(float)
+                ma, mb = xa > 0.2 * np.median(xa[xa > 0]), xb > 0.2 * np.median(xb[xb > 0])
+                assert np.median(xb[mb]) < 0.8 * np.median(xa[ma]), f"{source}: other intensity units"
+                assert _noise(xb, mb) > 1.2 * _noise(xa, ma), f"{source}: noisier"
+
+
+def test_institution_arguments():
+    from nnunet_universal.synthetic.shifts import InstitutionShift, resolve_institution
+
+    assert resolve_institution("unseen").name == "unseen" and resolve_institution(None) is None
+    with pytest.raises(ValueError, match="unknown institution 'nowhere'.*unseen"):
+        resolve_institution("nowhere")
+    with pytest.raises(ValueError, match="brain MR sources"):
+        synthesize("lits", Path("/nonexistent"), institution="unseen")
+    with pytest.raises(ValueError, match="unknown compartment"):
+        InstitutionShift("x", deltas=(("bone", 0.1),))
+    with pytest.raises(ValueError, match="positive"):
+        InstitutionShift("x", noise=0.0)
+    assert InstitutionShift("x", deltas=(("wm", -0.1),)).as_dict()["deltas"] == [["wm", -0.1]]

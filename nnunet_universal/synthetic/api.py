@@ -7,6 +7,12 @@ Usage::
 
 Deterministic: the same (source, cases, seed, shape) gives byte-identical files. Case ``i`` depends only on
 (seed, source, i), so asking for more cases keeps the first ones unchanged.
+
+``institution`` (brain MR sources) writes the source's cases as another institution's scanner would acquire them
+(:mod:`.shifts`): same layout, label protocol and converter, other contrast curve, bias field, noise and voxel size.
+``institution="unseen"`` is the accuracy benchmark's unseen-institution test set::
+
+    synthesize("brats-mets", Path("unseen"), cases=10, seed=100, institution="unseen")
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from nnunet_universal.synthetic.ct_phantom import make_ct_case
 from nnunet_universal.synthetic.grid import LPS_FLIPS, NO_FLIPS
 from nnunet_universal.synthetic.institutions import MR_SOURCES
 from nnunet_universal.synthetic.mr_case import make_mr_case
+from nnunet_universal.synthetic.shifts import InstitutionShift, resolve_institution, shifted_profile, shifted_shape
 from nnunet_universal.synthetic.writers import WRITERS
 
 logger = logging.getLogger(__name__)
@@ -69,8 +76,9 @@ def plan_cases(source: str, cases: int, seed: int) -> list[CasePlan]:
 
 
 def make_case(source: str, plan: CasePlan, seed: int, shape: tuple[int, int, int] | None = None,
-              lesion_scale: float = 1.0) -> CaseData:
-    """Generate one case of ``source`` in memory (RAS voxel order; see ``CaseData``)."""
+              lesion_scale: float = 1.0, institution: InstitutionShift | None = None) -> CaseData:
+    """Generate one case of ``source`` in memory (RAS voxel order; see ``CaseData``); ``institution``: acquired
+    with that shift of the source's profile (brain MR sources only; see :mod:`.shifts`)."""
     key = _source_key(source)
     rng = np.random.default_rng([seed, key, plan.index])
     if source == "lits":
@@ -82,7 +90,9 @@ def make_case(source: str, plan: CasePlan, seed: int, shape: tuple[int, int, int
         case = make_ct_case(plan.case_id, rng, shape, flips, lesion_scale)
         case.extras["seg_dtype"] = "uint8" if plan.index % 4 == 3 else "float32"
         return case
-    profile = MR_SOURCES[source]
+    profile = shifted_profile(MR_SOURCES[source], institution)
+    if institution is not None:
+        shape = shifted_shape(shape or profile.default_shape, institution, _MIN_SIDE)
     subject = random_subject(np.random.default_rng([seed, key, 0x5EB, plan.subject_key]))
     # UCSF-BMSR ships the subtraction image for most exams only: leave it out of every third exam
     with_sub = profile.subtraction is not None and plan.index % 3 != 2
@@ -90,9 +100,12 @@ def make_case(source: str, plan: CasePlan, seed: int, shape: tuple[int, int, int
                         lesion_scale=lesion_scale)
 
 
-def _check_args(source: str, cases: int, shape: tuple[int, int, int] | None, lesion_scale: float = 1.0) -> None:
+def _check_args(source: str, cases: int, shape: tuple[int, int, int] | None, lesion_scale: float = 1.0,
+                institution: InstitutionShift | None = None) -> None:
     if source not in SYNTH_SOURCES:
         raise ValueError(f"unknown synthetic source {source!r}; valid sources: {', '.join(SYNTH_SOURCES)}")
+    if institution is not None and source not in MR_SOURCES:
+        raise ValueError(f"institution shifts apply to the brain MR sources ({', '.join(MR_SOURCES)}), not {source!r}")
     if cases < 1:
         raise ValueError(f"--cases must be at least 1, got {cases}")
     if shape is not None and (len(shape) != 3 or min(shape) < _MIN_SIDE):
@@ -134,7 +147,7 @@ class SynthResult:
 
 def synthesize(source: str, out_dir: Path, cases: int = 4, seed: int = 0,
                shape: tuple[int, int, int] | None = None, preview: Path | None = None,
-               lesion_scale: float = 1.0) -> Path:
+               lesion_scale: float = 1.0, institution: str | InstitutionShift | None = None) -> Path:
     """Write ``cases`` synthetic cases of ``source`` in its native layout inside ``out_dir``; return the top folder
     (:func:`synthesize_dataset` with the same arguments also returns the spacings and the preview path).
 
@@ -145,20 +158,25 @@ def synthesize(source: str, out_dir: Path, cases: int = 4, seed: int = 0,
         preview: if given, also write a PNG with one slice per sequence and the labels overlaid.
         lesion_scale: multiplies every lesion radius range (default 1: the source's lesion population). The
             accuracy benchmark uses 2 so that lesions span several voxels at the small default shapes.
+        institution: None (the source's own institution), a name of ``shifts.INSTITUTION_SHIFTS`` (``"unseen"``)
+            or an ``InstitutionShift``: the cases as another institution's scanner acquires them (brain MR
+            sources). The voxel size follows the shift (``shape`` or the default shape, divided by
+            ``shift.spacing``); everything the converter reads (layout, names, label protocol) stays the source's.
 
     Returns:
         The dataset's top-level native folder, e.g. ``out_dir/ASNR-MICCAI-BraTS2023-MET-Challenge-TrainingData``,
         ``out_dir/UCSF-BMSR``, ``out_dir/stanford_release_brainmask``, ``out_dir/LiTS``,
         ``out_dir/Task01_BrainTumour``. All cases go to the training part (with labels).
     """
-    return synthesize_dataset(source, out_dir, cases, seed, shape, preview, lesion_scale).top
+    return synthesize_dataset(source, out_dir, cases, seed, shape, preview, lesion_scale, institution).top
 
 
 def synthesize_dataset(source: str, out_dir: Path, cases: int = 4, seed: int = 0,
                        shape: tuple[int, int, int] | None = None, preview: Path | None = None,
-                       lesion_scale: float = 1.0) -> SynthResult:
+                       lesion_scale: float = 1.0, institution: str | InstitutionShift | None = None) -> SynthResult:
     """:func:`synthesize`, returning what was written (top folder, spacings, spacing file, preview)."""
-    _check_args(source, cases, shape, lesion_scale)
+    shift = resolve_institution(institution)
+    _check_args(source, cases, shape, lesion_scale, shift)
     shape = tuple(int(s) for s in shape) if shape is not None else None  # type: ignore[assignment]
     writer = WRITERS[source]
     top = Path(out_dir) / writer.top
@@ -166,14 +184,15 @@ def synthesize_dataset(source: str, out_dir: Path, cases: int = 4, seed: int = 0
     kept: list[CaseData] = []
     spacings: dict[str, tuple[float, float, float]] = {}
     for plan in tqdm(plan_cases(source, cases, seed), desc=f"synth {source}", unit="case", disable=None):
-        case = make_case(source, plan, seed, shape, lesion_scale)
+        case = make_case(source, plan, seed, shape, lesion_scale, shift)
         writer.write_case(top, case)
         spacings[case.case_id] = tuple(float(s) for s in case.grid.spacing)  # type: ignore[assignment]
         if len(kept) < 2:
             kept.append(case)
     writer.finish(top, kept)
     spacing_file = writer.write_spacing(top, spacings)
-    logger.info("wrote %d synthetic %s cases to %s", cases, source, top)
+    logger.info("wrote %d synthetic %s cases%s to %s", cases, source,
+                f" (institution {shift.name})" if shift is not None else "", top)
     if preview is not None:
         from nnunet_universal.synthetic.preview import write_preview
 
