@@ -133,3 +133,64 @@ def test_deep_supervision_local_ids_equal_the_checked_mapping():
         lut = local_label_lut(ids, N_UNION, ignore_label=9)
         local, _ = _map_to_local(target, lut)
         assert torch.equal(_local_ids(target, lut), local)
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+@pytest.mark.parametrize("ignore_label", [None, 7])
+def test_grouped_domain_head_loss_equals_the_per_domain_loop(batch_dice, ignore_label):
+    """The grouped loss (one gather, one Dice + CE over all domains, ``out.logits``) against the per-domain loop
+    over nnU-Net's DC_and_CE_loss (the path outputs without ``logits`` take): value and logits' gradient, three DS
+    scales (one of weight 0), domains of different sizes, one of them absent from the batch."""
+    from types import SimpleNamespace
+
+    from nnunet_universal.nn.universal_unet import DomainHeadLogits, DomainSamples
+
+    label_ids = [[1], [2, 3, 4], [5, 6]]
+    sizes = [1 + len(ids) for ids in label_ids]
+    gen = torch.Generator().manual_seed(3)
+    domain = torch.tensor([1, 0, 1, 1, 0])  # domain 2 absent
+    shapes = [(8, 6, 4), (4, 3, 2), (2, 2, 1)]
+    targets = []
+    for shape in shapes:
+        t = torch.zeros(5, 1, *shape)
+        for b, d in enumerate(domain.tolist()):
+            ids = torch.tensor([0] + label_ids[d] + ([ignore_label] if ignore_label is not None else []),
+                               dtype=torch.float32)
+            t[b, 0] = ids[torch.randint(len(ids), shape, generator=gen)]
+        targets.append(t)
+    if ignore_label is not None:
+        targets[0][1] = ignore_label  # a sample with every voxel ignored
+    logits = [torch.randn(5, sum(sizes), *shape, generator=gen, requires_grad=True) for shape in shapes]
+    samples = DomainSamples(domain, torch.device("cpu"))
+    gate = torch.randn(5, 3, generator=gen)
+    grouped_out = SimpleNamespace(logits=logits, heads=DomainHeadLogits(logits, sizes, samples), samples=samples,
+                                  gate_logits=gate)
+    loop_out = SimpleNamespace(heads=DomainHeadLogits(logits, sizes, samples), samples=samples, gate_logits=gate)
+    loss = PartialLabelLoss(label_ids, 7, [0.6, 0.4, 0.0], batch_dice=batch_dice, ignore_label=ignore_label)
+    grouped = loss(grouped_out, targets, domain)
+    grads = torch.autograd.grad(grouped, logits[:2])
+    loop = loss(loop_out, targets, domain)
+    want = torch.autograd.grad(loop, logits[:2])
+    assert grouped.item() == pytest.approx(loop.item(), rel=1e-6)
+    for g, w in zip(grads, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
+
+
+def test_grouped_loss_names_the_case_with_a_label_its_domain_lacks():
+    from types import SimpleNamespace
+
+    from nnunet_universal.nn.universal_unet import DomainHeadLogits, DomainSamples
+
+    label_ids = [[1], [2, 3]]
+    domain = torch.tensor([0, 1])
+    samples = DomainSamples(domain, torch.device("cpu"))
+    logits = [torch.randn(2, 5, 4, 4)]
+    target = torch.zeros(2, 1, 4, 4)
+    target[1, 0, 0, 0] = 1  # domain 1 does not annotate union label 1
+    out = SimpleNamespace(logits=logits, heads=DomainHeadLogits(logits, [2, 3], samples), samples=samples,
+                          gate_logits=None)
+    with pytest.raises(ValueError, match=r"case_b.*\[1\]"):
+        PartialLabelLoss(label_ids, 4, [1.0])(out, [target], domain, ["case_a", "case_b"])
+    target[1, 0, 0, 0] = 9  # beyond the label table
+    with pytest.raises(ValueError, match=r"case_b.*\[9\]"):
+        PartialLabelLoss(label_ids, 4, [1.0])(out, [target], domain, ["case_a", "case_b"])

@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,11 +47,61 @@ logger = logging.getLogger(__name__)
 class TrainOutput:
     """What :meth:`UniversalUNet.forward_train` returns to the trainer's loss."""
 
-    heads: list[dict[int, Tensor]]  # per DS scale (highest res first): domain -> (n_d, 1+K_d, *spatial_s) logits
-    samples: dict[int, Tensor]  # domain -> (n_d,) long indices of the batch samples of that domain
+    heads: Sequence[Mapping[int, Tensor]]  # per DS scale (highest res first): domain -> (n_d, 1+K_d, *s) logits
+    samples: Mapping[int, Tensor]  # domain -> (n_d,) long indices of the batch samples of that domain
     gate_logits: Tensor | None  # (B, D), None without gate
     embedding: Tensor  # (B, F) the gate's embedding phi (pooled bottleneck features when there is no gate)
     union: list[Tensor] | None  # per-scale union logits (head == "union"; heads is empty then)
+    #: per DS scale, every domain head's logits of every sample (B, sum_d (1 + K_d), *s) (domain heads); ``heads``
+    #: selects from them when first read (the grouped loss reads these instead: no per-domain operations)
+    logits: list[Tensor] | None = None
+
+
+class DomainSamples(Mapping):
+    """domain -> (n_d,) long indices of its samples on the device, from a host copy of the batch's domains; each
+    index tensor is made when first read (nothing is dispatched for a step whose loss does not read them)."""
+
+    def __init__(self, domain_host: Tensor, device: torch.device) -> None:
+        import numpy as np
+
+        values = domain_host.numpy()
+        self._host = {int(d): np.flatnonzero(values == d) for d in np.unique(values)}
+        self._device = device
+        self._made: dict[int, Tensor] = {}
+
+    def __getitem__(self, d: int) -> Tensor:
+        t = self._made.get(d)
+        if t is None:
+            t = self._made[d] = torch.from_numpy(self._host[d]).to(self._device, non_blocking=True)
+        return t
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._host)
+
+    def __len__(self) -> int:
+        return len(self._host)
+
+
+class DomainHeadLogits(Sequence):
+    """``TrainOutput.heads``: per DS scale, domain -> its head's logits of its samples, selected from the full head
+    outputs when a scale is first read."""
+
+    def __init__(self, logits: list[Tensor], sizes: list[int], samples: Mapping[int, Tensor]) -> None:
+        self._logits, self._sizes, self._samples = logits, sizes, samples
+        self._made: dict[int, dict[int, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._logits)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        i = range(len(self))[i]
+        made = self._made.get(i)
+        if made is None:
+            per_domain = torch.split(self._logits[i], self._sizes, dim=1)
+            made = self._made[i] = {d: per_domain[d][idx] for d, idx in self._samples.items()}
+        return made
 
 
 def _check_options(options: NetworkOptions) -> None:
@@ -461,10 +511,14 @@ class UniversalUNet(nn.Module):
     def _forward_train(self, x: Tensor, domain: Tensor, availability: Tensor | None) -> TrainOutput:
         # grouping by domain needs the host to see the domains: do it before any kernel is queued, so that the
         # GPU is not left idle while the host waits for the encoder (a synchronization mid-forward)
-        domain_host = domain.detach().to("cpu").long().reshape(-1)
-        samples = {int(d): torch.nonzero(domain_host == d).flatten().to(x.device, non_blocking=True)
-                   for d in torch.unique(domain_host).tolist()}
-        domain = domain.to(x.device).long().reshape(-1)
+        # (host-side bookkeeping: numpy, nothing dispatched; the index tensors are made when first read)
+        domain_host = domain.detach() if domain.requires_grad else domain
+        domain_host = domain_host if domain_host.device.type == "cpu" else domain_host.to("cpu")
+        samples = DomainSamples(domain_host.reshape(-1), x.device)
+        if domain.device != x.device:
+            domain = domain.to(x.device)
+        domain = domain if domain.dtype == torch.long else domain.long()
+        domain = domain if domain.ndim == 1 else domain.reshape(-1)
         _, _, availability = self._resolve(x, domain, None, availability)
         skips, phi = self._encode(x, availability)
         if self.union_head:
@@ -477,11 +531,9 @@ class UniversalUNet(nn.Module):
                 self.router.update_prototypes(phi, domain)
         if self.task_prompt is not None:
             skips[-1] = self.task_prompt(skips[-1], F.one_hot(domain, self.num_domains).float())
-        heads = []
-        for i, feat in enumerate(self._decode(skips)):
-            per_domain = self.heads.split(self.heads.logits(feat, i))
-            heads.append({d: per_domain[d][idx] for d, idx in samples.items()})
-        return TrainOutput(heads=heads, samples=samples, gate_logits=gate_logits, embedding=phi, union=None)
+        logits = [self.heads.logits(feat, i) for i, feat in enumerate(self._decode(skips))]
+        return TrainOutput(heads=DomainHeadLogits(logits, self.heads.sizes, samples), samples=samples,
+                           gate_logits=gate_logits, embedding=phi, union=None, logits=logits)
 
 
 def build_universal_network(plans_manager: Any, configuration_manager: Any, num_input_channels: int,

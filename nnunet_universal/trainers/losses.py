@@ -11,6 +11,15 @@ baseline is nnU-Net's own loss on the union labels (unknown counts as background
 
 Dice and cross-entropy are nnU-Net's (``DC_and_CE_loss`` with ``MemoryEfficientSoftDiceLoss``);
 deep-supervision weights are nnU-Net's (1, 1/2, 1/4, ..., lowest scale 0, normalized).
+
+Domain heads, one function over all domains (host time on a GPU): given the network's full head outputs
+``(B, sum_d (1 + K_d), *spatial)``, each sample's own channels are gathered into ``(B, max_d (1 + K_d), *spatial)``
+(channels a domain lacks masked to -inf: probability 0), its target mapped to local ids by one table lookup, and
+nnU-Net's Dice + CE evaluated once with per-(sample, class) weights that make it the sum over domains of
+``n_d / B`` times nnU-Net's loss on that domain's samples (:func:`_dc_ce_grouped`). Per deep-supervision scale
+that dispatches the same operations whatever the number of domains in the batch; the per-domain loop over
+nnU-Net's ``DC_and_CE_loss`` (kept for outputs that carry only per-domain logits, e.g. the extension trainers'
+pseudo-domains) gives the same values to float round-off (tested).
 """
 
 from __future__ import annotations
@@ -139,6 +148,14 @@ class PartialLabelLoss(nn.Module):
         self.dc_ce_union = build_dc_ce(batch_dice, ignore_label)
         for d, ids in enumerate(self.label_ids):
             self.register_buffer(f"lut_{d}", local_label_lut(ids, self.num_union, ignore_label), persistent=False)
+        self.batch_dice = bool(batch_dice)
+        self.ignore_label = ignore_label
+        self._grouped = _GroupedTables(self.label_ids, self.num_union, ignore_label)
+        for name, t in self._grouped.buffers().items():
+            self.register_buffer(f"_grouped_{name}", t, persistent=False)
+
+    def _tables(self) -> dict[str, Tensor]:
+        return {name: getattr(self, f"_grouped_{name}") for name in self._grouped.buffers()}
 
     def lut(self, d: int) -> Tensor:
         return getattr(self, f"lut_{d}")
@@ -186,6 +203,8 @@ class PartialLabelLoss(nn.Module):
             domain: ``(B,)`` long, each sample's domain index.
             keys: case ids of the batch (error messages).
         """
+        if self.objective == "domain_heads" and getattr(out, "logits", None) is not None:
+            return self._forward_grouped(out, targets, domain, keys)
         batch = domain.shape[0]
         total = targets[0].new_zeros((), dtype=torch.float32)
         if self.objective != "naive":
@@ -204,3 +223,127 @@ class PartialLabelLoss(nn.Module):
         if self.objective == "domain_heads" and gate is not None and self.gate_weight > 0:
             total = total + self.gate_weight * F.cross_entropy(gate.float(), domain.to(gate.device))
         return total
+
+    def _forward_grouped(self, out: Any, targets: Sequence[Tensor], domain: Tensor, keys: Sequence[str]) -> Tensor:
+        """The domain-head loss from the full head outputs ``out.logits`` (module docstring): the per-domain loop's
+        value, one pass over all domains per scale."""
+        tab = self._tables()
+        g = self._grouped
+        domain = domain.to(out.logits[0].device)
+        batch = domain.shape[0]
+        index = tab["gather"].index_select(0, domain)  # (B, S): each sample's own head channels
+        pad = tab["pad"].index_select(0, domain) if g.padded else None  # (B, S) True where the domain has none
+        weights = tab["dice_weight"].index_select(0, domain)  # (B, S - 1): 1 / K_d on the domain's classes
+        total: Tensor | float = 0.0
+        for s, (w, target) in enumerate(zip(self.ds_weights, targets, strict=True)):
+            if w == 0.0:
+                continue
+            logits = out.logits[s]
+            view = (batch, -1, *([1] * (logits.ndim - 2)))
+            x = torch.gather(logits, 1, index.view(view).expand(-1, -1, *logits.shape[2:]))
+            if pad is not None:
+                x = x.masked_fill(pad.view(view), float("-inf"))
+            t = target.long()
+            local = tab["lut"][domain.view(view), t.clamp(-1, tab["lut"].shape[1] - 1)]  # (B, 1, *s); -1: unknown
+            if s == 0 and bool((local < 0).any()):  # one host synchronization per step, as the loop's check
+                self._checked_local_targets(out, target, domain, keys)  # raises, naming the cases
+            total = total + w * _dc_ce_grouped(x, local, weights, domain, tab["dice_weight"], self.batch_dice,
+                                               LOCAL_IGNORE if self.ignore_label is not None else None)
+        gate = getattr(out, "gate_logits", None)
+        if gate is not None and self.gate_weight > 0:
+            total = total + self.gate_weight * F.cross_entropy(gate.float(), domain.to(gate.device))
+        return total if isinstance(total, Tensor) else targets[0].new_zeros((), dtype=torch.float32)
+
+
+class _GroupedTables:
+    """Constant index tables of the grouped domain-head loss, made once (buffers of :class:`PartialLabelLoss`).
+
+    * ``gather`` (D, S) long: head channel of each domain's local class (S = max_d (1 + K_d); padding repeats the
+      domain's background channel, masked by ``pad``);
+    * ``pad`` (D, S) bool: local classes the domain does not have;
+    * ``lut`` (D, L + 1) long: union id -> local id per domain, -1 for ids the domain lacks; its last column (also
+      reached by index -1) is -1, so that a target clamped to [-1, L] maps every out-of-range id to -1;
+    * ``dice_weight`` (D, S - 1) float: 1 / K_d on the domain's foreground classes, 0 on padding.
+    """
+
+    def __init__(self, label_ids: Sequence[Sequence[int]], num_union: int, ignore_label: int | None) -> None:
+        sizes = [1 + len(ids) for ids in label_ids]
+        width = max(sizes)
+        self.padded = min(sizes) != width
+        d = len(sizes)
+        gather = torch.zeros(d, width, dtype=torch.long)
+        pad = torch.zeros(d, width, dtype=torch.bool)
+        dice_weight = torch.zeros(d, width - 1, dtype=torch.float32)
+        luts = [local_label_lut(ids, num_union, ignore_label) for ids in label_ids]
+        lut = torch.full((d, luts[0].numel() + 1), -1, dtype=torch.long)
+        offset = 0
+        for i, size in enumerate(sizes):
+            gather[i] = offset
+            gather[i, :size] = torch.arange(offset, offset + size)
+            pad[i, size:] = True
+            dice_weight[i, :size - 1] = 1.0 / (size - 1)
+            lut[i, :-1] = luts[i]
+            offset += size
+        self._buffers = {"gather": gather, "pad": pad, "lut": lut, "dice_weight": dice_weight}
+
+    def buffers(self) -> dict[str, Tensor]:
+        return self._buffers
+
+
+def _dc_ce_grouped(x: Tensor, target: Tensor, weights: Tensor, domain: Tensor, domain_weights: Tensor,
+                   batch_dice: bool, ignore: int | None) -> Tensor:
+    """``sum_d (n_d / B) DC_and_CE_d`` in one pass: nnU-Net's Dice + CE (``MemoryEfficientSoftDiceLoss``, no
+    background, smooth 1e-5) of each domain's samples, weighted by the domain's share of the batch.
+
+    Args:
+        x: (B, S, *spatial) each sample's own head logits (channels it lacks at -inf).
+        target: (B, 1, *spatial) long local ids (``ignore`` where nnU-Net's ignore label is).
+        weights: (B, S - 1) 1 / K_d of the sample's domain on its foreground classes, 0 elsewhere.
+        domain: (B,) long; domain_weights: (D, S - 1), the per-domain rows of ``weights`` (batch Dice).
+        batch_dice: nnU-Net's batch Dice (sums over the samples of a domain before the ratio).
+        ignore: local id of the ignore label, or None.
+
+    Per sample Dice: ``(n_d / B) mean_{b in d, c} dc_bc = sum_{b in d, c} dc_bc / (B K_d)``; cross-entropy:
+    ``(n_d / B) sum_{b in d} ce_b / (n_d N) = sum_b ce_b / (B N)``, the mean over the batch (without ignore label).
+    """
+    batch = x.shape[0]
+    axes = tuple(range(2, x.ndim))
+    mask = None
+    if ignore is not None:
+        mask = target != ignore
+        target_dice = torch.where(mask, target, 0)
+    else:
+        target_dice = target
+    probs = torch.softmax(x, 1)
+    with torch.no_grad():
+        y = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+        y.scatter_(1, target_dice, 1)
+        y = y[:, 1:]
+        sum_gt = y.sum(axes, dtype=torch.float32) if mask is None else (y * mask).sum(axes, dtype=torch.float32)
+    p = probs[:, 1:]
+    if mask is None:
+        intersect = (p * y).sum(axes, dtype=torch.float32)
+        sum_pred = p.sum(axes, dtype=torch.float32)
+    else:
+        intersect = (p * y * mask).sum(axes, dtype=torch.float32)
+        sum_pred = (p * mask).sum(axes, dtype=torch.float32)
+    if batch_dice:  # sums over each domain's samples: (D, S - 1), weighted by n_d / (B K_d)
+        stats = torch.stack([intersect, sum_pred, sum_gt])  # (3, B, S - 1)
+        member = F.one_hot(domain, domain_weights.shape[0]).to(stats.dtype)  # (B, D)
+        intersect, sum_pred, sum_gt = torch.matmul(member.T, stats).unbind(0)  # (D, S - 1) each
+        weights = domain_weights * (member.sum(0, keepdim=True).T / batch)
+    else:
+        weights = weights / batch
+    dc = (2 * intersect + 1e-5) / (sum_gt + sum_pred + 1e-5).clamp_min(1e-8)
+    dice = (dc * weights).sum().neg()
+    if mask is None:
+        ce = F.cross_entropy(x, target[:, 0])
+    else:  # per domain: mean over its non-ignored voxels (0 when it has none), times n_d / B
+        ce_map = F.cross_entropy(x, target[:, 0], ignore_index=ignore, reduction="none")
+        per_sample = torch.stack([ce_map.flatten(1).sum(1), mask.flatten(1).sum(1).to(ce_map.dtype)], 1)  # (B, 2)
+        sums = torch.zeros(domain_weights.shape[0], 2, dtype=per_sample.dtype, device=x.device)
+        sums.index_add_(0, domain, per_sample)
+        counts = torch.zeros(domain_weights.shape[0], dtype=per_sample.dtype, device=x.device)
+        counts.index_add_(0, domain, torch.ones_like(domain, dtype=per_sample.dtype))
+        ce = torch.where(sums[:, 1] > 0, sums[:, 0] / sums[:, 1].clamp_min(1.0), 0.0).mul(counts / batch).sum()
+    return ce + dice
