@@ -3,6 +3,7 @@
     .venv/bin/python scripts/benchmark_accuracy.py --size small                 # run (resumes; skips finished arms)
     .venv/bin/python scripts/benchmark_accuracy.py --size small --suite shared  # the shared-sequence suite
     .venv/bin/python scripts/benchmark_accuracy.py --size small --report        # tables from the results JSON only
+    .venv/bin/python scripts/benchmark_accuracy.py --size small --unseen        # trained arms on an unseen institution
 
 Suites (``--suite``; each has its own work folder ``bench_work/accuracy_<size>[_<suite>]`` and results
 ``benchmarks/results/accuracy_<size>[_<suite>].{json,md}``):
@@ -32,6 +33,16 @@ domain), ``joint_stock`` / ``joint_naive`` / ``joint_marginal`` (joint baselines
 (UniversalTrainer, equal total compute) and the ablations (``prompts``: bounded modality and task FiLM prompts;
 ``no_harmony``: InstanceNorm; ``first_stage``, ``no_poly_affine``, ``no_restore``, ``full_rate_harmony``,
 ``no_modality_dropout``, ``no_gate``).
+
+Unseen institution (``--unseen``, brain MR suites): the trained arms predict new scans of the known domains from
+an institution never seen in training (``synth``'s institution shift ``unseen``, ``synthetic/shifts.py``: other
+contrast curve, stronger bias field, more noise, thicker slices; ``--unseen-cases`` per domain, default 10, other
+patients), converted with each domain's converter and merged into a test-only dataset in ``<work>/unseen`` (its own
+``nnUNet_raw``; the suite's datasets and models are not touched). Nothing is trained: arms without a final
+checkpoint in the work folder are skipped. Entries ``<arm>|seed<n>|<mode>|all|unseen`` (``test_set: "unseen"``)
+feed the report's "Unseen institution" sections only (Dice per domain next to the arm's held-out mean, routing,
+paired comparisons); every other table is the held-out cases'. Those sections state their commits ("trained at X,
+predicted at Y" when all arms share them) and refuse runs of different commits as the other tables do.
 
 Provenance: every run entry records ``train_commit`` and ``predict_commit`` (``git rev-parse HEAD``, ``-dirty``
 when ``nnunet_universal``, ``scripts`` or ``pyproject.toml`` have uncommitted changes; entries written before
@@ -79,6 +90,12 @@ MERGED_ID, MERGED_NAME = 610, "BenchUniversal"
 SOURCES = {"brats-mets": (611, "brats_mets"), "ucsf-bmsr": (612, "ucsf_bmsr"), "brainmetshare": (613, "brainmetshare"),
            "lits": (614, "lits"), "msd-braintumour": (615, "msd_braintumour")}
 IDENTICAL = ["ucsf_bmsr.ET=brainmetshare.ET"]
+#: ``--unseen``: the named institution shift (``synthetic.shifts``), the synth seed of source ``i`` (other patients
+#: than the training and held-out cases, seeds 0..), the converted datasets' ids (source id + 100) and the merged
+#: test-only dataset, all in ``<work>/unseen/nnUNet_raw`` (never in the suite's nnUNet_raw), the prediction modes
+UNSEEN_INSTITUTION, UNSEEN_SEED, UNSEEN_ID_OFFSET = "unseen", 100, 100
+UNSEEN_MERGED_ID, UNSEEN_MERGED_NAME = 710, "BenchUnseen"
+UNSEEN_MODES = ("dataset-free", "oracle", "dataset-free-soft")
 
 
 @dataclass(frozen=True)
@@ -280,6 +297,42 @@ class Suite:
         return time.perf_counter() - t
 
 
+@dataclass(frozen=True)
+class TestSet:
+    """Where one test set's prediction inputs and ground truth live.
+
+    ``holdout``: the merge's held-out cases (``imagesTs``/``labelsTs`` of the suite's merged dataset). ``unseen``:
+    the known domains' cases synthesized with an institution shift never seen in training, converted and merged in
+    ``<work>/unseen/nnUNet_raw`` (a test-only merged dataset with the same union labels and channels).
+    """
+
+    name: str
+    inputs: Path  # domain_<d>/ (merged channels), single_<d>/ (the domain's own channels), without_<slot>/
+    images: Path  # every case in merged channels (the joint stock nnU-Net's input)
+    labels: Path  # ground truth in union label ids
+    raw: Path  # the nnUNet_raw whose merged dataset (``dataset_id``) the evaluation reads
+    dataset_id: int
+
+
+def holdout_set(s: Suite) -> TestSet:
+    return TestSet("holdout", s.work / "inputs", s.merged() / "imagesTs", s.merged() / "labelsTs", s.raw, MERGED_ID)
+
+
+def unseen_root(s: Suite) -> Path:
+    """``<work>/unseen``: native files, nnU-Net folders, inputs and predictions of the unseen-institution set."""
+    return s.work / "unseen"
+
+
+def unseen_merged(s: Suite) -> Path:
+    return unseen_root(s) / "nnUNet_raw" / f"Dataset{UNSEEN_MERGED_ID}_{UNSEEN_MERGED_NAME}"
+
+
+def unseen_set(s: Suite) -> TestSet:
+    m = unseen_merged(s)
+    return TestSet("unseen", unseen_root(s) / "inputs", m / "imagesTr", m / "labelsTr", unseen_root(s) / "nnUNet_raw",
+                   UNSEEN_MERGED_ID)
+
+
 # ---- data ------------------------------------------------------------------------------------------
 
 def _edit_features(plans_file: Path, out_name: str, base: int) -> None:
@@ -352,9 +405,10 @@ def _write_merged_split(s: Suite, merged_pre: Path) -> dict[str, list[str]]:
     return fold0
 
 
-def _source_case(s: Suite) -> dict[str, tuple[str, str]]:
-    """Merged case id -> (domain, case id in its converted dataset), from the merge's provenance."""
-    prov = _read_json(s.merged() / "provenance.json")["cases"]
+def _source_case(s: Suite, merged: Path | None = None) -> dict[str, tuple[str, str]]:
+    """Merged case id -> (domain, case id in its converted dataset), from the merge's provenance (default: the
+    suite's merged dataset)."""
+    prov = _read_json((merged or s.merged()) / "provenance.json")["cases"]
     return {m: (p["domain"], p["case"]) for m, p in prov.items()}
 
 
@@ -404,14 +458,19 @@ def _trainer_available(s: Suite, name: str) -> bool:
                           stderr=subprocess.DEVNULL).returncode == 0
 
 
+def model_dir(s: Suite, dataset: int, trainer: str, plans: str, seed: int, k: int = 1) -> Path:
+    """The nnU-Net model folder (``<trainer>__<plans>__3d_fullres``) of one dataset, trainer and repeat."""
+    name = s.merged().name if dataset == MERGED_ID else next(s.raw.glob(f"Dataset{dataset}_*")).name
+    return s.results_dir(seed, k) / name / f"{trainer}__{plans}__3d_fullres"
+
+
 def train(s: Suite, dataset: int, trainer: str, plans: str, seed: int, log: str, k: int = 1) -> Path:
     """``nnunet-universal train DATASET 3d_fullres 0`` (``--c`` after an interruption); skipped when finished.
 
     ``k``: epochs of the schedule times ``k``, into ``nnUNet_results_seed{seed}_x{k}``. Each session adds its wall
     time and the code's commit to ``state/{log}.json``.
     """
-    name = s.merged().name if dataset == MERGED_ID else next(s.raw.glob(f"Dataset{dataset}_*")).name
-    model = s.results_dir(seed, k) / name / f"{trainer}__{plans}__3d_fullres"
+    model = model_dir(s, dataset, trainer, plans, seed, k)
     fold = model / "fold_0"
     if (fold / "checkpoint_final.pth").is_file():
         return model
@@ -457,31 +516,34 @@ def _remap_to_union(s: Suite, src: str, raw_out: Path, out: Path) -> None:
 
 
 def predict(s: Suite, arm: Arm, model: Path | dict[str, Path], mode: str, withheld: str | None, seed: int,
-            out: Path) -> float:
-    """Predict the test cases of one (mode, withheld slot) into ``out``; returns the wall time."""
+            out: Path, test: TestSet | None = None) -> float:
+    """Predict the test cases of one (mode, withheld slot) into ``out``; returns the wall time.
+
+    ``test``: the test set (default: the merge's held-out cases, :func:`holdout_set`)."""
+    test = test or holdout_set(s)
     tta = [] if s.cfg["tta"] else ["--disable-tta"]
     log, wall, k = f"{arm.name}_seed{seed}_predict", 0.0, s.multiplier(arm)
     if arm.kind == "single":
         for src in s.sources:
             raw_out = out.parent / f".{out.name}_{SOURCES[src][1]}"
-            wall += s.run([str(BIN / "nnUNetv2_predict"), "-i", str(s.work / "inputs" / f"single_{SOURCES[src][1]}"),
+            wall += s.run([str(BIN / "nnUNetv2_predict"), "-i", str(test.inputs / f"single_{SOURCES[src][1]}"),
                            "-o", str(raw_out), "-d", str(SOURCES[src][0]), "-c", "3d_fullres", "-tr", arm.trainer,
                            "-p", s.stock_plans, "-f", "0", "-device", s.device, "-npp", "1", "-nps", "1",
                            *(["--disable_tta"] if tta else [])], log, seed, k=k)
             _remap_to_union(s, src, raw_out, out)
         return wall
     if arm.kind == "stock":
-        return s.run([str(BIN / "nnUNetv2_predict"), "-i", str(s.merged() / "imagesTs"), "-o", str(out), "-d",
+        return s.run([str(BIN / "nnUNetv2_predict"), "-i", str(test.images), "-o", str(out), "-d",
                       str(MERGED_ID), "-c", "3d_fullres", "-tr", arm.trainer, "-p", s.plans, "-f", "0", "-device",
                       s.device, "-npp", "1", "-nps", "1", *(["--disable_tta"] if tta else [])], log, seed, k=k)
     nu = str(BIN / "nnunet-universal")
     if withheld is not None:
-        folders = [(s.work / "inputs" / f"without_{withheld}", [])]
+        folders = [(test.inputs / f"without_{withheld}", [])]
     else:
         # dataset-free: the model's default routing (hard); dataset-free-soft: heads weighted by the routing
         extra = ["--routing", "soft"] if mode == "dataset-free-soft" else []
         folders = [(p, ["--domain", p.name.removeprefix("domain_")] if mode == "oracle" else extra)
-                   for p in sorted((s.work / "inputs").glob("domain_*"))]
+                   for p in sorted(test.inputs.glob("domain_*"))]
     for folder, extra in folders:
         wall += s.run([nu, "predict", "-m", str(model), "-i", str(folder), "-o", str(out), "-f", "0",
                        "-device", s.device, *extra, *tta], log, seed, k=k)
@@ -543,35 +605,167 @@ def run_arm(s: Suite, arm: Arm, seed: int, modes: tuple[str, ...] = MODES) -> No
         if key in results.get("runs", {}):
             continue
         out = s.work / "predictions" / f"seed{seed}" / arm.name / (mode + (f"_without_{withheld}" if withheld else ""))
-        shutil.rmtree(out, ignore_errors=True)
-        print(f"[{time.strftime('%H:%M:%S')}] predict {key}", flush=True)
-        predict_commit = git_commit()
-        wall = predict(s, arm, model, mode, withheld, seed, out)
-        s.run([str(BIN / "nnunet-universal"), "evaluate", str(out), "-d", str(MERGED_ID), "--gt",
-               str(s.merged() / "labelsTs"), "-o", str(out / "evaluation")], f"{log}_evaluate", seed, k=k)
-        states = _train_states(s, log)
-        train_commits = dict.fromkeys(c for x in states for c in x.get("commits", [x.get("commit", "unknown")]))
-        sched = s.cfg["schedule"]
-        entry = {"arm": arm.name, "trainer": arm.trainer, "seed": seed, "mode": mode, "withheld": withheld,
-                 "train_wall_s": sum(x["wall_s"] for x in states), "train_sessions": sum(x["sessions"] for x in states),
-                 "train_commands": [x["command"] for x in states], "predict_wall_s": wall,
-                 "train_commit": ",".join(train_commits) or "unknown", "predict_commit": predict_commit,
-                 "schedule_multiplier": k, "schedule": [sched[0] * k, sched[1], sched[2]],
-                 **_condense(_read_json(out / "evaluation" / "metrics.json"))}
-        with _locked(s.results_json):  # several instances (disjoint --arms) may share one results file
-            _record(s, key, entry)
+        _predict_and_record(s, arm, model, mode, withheld, seed, out, key, holdout_set(s))
 
 
-def _record(s: Suite, key: str, entry: dict) -> None:
-    """Add one evaluated run to ``accuracy_<suite>.json`` (read-modify-write; the caller holds the lock)."""
+def _predict_and_record(s: Suite, arm: Arm, model: Path | dict[str, Path], mode: str, withheld: str | None,
+                        seed: int, out: Path, key: str, test: TestSet, unseen: dict | None = None) -> None:
+    """Predict one (mode, withheld slot) of ``test`` into ``out``, evaluate it (``nnunet-universal evaluate``) and
+    record it under ``key`` with its commits (``unseen``: the unseen set's description, see :func:`run_unseen`)."""
+    log, k = f"{arm.name}_seed{seed}", s.multiplier(arm)
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"[{time.strftime('%H:%M:%S')}] predict {key}", flush=True)
+    predict_commit = git_commit()
+    wall = predict(s, arm, model, mode, withheld, seed, out, test)
+    s.run([str(BIN / "nnunet-universal"), "evaluate", str(out), "-d", str(test.dataset_id), "--gt",
+           str(test.labels), "-o", str(out / "evaluation")], f"{log}_evaluate", seed,
+          None if test.raw == s.raw else {"nnUNet_raw": str(test.raw)}, k=k)
+    states = _train_states(s, log)
+    train_commits = dict.fromkeys(c for x in states for c in x.get("commits", [x.get("commit", "unknown")]))
+    sched = s.cfg["schedule"]
+    entry = {"arm": arm.name, "trainer": arm.trainer, "seed": seed, "mode": mode, "withheld": withheld,
+             "train_wall_s": sum(x["wall_s"] for x in states), "train_sessions": sum(x["sessions"] for x in states),
+             "train_commands": [x["command"] for x in states], "predict_wall_s": wall,
+             "train_commit": ",".join(train_commits) or "unknown", "predict_commit": predict_commit,
+             "schedule_multiplier": k, "schedule": [sched[0] * k, sched[1], sched[2]],
+             **({"test_set": test.name, "institution": unseen["institution"]} if unseen else {}),
+             **_condense(_read_json(out / "evaluation" / "metrics.json"))}
+    with _locked(s.results_json):  # several instances (disjoint --arms) may share one results file
+        _record(s, key, entry, unseen)
+
+
+def _record(s: Suite, key: str, entry: dict, unseen: dict | None = None) -> None:
+    """Add one evaluated run to ``accuracy_<suite>.json`` (read-modify-write; the caller holds the lock);
+    ``unseen``: the unseen-institution set's description, kept as the file's ``unseen`` block."""
     results = _read_json(s.results_json, {})
     results.setdefault("runs", {})[key] = entry
+    if unseen:
+        results["unseen"] = unseen
     results["config"] = {"size": s.size, "suite": s.suite, **s.cfg, "sources": s.sources, "identical": s.identical,
                          "plans": s.plans, "stock_trainer": s.stock_trainer,
                          "stock_plans": s.stock_plans, "threads": s.threads, "device": s.device}
     results.setdefault("machine", {}).update({platform.node(): f"{platform.platform()}, {os.cpu_count()} cores, "
                                                                f"device {s.device}"})
     _write_json(s.results_json, results)
+
+
+# ---- unseen institution ------------------------------------------------------------------------------
+
+def unseen_description(s: Suite, cases: int) -> dict[str, Any]:
+    """What ``--unseen`` synthesizes: the institution shift's parameters, cases per domain, seeds, shape."""
+    from nnunet_universal.synthetic.shifts import INSTITUTION_SHIFTS
+
+    shift = INSTITUTION_SHIFTS[UNSEEN_INSTITUTION]
+    desc = {"institution": shift.name, "description": shift.description, "parameters": shift.as_dict(),
+            "cases_per_domain": int(cases), "seeds": {src: UNSEEN_SEED + i for i, src in enumerate(s.sources)},
+            "shape": s.cfg["shape"], "lesion_scale": s.cfg["lesion_scale"],
+            "dataset": f"Dataset{UNSEEN_MERGED_ID}_{UNSEEN_MERGED_NAME}"}
+    return json.loads(json.dumps(desc))  # as the JSON file reads back (lists, not tuples)
+
+
+def prepare_unseen(s: Suite, cases: int) -> dict[str, Any]:
+    """Build the unseen-institution test set in ``<work>/unseen`` (resumable); return its description.
+
+    Per source: ``synthesize(..., institution="unseen")`` (``synthetic.shifts``; seed ``UNSEEN_SEED + i``, the
+    suite's shape and lesion scale), ``nnunet-universal convert`` with the source's converter (BrainMetShare: the
+    cases' own spacing file), ``nnunet-universal merge`` of them (``--holdout 0``: every case is a test case, in
+    ``imagesTr``/``labelsTr``), all with ``nnUNet_raw``/``_preprocessed``/``_results`` in ``<work>/unseen``: the
+    suite's datasets and trained models are never touched. The merge must give the trained models' union labels and
+    channels (checked). Inputs as for the held-out cases: ``domain_<d>`` (merged channels), ``single_<d>``.
+    """
+    from nnunet_universal.synthetic.api import synthesize_dataset
+
+    if any(src not in ("brats-mets", "ucsf-bmsr", "brainmetshare", "msd-braintumour") for src in s.sources):
+        raise SystemExit(f"--unseen: suite {s.suite} has a CT domain; institution shifts exist for brain MR only")
+    if cases < 1:
+        raise SystemExit(f"--unseen-cases must be at least 1, got {cases}")
+    trained = _read_json(s.merged() / "dataset.json")
+    if trained is None:
+        raise SystemExit(f"--unseen: {s.merged()} has no dataset.json; run the suite (train its arms) first")
+    root, desc = unseen_root(s), unseen_description(s, cases)
+    old = _read_json(root / "set.json")
+    if old is not None and old != desc:
+        raise SystemExit(f"--unseen: {root} holds another unseen set ({root / 'set.json'}: {old}); pass the same "
+                         f"--unseen-cases, or delete {root} and the results' '|unseen' entries")
+    _write_json(root / "set.json", desc)
+    env = {k: str(root / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    for p in env.values():
+        Path(p).mkdir(parents=True, exist_ok=True)
+    nu = str(BIN / "nnunet-universal")
+    for src in s.sources:
+        native = root / "native" / src
+        if not (native / ".done").is_file():
+            shutil.rmtree(native, ignore_errors=True)
+            synthesize_dataset(src, native, cases=cases, seed=desc["seeds"][src],
+                               shape=tuple(s.cfg["shape"]) if s.cfg["shape"] else None,
+                               lesion_scale=s.cfg["lesion_scale"], institution=UNSEEN_INSTITUTION)
+            (native / ".done").touch()
+        top = next(p for p in native.iterdir() if p.is_dir())
+        s.run([nu, "convert", "msd" if src == "msd-braintumour" else src, str(top), "-d",
+               str(SOURCES[src][0] + UNSEEN_ID_OFFSET), "-j", "1"], "unseen_prepare", extra_env=env)
+    identical = ["--identical", *s.identical] if s.identical else []
+    s.run([nu, "merge", *[str(SOURCES[x][0] + UNSEEN_ID_OFFSET) for x in s.sources], "-d", str(UNSEEN_MERGED_ID),
+           "-n", UNSEEN_MERGED_NAME, *identical, "--holdout", "0", "-j", "1"], "unseen_prepare", extra_env=env)
+    merged = _read_json(unseen_merged(s) / "dataset.json")
+    for what in ("labels", "channel_names"):
+        if merged[what] != trained[what]:
+            raise RuntimeError(f"the unseen set's merge has other {what} than the trained models' dataset: "
+                               f"{merged[what]} != {trained[what]}")
+    if {d: v["labels"] for d, v in merged["universal"]["domains"].items()} != {
+            d: v["labels"] for d, v in trained["universal"]["domains"].items()}:
+        raise RuntimeError("the unseen set's merge maps the domains' classes to other union labels than the trained "
+                           "models' dataset")
+    _make_unseen_inputs(s, merged)
+    return desc
+
+
+def _make_unseen_inputs(s: Suite, merged: dict) -> None:
+    test = unseen_set(s)
+    if (test.inputs / ".done").is_file():
+        return
+    shutil.rmtree(test.inputs, ignore_errors=True)
+    back = _source_case(s, unseen_merged(s))
+    raw = test.raw
+    for c, info in sorted(merged["universal"]["cases"].items()):
+        dom = info["domain"]
+        _link_case(test.images, c, test.inputs / f"domain_{dom}", c)
+        src = next(x for x in s.sources if SOURCES[x][1] == dom)
+        single = next(raw.glob(f"Dataset{SOURCES[src][0] + UNSEEN_ID_OFFSET:03d}_*"))
+        _link_case(single / "imagesTr", back[c][1], test.inputs / f"single_{dom}", c)
+    (test.inputs / ".done").touch()
+
+
+def trained_model(s: Suite, arm: Arm, seed: int) -> Path | dict[str, Path] | None:
+    """The arm's trained model(s) of one repeat (``checkpoint_final.pth`` present), else None (never trains)."""
+    k = s.multiplier(arm)
+    if arm.kind == "single":
+        models = {src: model_dir(s, SOURCES[src][0], arm.trainer, s.stock_plans, seed, k) for src in s.sources}
+    else:
+        models = {"": model_dir(s, MERGED_ID, arm.trainer, s.plans, seed, k)}
+    if not all((m / "fold_0" / "checkpoint_final.pth").is_file() for m in models.values()):
+        return None
+    return models if arm.kind == "single" else models[""]
+
+
+def run_unseen(s: Suite, arm: Arm, seed: int, unseen: dict[str, Any], modes: tuple[str, ...] = MODES) -> None:
+    """Predict and evaluate the unseen-institution set with one arm's trained model (of ``modes``, all inputs; no
+    missing-slot runs), recorded as ``<arm>|seed<seed>|<mode>|all|unseen`` with ``test_set: "unseen"``. An arm
+    that is not trained in the work folder is skipped: nothing is (re)trained."""
+    if arm.trainer == STOCK_TRAINER:
+        arm = replace(arm, trainer=s.stock_trainer)
+    try:
+        model = trained_model(s, arm, seed)
+    except StopIteration:  # a single-dataset folder that the suite never converted
+        model = None
+    if model is None:
+        print(f"unseen: skip {arm.name} seed {seed}: not trained in {s.work}", flush=True)
+        return
+    for mode in [m for m in arm.modes if m in modes and m in UNSEEN_MODES]:
+        key = f"{arm.name}|seed{seed}|{mode}|all|unseen"
+        if key in _read_json(s.results_json, {}).get("runs", {}):
+            continue
+        out = unseen_root(s) / "predictions" / f"seed{seed}" / arm.name / mode
+        _predict_and_record(s, arm, model, mode, None, seed, out, key, unseen_set(s), unseen)
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -833,6 +1027,13 @@ def _without_separate_classes(runs: dict) -> tuple[dict, list[str]]:
     return out, [f"`{k}` is in the per-class table but not in the domain means: {why}." for k, why in notes.items()]
 
 
+#: rows (arm, mode) of the main table, in order (``-hard``: results before v2)
+MAIN_ROWS = (("single", "oracle"), ("joint_stock", "dataset-free"), ("joint_naive", "dataset-free"),
+             ("joint_marginal", "dataset-free"), ("joint_marginal", "oracle"),
+             ("universal_equal_compute", "dataset-free"), ("universal", "oracle"), ("universal", "dataset-free"),
+             ("universal", "dataset-free-soft"), ("universal", "dataset-free-hard"))
+
+
 def report(results: dict, allow_mixed_commits: bool = False) -> str:
     """Markdown tables (paper Tables 1-3 style, missing slots, routing, claims) from ``accuracy_<suite>.json``.
 
@@ -841,6 +1042,9 @@ def report(results: dict, allow_mixed_commits: bool = False) -> str:
     """
     runs, cfg = results.get("runs", {}), results.get("config", {})
     runs, separate_notes = _without_separate_classes(runs)
+    # the unseen-institution runs (--unseen) have their own sections; every other table is the held-out cases'
+    unseen = {k: r for k, r in runs.items() if r.get("test_set", "holdout") == "unseen"}
+    runs = {k: r for k, r in runs.items() if r.get("test_set", "holdout") != "unseen"}
     suite = cfg.get("suite") or suite_of(cfg.get("sources", []))
     domains = sorted({c["domain"] for r in runs.values() for c in r["cases"]})
     seeds = sorted({r["seed"] for r in runs.values()})
@@ -872,7 +1076,8 @@ def report(results: dict, allow_mixed_commits: bool = False) -> str:
              f"Command: `python scripts/benchmark_accuracy.py --size {cfg.get('size')}{suite_flag}` "
              "(tables: `--report`).", "", *[n + "\n" for n in separate_notes]]
     if e0 is None:
-        return "\n".join(lines + ["No results yet."]) + "\n"
+        return "\n".join(lines + ["No results yet."]
+                         + _unseen_section(unseen, runs, results.get("unseen"), lab, allow_mixed_commits)) + "\n"
 
     lines += ["Runs per arm (repeats; commits of training and prediction):", ""]
     for a in _arm_order(runs):
@@ -905,10 +1110,7 @@ def report(results: dict, allow_mixed_commits: bool = False) -> str:
         return f"### {text}{_commit_note(f'table {name!r}', es, allow_mixed_commits)}"
 
     head = "| arm | " + " | ".join(domains) + " | mean |"
-    main = [("single", "oracle"), ("joint_stock", "dataset-free"), ("joint_naive", "dataset-free"),
-            ("joint_marginal", "dataset-free"), ("joint_marginal", "oracle"),
-            ("universal_equal_compute", "dataset-free"), ("universal", "oracle"), ("universal", "dataset-free"),
-            ("universal", "dataset-free-soft"), ("universal", "dataset-free-hard")]  # -hard: results before v2
+    main = list(MAIN_ROWS)
     lines += [title("Universal model vs single-dataset and joint baselines (Dice %, per domain)", main), "",
               head + " train min |", "|---|" + "---:|" * (len(domains) + 2)]
     lines += [r for r in (row(a, m) for a, m in main) if r]
@@ -972,6 +1174,7 @@ def report(results: dict, allow_mixed_commits: bool = False) -> str:
             lines.append(f"| {lab(a)} | " + " | ".join(_routing(es, d) for d in domains) + f" | {_routing(es, None)} |")
     lines += _routing_section(runs, gated, suite, lab, title, free + [(a, "oracle") for a in gated])
     lines += _claims(runs, domains, lab, allow_mixed_commits)
+    lines += _unseen_section(unseen, runs, results.get("unseen"), lab, allow_mixed_commits)
     lines += ["", "### Runs", "", "| run | train wall (min) | sessions | predict wall (s) | commit (train / predict) |",
               "|---|---:|---:|---:|---|"]
     for k, r in sorted(runs.items()):
@@ -1001,19 +1204,23 @@ def _routing_section(runs: dict, gated: list[str], suite: str, lab: Callable[[st
         st = stats[a]
         if st is None:
             continue
-        if st["misrouted"] == 0:
-            cost = "none"
-        elif st["misrouted_free"] is None:
-            cost = f"{st['misrouted']} cases, no oracle run"
-        else:
-            f, o = 100 * st["misrouted_free"], 100 * st["misrouted_oracle"]
-            cost = f"{st['misrouted_paired']} cases: {f:.1f} -> {o:.1f} ({o - f:+.1f})"
-        top = "–" if st["mean_top"] is None else f"{st['mean_top']:.2f}"
-        ece = "–" if st["ece"] is None else f"{st['ece']:.3f}"
-        unc = "–" if st["uncertain"] is None else str(st["uncertain"])
-        lines.append(f"| {lab(a)} | {st['n']} | {100 * st['correct'] / st['n']:.0f}% | {top} | {ece} | {unc} "
-                     f"| {cost} |")
+        lines.append(f"| {lab(a)} | {st['n']} | {100 * st['correct'] / st['n']:.0f}% | "
+                     + " | ".join(_routing_cells(st)) + " |")
     return lines
+
+
+def _routing_cells(st: dict[str, Any]) -> list[str]:
+    """Mean top weight, ECE, flagged uncertain, misrouted cost: the cells of :func:`_routing_stats`' table rows."""
+    if st["misrouted"] == 0:
+        cost = "none"
+    elif st["misrouted_free"] is None:
+        cost = f"{st['misrouted']} cases, no oracle run"
+    else:
+        f, o = 100 * st["misrouted_free"], 100 * st["misrouted_oracle"]
+        cost = f"{st['misrouted_paired']} cases: {f:.1f} -> {o:.1f} ({o - f:+.1f})"
+    return ["–" if st["mean_top"] is None else f"{st['mean_top']:.2f}",
+            "–" if st["ece"] is None else f"{st['ece']:.3f}",
+            "–" if st["uncertain"] is None else str(st["uncertain"]), cost]
 
 
 #: (claim, arm/mode a, arm/mode b): the paired comparisons of the claims section (absent arms are left out)
@@ -1050,13 +1257,15 @@ COMPARISONS = [
 
 
 def claim_text(runs: dict, text: str, a: tuple[str, str], b: tuple[str, str], domains: list[str],
-               lab: Callable[[str], str], allow_mixed_commits: bool = False) -> str | None:
-    """One line of the claims section: the paired difference with its per-case and hierarchical intervals."""
+               lab: Callable[[str], str], allow_mixed_commits: bool = False, check_commits: bool = True) -> str | None:
+    """One line of the claims section: the paired difference with its per-case and hierarchical intervals
+    (``check_commits=False``: the caller has checked the runs' commits, e.g. :func:`_unseen_commits`)."""
     d = _paired(runs, a, b, domains)
     if d is None:
         return None
     text = text.format(**{x: lab(x) for x in {a[0], b[0]}}) if "{" in text else text
-    note = _commit_note(f"comparison {text!r}", _entries(runs, *a) + _entries(runs, *b), allow_mixed_commits)
+    note = (_commit_note(f"comparison {text!r}", _entries(runs, *a) + _entries(runs, *b), allow_mixed_commits)
+            if check_commits else "")
     h = _hierarchical(runs, a, b, domains)
     if h is None:
         hier = "run-level interval not computed (no test cases common to all runs)"
@@ -1086,6 +1295,96 @@ def _claims(runs: dict, domains: list[str], lab: Callable[[str], str], allow_mix
         f"- {c}" for c in claims]
 
 
+def _unseen_commits(entries: list[dict], allow: bool) -> str:
+    """The unseen runs' commits for the section titles: ``commit X`` or ``trained at X, predicted at Y`` when every
+    run shares them (models trained earlier and predicted on the unseen set later: one code version per step for
+    all arms); else, with ``allow``, ``mixed commits: ...`` per arm, without it a :class:`MixedCommitsError`."""
+    by: dict[tuple[str, str], list[str]] = {}
+    for e in entries:
+        train = [c for c in str(e.get("train_commit") or "unknown").split(",") if c] or ["unknown"]
+        sig = (",".join(map(_short, train)), _short(e.get("predict_commit") or "unknown"))
+        arms = by.setdefault(sig, [])
+        if e["arm"] not in arms:
+            arms.append(e["arm"])
+    if len(by) == 1 and "," not in next(iter(by))[0]:
+        t, p = next(iter(by))
+        return f"commit {t}" if t == p else f"trained at {t}, predicted at {p}"
+    listing = "; ".join(f"trained at {t}, predicted at {p}: {', '.join(arms)}" for (t, p), arms in by.items())
+    if not allow:
+        raise MixedCommitsError(f"table 'Unseen institution' would mix runs of different commits ({listing}); rerun "
+                                "those arms at one commit, or pass --allow-mixed-commits to render it with the commits "
+                                "listed")
+    return f"mixed commits: {listing}"
+
+
+def _unseen_section(unseen: dict, holdout: dict, meta: dict | None, lab: Callable[[str], str],
+                    allow: bool) -> list[str]:
+    """The unseen-institution sections (``--unseen``): Dice per domain next to the same arms' held-out means, gate
+    routing, paired comparisons and the runs; empty without unseen runs."""
+    if not unseen:
+        return []
+    domains = sorted({c["domain"] for r in unseen.values() for c in r["cases"]})
+    commits = _unseen_commits(list(unseen.values()), allow)
+    lines = ["", f"### Unseen institution: Dice % per domain on new scans of the known domains from an institution "
+                 f"never seen in training (the trained models above, nothing retrained; {commits})", ""]
+    if meta:
+        par = meta.get("parameters", {})
+        xyz = {k: "/".join(f"{v:g}" for v in par.get(k) or []) for k in ("spacing", "blur_mm")}
+        lines += [f"{meta.get('cases_per_domain')} cases per domain synthesized with institution "
+                  f"`{meta.get('institution')}` ({meta.get('description', '')}; `synthetic/shifts.py`: contrast "
+                  f"curve gamma x{par.get('gamma')}, grey/white contrast x{par.get('tissue_contrast')}, bias field "
+                  f"{par.get('bias')}, noise x{par.get('noise')}, voxel size x{xyz['spacing']} (x/y/z), blur "
+                  f"+{xyz['blur_mm']} mm, intensity units x{par.get('scale')}), seeds "
+                  f"{meta.get('seeds')} (other patients than the training and held-out cases), converted with each "
+                  f"domain's converter into a test-only merged dataset (`{meta.get('dataset')}`). Command: "
+                  "`python scripts/benchmark_accuracy.py --size <size> --unseen`.", ""]
+    rows = [(a, m) for a, m in MAIN_ROWS if _entries(unseen, a, m)]
+    pairs = {(a, m): [e for e in _entries(holdout, a, m) if e["seed"] in {x["seed"] for x in _entries(unseen, a, m)}]
+             for a, m in rows}
+    held_commits = {c for es in pairs.values() for e in es for c in _commits_of(e)}
+    unseen_commits = {c for e in unseen.values() for c in _commits_of(e)}
+    show_gap = held_commits <= unseen_commits or allow
+    if not show_gap:
+        lines += ["Held-out column left out: the held-out runs were predicted at other commits "
+                  f"({', '.join(map(_short, sorted(held_commits - unseen_commits)))}) than the unseen ones "
+                  "(--allow-mixed-commits shows it).", ""]
+    elif not held_commits <= unseen_commits:
+        lines += ["Held-out column: runs of other commits "
+                  f"({', '.join(map(_short, sorted(held_commits - unseen_commits)))}) than the unseen ones.", ""]
+    lines += ["| arm | " + " | ".join(domains) + " | mean | held-out mean | Δ unseen - held-out |",
+              "|---|" + "---:|" * (len(domains) + 3)]
+    for a, m in rows:
+        mean = _mean_over_domains(_entries(unseen, a, m), domains)
+        held = _mean_over_domains(pairs[(a, m)], domains) if show_gap else None
+        gap = "–" if mean is None or held is None else f"{100 * (mean[0] - held[0]):+.1f}"
+        lines.append(f"| {lab(a)} ({m}) | " + " | ".join(_fmt(_domain_dice(_entries(unseen, a, m), d))
+                                                         for d in domains)
+                     + f" | {_fmt(mean)} | {_fmt(held)} | {gap} |")
+    gated = [a for a in _arm_order(unseen) if a not in UNGATED and _entries(unseen, a, "dataset-free")]
+    if gated:
+        lines += ["", f"### Unseen institution: gate routing (dataset-free, pooled over the repeats; {commits})", "",
+                  "Accuracy per domain; top weight, ECE (10 bins) and the misrouted cases' Dice dataset-free -> "
+                  "oracle as in the held-out routing table.", "",
+                  "| arm | " + " | ".join(domains) + " | all | mean top weight | ECE | flagged uncertain "
+                  "| misrouted: dataset-free -> oracle |", "|---|" + "---:|" * (len(domains) + 4) + "---|"]
+        for a in gated:
+            es, st = _entries(unseen, a, "dataset-free"), _routing_stats(unseen, a)
+            if st is not None:
+                lines.append(f"| {lab(a)} | " + " | ".join([*(_routing(es, d) for d in domains), _routing(es, None),
+                                                           *_routing_cells(st)]) + " |")
+    claims = [c for text, a, b in COMPARISONS
+              if (c := claim_text(unseen, text, a, b, domains, lab, check_commits=False)) is not None]
+    if claims:
+        lines += ["", f"### Unseen institution: paired comparisons (per unseen case, intervals as in the claims "
+                      f"above; {commits})", "", *[f"- {c}" for c in claims]]
+    lines += ["", "### Unseen institution: runs", "", "| unseen run | predict wall (s) | commit (train / predict) |",
+              "|---|---:|---|"]
+    for k, r in sorted(unseen.items()):
+        lines.append(f"| {k.replace('|', ' / ')} | {r['predict_wall_s']:.0f} | "
+                     f"{_short(r.get('train_commit') or 'unknown')} / {_short(r.get('predict_commit') or 'unknown')} |")
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -1108,6 +1407,13 @@ def main() -> int:
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of accuracy_<size>[_<suite>].json/.md")
     p.add_argument("--prepare-only", action="store_true", help="only build the datasets and plans")
     p.add_argument("--report", action="store_true", help="only (re)write the Markdown tables from the JSON")
+    p.add_argument("--unseen", action="store_true",
+                   help="the unseen-institution test set instead of training: synthesize --unseen-cases cases per "
+                        "domain with an institution never seen in training (synthetic/shifts.py 'unseen'), convert "
+                        "and merge them in <work>/unseen, predict them with every arm of --arms already trained in "
+                        "the work folder (untrained arms are skipped; nothing is trained) and record them as "
+                        "'<arm>|seed<n>|<mode>|all|unseen' (brain MR suites: mr, shared)")
+    p.add_argument("--unseen-cases", type=int, default=10, help="cases per domain of the unseen set (default 10)")
     p.add_argument("--allow-mixed-commits", action="store_true",
                    help="let the report put runs of different code commits into one table or comparison (their "
                         "titles list the commits); without it the report stops with the arms and commits")
@@ -1119,7 +1425,17 @@ def main() -> int:
     suite = "ct" if args.with_ct else args.suite or "mr"
     work = (args.work or REPO / "bench_work" / f"accuracy_{suite_name(args.size, suite)}").resolve()
     s = Suite(work, args.size, suite, args.threads, args.device, args.results.resolve(), args.stock_trainer)
-    if not args.report:
+    if args.unseen and not args.report:
+        t0 = time.perf_counter()
+        unseen = prepare_unseen(s, args.unseen_cases)
+        print(f"prepared the unseen-institution set in {time.perf_counter() - t0:.0f} s", flush=True)
+        for seed in args.seeds if not args.prepare_only else []:
+            for name in args.arms:
+                try:
+                    run_unseen(s, ARMS[name], seed, unseen, tuple(args.modes))
+                except RuntimeError as e:  # one failing arm must not stop the others; rerun retries it
+                    print(f"unseen: arm {name} seed {seed} failed: {e}", flush=True)
+    elif not args.report:
         t0 = time.perf_counter()
         prepare(s, singles="single" in args.arms)
         print(f"prepared in {time.perf_counter() - t0:.0f} s", flush=True)

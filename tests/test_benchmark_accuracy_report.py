@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,113 @@ def test_a_class_nobody_learns_is_reported_apart_from_the_domain_means(ba):
     assert runs["r"]["cases"][0]["mean_dice"] == pytest.approx(0.75)  # (SNFH + ET) / 2, regions not counted
     assert runs["r"]["cases"][1]["mean_dice"] == 0.8 and run["cases"][0]["mean_dice"] == 0.5  # input unchanged
     assert len(notes) == 1 and "brats_mets.NETC" in notes[0]
+
+
+def _unseen(entry: dict, train: str = "c0ffee", predict: str = "beef01") -> dict:
+    """An entry as run_unseen records it: same arm/mode, test_set unseen, predicted at a later commit."""
+    return {**entry, "test_set": "unseen", "institution": "unseen", "train_commit": train, "predict_commit": predict}
+
+
+def _with_unseen(results: dict, *entries: dict) -> dict:
+    out = json.loads(json.dumps(results))
+    out["runs"].update({f"{e['arm']}|seed{e['seed']}|{e['mode']}|all|unseen": e for e in entries})
+    out["unseen"] = {"institution": "unseen", "description": "a scanner never seen in training",
+                     "parameters": {"gamma": 1.4, "tissue_contrast": 0.75, "bias": 0.45, "noise": 1.7,
+                                    "spacing": [1.15, 1.15, 1.35], "blur_mm": [0, 0, 1], "scale": 0.6},
+                     "cases_per_domain": 8, "seeds": {"brats-mets": 100}, "dataset": "Dataset710_BenchUnseen"}
+    return out
+
+
+def test_unseen_runs_get_their_own_sections_and_leave_the_others_unchanged(ba):
+    """Unseen-institution entries (same arms and modes, test_set 'unseen') change no held-out table, claim or run
+    list; they get their own Dice table (next to the held-out mean), routing, comparisons and runs, with commits."""
+    wrong = {"dom_a_00": ("dom_b", {"dom_a": 0.4, "dom_b": 0.6})}
+    held = _results(*[_entry("universal", s, "dataset-free", _dice(0.7, seed=s)) for s in (0, 1)],
+                    *[_entry("universal", s, "oracle", _dice(0.72, seed=s)) for s in (0, 1)],
+                    _entry("single", 0, "oracle", _dice(0.8, seed=5)), _entry("joint_stock", 0, "dataset-free",
+                                                                                _dice(0.6, seed=6)))
+    before = ba.report(held)
+    unseen = [_unseen(_entry("universal", s, "dataset-free", _dice(0.5, seed=10 + s), routing=wrong)) for s in (0, 1)]
+    unseen += [_unseen(_entry("universal", s, "oracle", _dice(0.55, seed=10 + s))) for s in (0, 1)]
+    unseen += [_unseen(_entry("single", 0, "oracle", _dice(0.4, seed=20))),
+               _unseen(_entry("joint_stock", 0, "dataset-free", _dice(0.3, seed=21)))]
+    after = ba.report(_with_unseen(held, *unseen))
+    assert after.startswith(before.split("\n### Runs")[0]), "every held-out section is unchanged"
+    assert after.split("\n### Runs")[1] == before.split("\n### Runs")[1], "the runs table lists the held-out runs"
+    unseen_md = after[len(before.split("\n### Runs")[0]):].split("\n### Runs")[0]
+    assert unseen_md.startswith("\n### Unseen institution: Dice % per domain")
+    assert unseen_md.splitlines()[1].endswith("nothing retrained; trained at c0ffee, predicted at beef01)")
+    assert "8 cases per domain synthesized with institution `unseen`" in unseen_md
+    assert "bias field 0.45" in unseen_md and "voxel size x1.15/1.15/1.35 (x/y/z)" in unseen_md
+    assert "Dataset710_BenchUnseen" in unseen_md
+    u = ba._mean_over_domains(ba._entries({k: e for k, e in enumerate(unseen)}, "universal", "dataset-free"),
+                              list(DOMAINS))
+    h = ba._mean_over_domains(ba._entries(held["runs"], "universal", "dataset-free"), list(DOMAINS))
+    row = next(x for x in unseen_md.splitlines() if x.startswith("| UniversalTrainer (dataset-free) |"))
+    assert row.endswith(f"| {ba._fmt(u)} | {ba._fmt(h)} | {100 * (u[0] - h[0]):+.1f} |")
+    assert "| single-dataset nnU-Net (one model per domain) (oracle) |" in unseen_md
+    assert "| joint, plain nnU-Net (network and loss) (dataset-free) |" in unseen_md
+    # routing on the unseen set: one misrouted case per repeat, its cost against the same repeat's oracle
+    assert "### Unseen institution: gate routing" in unseen_md
+    routing = next(x for x in unseen_md.splitlines() if x.startswith("| UniversalTrainer | "))
+    assert "| 88% (14/16) | 100% (16/16) | 94% (30/32) |" in routing and "| 2 cases: " in routing
+    assert "### Unseen institution: paired comparisons" in unseen_md
+    assert "- gated head (dataset-free, hard routing) vs its own heads with the domain given" in unseen_md
+    assert "| universal / seed0 / dataset-free / all / unseen | 1 | c0ffee / beef01 |" in unseen_md
+    # the README takes sections by title prefix: the unseen ones are separate sections of their own
+    assert [t for t in re.findall(r"(?m)^### (.*)$", after) if t.startswith("Unseen institution")] == [
+        t for t in re.findall(r"(?m)^### (.*)$", unseen_md)]
+
+
+def test_unseen_runs_of_other_commits_are_refused_and_the_held_out_gap_needs_the_same_commits(ba):
+    held = _results(_entry("universal", 0, "dataset-free", _dice(0.7)), _entry("no_harmony", 0, "dataset-free",
+                                                                                _dice(0.6)))
+    mixed = _with_unseen(held, _unseen(_entry("universal", 0, "dataset-free", _dice(0.5))),
+                         _unseen(_entry("no_harmony", 0, "dataset-free", _dice(0.5)), predict="dddd4444"))
+    with pytest.raises(ba.MixedCommitsError, match="Unseen institution.*predicted at dddd4444: no_harmony"):
+        ba.report(mixed)
+    assert "mixed commits: trained at c0ffee, predicted at beef01: universal" in ba.report(mixed, True)
+    # unseen runs predicted where training ran: the held-out mean is shown; held-out runs predicted at another
+    # commit than the unseen ones: the gap is left out (shown with --allow-mixed-commits)
+    same = ba.report(_with_unseen(held, _unseen(_entry("universal", 0, "dataset-free", _dice(0.5)),
+                                                predict="c0ffee")))
+    assert "(the trained models above, nothing retrained; commit c0ffee)" in same
+    assert "Held-out column" not in same
+    held_later = json.loads(json.dumps(held))
+    held_later["runs"]["universal|seed0|dataset-free|all"]["predict_commit"] = "aaaa0000"
+    held_later["runs"]["universal|seed0|dataset-free|all"]["train_commit"] = "aaaa0000"
+    held_later["runs"]["no_harmony|seed0|dataset-free|all"].update(train_commit="aaaa0000", predict_commit="aaaa0000")
+    md = ba.report(_with_unseen(held_later, _unseen(_entry("universal", 0, "dataset-free", _dice(0.5)))))
+    assert "Held-out column left out" in md and "| – | – |" in md.split("### Unseen institution")[1]
+    assert "Held-out column: runs of other commits (aaaa0000)" in ba.report(
+        _with_unseen(held_later, _unseen(_entry("universal", 0, "dataset-free", _dice(0.5)))), True)
+
+
+def test_unseen_only_results_render(ba):
+    """A results file with unseen runs only (held-out entries removed) still renders the unseen sections."""
+    md = ba.report(_with_unseen(_results(), _unseen(_entry("universal", 0, "dataset-free", _dice(0.5)))))
+    assert "No results yet." in md and "### Unseen institution: Dice % per domain" in md
+
+
+def test_unseen_set_description_and_skips_untrained_arms(ba, tmp_path, capsys):
+    """--unseen: the set's description is plain JSON (compared with set.json on resume); an arm without a final
+    checkpoint is skipped without training, and a suite with a CT domain is refused."""
+    s = ba.Suite(tmp_path, "tiny", "mr", 1, "cpu", tmp_path)
+    desc = ba.unseen_description(s, 10)
+    assert desc == json.loads(json.dumps(desc)) and desc["cases_per_domain"] == 10
+    assert desc["seeds"] == {"brats-mets": 100, "ucsf-bmsr": 101, "brainmetshare": 102}
+    assert desc["parameters"]["bias"] == 0.45 and desc["institution"] == "unseen"
+    raw = tmp_path / "nnUNet_raw" / f"Dataset{ba.MERGED_ID}_{ba.MERGED_NAME}"
+    raw.mkdir(parents=True)
+    assert ba.trained_model(s, ba.ARMS["universal"], 0) is None
+    ba.run_unseen(s, ba.ARMS["universal"], 0, desc)
+    assert "unseen: skip universal seed 0: not trained" in capsys.readouterr().out
+    assert not (tmp_path / "nnUNet_results_seed0").exists() and not s.results_json.exists()
+    fold = ba.model_dir(s, ba.MERGED_ID, "UniversalTrainer", s.plans, 0) / "fold_0"
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_final.pth").touch()
+    assert ba.trained_model(s, ba.ARMS["universal"], 0) == fold.parent
+    with pytest.raises(SystemExit, match="CT domain"):
+        ba.prepare_unseen(ba.Suite(tmp_path, "tiny", "ct", 1, "cpu", tmp_path), 10)
+    with pytest.raises(SystemExit, match="run the suite"):
+        ba.prepare_unseen(ba.Suite(tmp_path / "empty", "tiny", "mr", 1, "cpu", tmp_path), 10)
