@@ -747,6 +747,12 @@ def trained_model(s: Suite, arm: Arm, seed: int) -> Path | dict[str, Path] | Non
     return models if arm.kind == "single" else models[""]
 
 
+def trained_seeds(s: Suite) -> list[int]:
+    """The repeat indices with a results folder in the work folder (``nnUNet_results_seed<n>[_x<k>]``)."""
+    found = {p.name.removeprefix("nnUNet_results_seed").split("_")[0] for p in s.work.glob("nnUNet_results_seed*")}
+    return sorted(int(x) for x in found if x.isdigit())
+
+
 def run_unseen(s: Suite, arm: Arm, seed: int, unseen: dict[str, Any], modes: tuple[str, ...] = MODES) -> None:
     """Predict and evaluate the unseen-institution set with one arm's trained model (of ``modes``, all inputs; no
     missing-slot runs), recorded as ``<arm>|seed<seed>|<mode>|all|unseen`` with ``test_set: "unseen"``. An arm
@@ -1397,8 +1403,9 @@ def main() -> int:
     p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS), help="arms to run, in this order")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                    help="prediction modes to run for each arm ('missing': one slot withheld); default all")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0],
-                   help="repeat indices (nnU-Net training is not seeded: each index is an independent run)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="repeat indices (nnU-Net training is not seeded: each index is an independent run); default "
+                        "0, with --unseen every repeat the work folder has (nnUNet_results_seed<n>*)")
     p.add_argument("--with-ct", action="store_true", help="deprecated alias of --suite ct")
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of every subprocess")
     p.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
@@ -1429,7 +1436,7 @@ def main() -> int:
         t0 = time.perf_counter()
         unseen = prepare_unseen(s, args.unseen_cases)
         print(f"prepared the unseen-institution set in {time.perf_counter() - t0:.0f} s", flush=True)
-        for seed in args.seeds if not args.prepare_only else []:
+        for seed in (args.seeds or trained_seeds(s)) if not args.prepare_only else []:
             for name in args.arms:
                 try:
                     run_unseen(s, ARMS[name], seed, unseen, tuple(args.modes))
@@ -1440,7 +1447,7 @@ def main() -> int:
         prepare(s, singles="single" in args.arms)
         print(f"prepared in {time.perf_counter() - t0:.0f} s", flush=True)
         if not args.prepare_only:
-            for seed in args.seeds:
+            for seed in args.seeds or [0]:
                 for name in args.arms:
                     try:
                         run_arm(s, ARMS[name], seed, tuple(args.modes))

@@ -323,3 +323,10 @@ def test_unseen_set_description_and_skips_untrained_arms(ba, tmp_path, capsys):
         ba.prepare_unseen(ba.Suite(tmp_path, "tiny", "ct", 1, "cpu", tmp_path), 10)
     with pytest.raises(SystemExit, match="run the suite"):
         ba.prepare_unseen(ba.Suite(tmp_path / "empty", "tiny", "mr", 1, "cpu", tmp_path), 10)
+
+
+def test_unseen_runs_every_trained_repeat_by_default(ba, tmp_path):
+    s = ba.Suite(tmp_path, "small", "mr", 1, "cpu", tmp_path)
+    for name in ("nnUNet_results_seed0", "nnUNet_results_seed2", "nnUNet_results_seed2_x3", "nnUNet_results_seedx"):
+        (tmp_path / name).mkdir()
+    assert ba.trained_seeds(s) == [0, 2]
