@@ -98,9 +98,13 @@ def _cmd_extend(a: argparse.Namespace) -> int:
     from nnunet_universal.extension.api import extend_model
 
     out = extend_model(Path(a.model), a.datasets, a.dataset_id, a.name, holdout=a.holdout, fold=a.fold,
-                       checkpoint=a.checkpoint, num_processes=a.num_processes)
-    print(f"wrote {out['raw']}, plans {out['plans']} (preprocessed) and the initial checkpoint {out['init']}\n"
-          f"train the extension with:\n  {out['train']}")
+                       checkpoint=a.checkpoint, num_processes=a.num_processes, no_old_data=a.no_old_data)
+    mode = ("NO-OLD-DATA mode: only the new data; the old domains are kept by distillation from the old model\n"
+            if a.no_old_data else "")
+    print(f"{mode}wrote {out['raw']}, plans {out['plans']} (preprocessed) and the initial checkpoint {out['init']}\n"
+          f"train the extension with (25 % of nnU-Net's epochs; -pretrained_weights is optional, the trainer starts "
+          f"from that checkpoint):\n  {out['train']}\n"
+          + "".join(f"  -tr {t}: trains {w}\n" for w, t in out["trainers"].items()))
     return 0
 
 
@@ -299,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-f", "--fold", default="0", help="fold of the old model whose weights start the extension")
     s.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file in that fold")
     s.add_argument("-np", "--num-processes", type=int, default=2)
+    s.add_argument("--no-old-data", action="store_true",
+                   help="the old training data are not available: the extended dataset holds only the new data, "
+                        "trained with -tr UniversalTrainer_ExtendNoOldData (the old model's predictions on the new "
+                        "scans are soft targets for the old heads); the mode is recorded in the dataset's provenance "
+                        "and the model's plans")
     s.set_defaults(func=_cmd_extend)
 
     s = add("plan", "fingerprint, plan and preprocess a merged dataset (plans: nnUNetUniversalPlans)",

@@ -63,13 +63,20 @@ def baseline_trainers() -> list[type]:
     return [nnUNetTrainerScheduled]
 
 
+def extension_trainers() -> list[type]:
+    """Trainers of models grown by ``nnunet-universal extend`` (they need the plans' extension block)."""
+    from nnunet_universal.trainers.extension_trainer import EXTENSION_TRAINERS
+
+    return list(EXTENSION_TRAINERS)
+
+
 def trainer_class(name: str) -> type:
     """The trainer class named in a checkpoint: this package's trainers first (no module scan), then nnU-Net's
     lookup (its built-in trainers and the ``nnUNet_extTrainer`` folders), as ``nnUNetv2_predict`` does."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    for cls in (*all_trainers(), *baseline_trainers()):
+    for cls in (*all_trainers(), *baseline_trainers(), *extension_trainers()):
         if cls.__name__ == name:
             return cls
     set_ext_trainer_env()  # our trainer folder first in nnUNet_extTrainer, the user's folders kept

@@ -2,8 +2,10 @@
 
 Through the real commands in subprocesses: ``nnunet-universal plan`` + ``nnUNetv2_train`` on the old merged
 dataset (domains ``mr_a``, ``mr_b`` of the merged fixture, slots T1 T1c T2 FLAIR), ``nnunet-universal extend``
-with a converted dataset of the fixture's ``ct`` domain (new slot CT, new classes liver and tumor), then
-``nnUNetv2_train … -pretrained_weights INIT`` and ``nnunet-universal predict`` on all three domains.
+with a converted dataset of the fixture's ``ct`` domain (new slot CT, new classes liver and tumor) and new data of
+the old domain ``mr_b`` that brings a new class (``cavity``), then ``nnUNetv2_train`` with the extension trainers
+(everything, only the new parts; ``--no-old-data`` with distillation), ``nnunet-universal predict`` on all three
+domains and ``nnunet-universal evaluate``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from nnunet_universal.metadata import PLANS_NAME, CaseInfo, DomainInfo, UniversalMeta
 
-OLD_ID, CT_ID, NEW_ID = 981, 982, 983
+OLD_ID, CT_ID, NEW_ID, MRB_ID, NOOLD_ID = 981, 982, 983, 984, 985
 SCHEDULE = "1:3:1"
 TINY_FEATURES = [8, 16, 32]
 OLD_SLOTS = ["T1", "T1c", "T2", "FLAIR"]
@@ -83,8 +85,47 @@ def _old_and_ct_datasets(raw: Path) -> tuple[Path, Path]:
     (ct / "dataset.json").write_text(json.dumps({
         "name": "ExtCT", "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumor": 2},
         "numTraining": len(ct_cases), "file_ending": ".nii.gz", "universal": ct_meta.to_dict()}))
+    _mr_b_with_cavity(full, raw / f"Dataset{MRB_ID}_ExtMrB")
     shutil.rmtree(full)
     return old, ct
+
+
+#: the new class the new mr_b data bring: a small box of background inside the head
+CAVITY = (slice(9, 12), slice(11, 14), slice(4, 7))
+
+
+def _mr_b_with_cavity(full: Path, out: Path) -> None:
+    """A converted dataset of the old domain mr_b (its own label ids NETC 1, SNFH 2, ET 3) with a new class
+    cavity (4): the fixture's mr_b images again, relabelled."""
+    from merged_fixture import DOMAINS, SLOTS
+
+    (out / "imagesTr").mkdir(parents=True)
+    (out / "labelsTr").mkdir()
+    slots = DOMAINS["mr_b"].slots
+    cases = {}
+    for i in range(3):
+        case = f"mr_b_{i:03d}"
+        for ch, slot in enumerate(slots):
+            shutil.copy(full / "imagesTr" / f"{case}_{SLOTS.index(slot):04d}.nii.gz",
+                        out / "imagesTr" / f"p{i}_{ch:04d}.nii.gz")
+        lab = sitk.ReadImage(str(full / "labelsTr" / f"{case}.nii.gz"))
+        arr = sitk.GetArrayFromImage(lab)
+        new = np.select([arr == 2, arr == 3, arr == 4], [1, 2, 3], 0).astype(np.uint8)
+        box = np.zeros_like(new, dtype=bool)
+        box[CAVITY] = True
+        new[box & (new == 0)] = 4
+        img = sitk.GetImageFromArray(new)
+        img.CopyInformation(lab)
+        sitk.WriteImage(img, str(out / "labelsTr" / f"p{i}.nii.gz"))
+        cases[f"p{i}"] = CaseInfo(domain="mr_b", slots=list(slots), source_id=f"p{i}")
+    labels = {"NETC": 1, "SNFH": 2, "ET": 3, "cavity": 4}
+    meta = UniversalMeta(slots=list(slots), domains={"mr_b": DomainInfo(
+        source="synthetic MR B, second release", slots=list(slots), labels=labels,
+        regions=dict(DOMAINS["mr_b"].regions))}, cases=cases)
+    (out / "dataset.json").write_text(json.dumps({
+        "name": "ExtMrB", "channel_names": {str(i): s for i, s in enumerate(slots)},
+        "labels": {"background": 0, **labels}, "numTraining": len(cases), "file_ending": ".nii.gz",
+        "universal": meta.to_dict()}))
 
 
 @pytest.fixture(scope="module")
@@ -112,24 +153,34 @@ def extended(tmp_path_factory):
           "-device", "cpu"], train_env)
     old_model = dirs["nnUNet_results"] / old_raw.name / f"UniversalTrainer__{PLANS_NAME}__3d_fullres"
 
-    proc = _run([_bin("nnunet-universal"), "extend", "-m", str(old_model), str(CT_ID), "-d", str(NEW_ID),
-                 "-n", "ExtNew", "--holdout", "1", "-np", "1"], env)
+    proc = _run([_bin("nnunet-universal"), "extend", "-m", str(old_model), str(CT_ID), str(MRB_ID), "-d",
+                 str(NEW_ID), "-n", "ExtNew", "--holdout", "1", "-np", "1"], env)
     new_raw = dirs["nnUNet_raw"] / f"Dataset{NEW_ID}_ExtNew"
     pre = dirs["nnUNet_preprocessed"] / new_raw.name
     init = next(pre.glob("extension_init_*.pth"))
     assert f"-pretrained_weights {init}" in proc.stdout
+    assert "-tr UniversalTrainer_ExtendNewParts" in proc.stdout
     return {"root": root, "dirs": dirs, "env": env, "train_env": train_env, "old_raw": old_raw,
-            "old_model": old_model, "new_raw": new_raw, "pre": pre, "init": init}
+            "old_model": old_model, "new_raw": new_raw, "pre": pre, "init": init, "extend_stdout": proc.stdout}
 
 
 def test_extended_dataset_keeps_old_ids_and_appends(extended):
     dj = json.loads((extended["new_raw"] / "dataset.json").read_text())
     assert dj["channel_names"] == {"0": "T1", "1": "T1c", "2": "T2", "3": "FLAIR", "4": "CT"}
     assert dj["labels"] == {"background": 0, "mr_a.ET": 1, "mr_b.NETC": 2, "mr_b.SNFH": 3, "mr_b.ET": 4,
-                            "ct.liver": 5, "ct.tumor": 6}
+                            "ct.liver": 5, "ct.tumor": 6, "mr_b.cavity": 7}
     uni = dj["universal"]
     assert list(uni["domains"]) == ["mr_a", "mr_b", "ct"]
     assert uni["domains"]["ct"]["labels"] == {"liver": 5, "tumor": 6}
+    # new data of the old domain mr_b: old ids kept, the new class appended; its old cases annotate the old classes
+    assert uni["domains"]["mr_b"]["labels"] == {"NETC": 2, "SNFH": 3, "ET": 4, "cavity": 7}
+    partial = uni["provenance"]["partial_annotation"]
+    assert partial == {"mr_b": {"classes": ["NETC", "SNFH", "ET"], "cases": ["mr_b_000", "mr_b_001", "mr_b_002"]}}
+    ext = sorted(c for c, i in uni["cases"].items() if i["domain"] == "mr_b" and c.startswith("mr_b_ext_"))
+    assert len(ext) == 3
+    train = next(c for c in ext if uni["cases"][c]["split"] == "train")
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(extended["new_raw"] / "labelsTr" / f"{train}.nii.gz")))
+    assert set(np.unique(lab[CAVITY]).tolist()) <= {2, 3, 4, 7} and (lab == 7).any()
     splits = json.loads((extended["new_raw"] / "splits_final.json").read_text())
     assert len(splits) == 1 and {"mr_a_000", "mr_b_000"} <= set(splits[0]["val"])
     ct_train = [c for c, i in uni["cases"].items() if i["domain"] == "ct" and i["split"] == "train"]
@@ -209,7 +260,7 @@ def test_initial_checkpoint_predicts_like_the_old_model_on_old_domains(extended)
         an = torch.tensor([[s in slots for s in [*OLD_SLOTS, "CT"]]])
         with torch.no_grad():
             a, b = old(xo, availability=ao), new(xn, availability=an)  # default: dataset-free, hard routing
-            assert b.shape[1] == a.shape[1] + 2
+            assert b.shape[1] == a.shape[1] + 3  # ct.liver, ct.tumor, mr_b.cavity
             torch.testing.assert_close(b[:, :a.shape[1]], a, atol=1e-4, rtol=1e-5)
             for d in (0, 1):  # oracle: each old domain's head
                 a = old(xo, domain=torch.tensor([d]), availability=ao)
@@ -250,7 +301,176 @@ def test_train_extension_with_pretrained_weights_and_predict_all_domains(extende
           "--disable-tta"], extended["env"])
     for case in cases:
         pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
-        assert set(np.unique(pred).tolist()) <= set(range(7))
+        assert set(np.unique(pred).tolist()) <= set(range(8))
         rec = json.loads((out / f"{case}.routing.json").read_text())
         assert list(rec["routing"]) == ["mr_a", "mr_b", "ct"]
         assert rec["slots"] == uni["cases"][case]["slots"]
+
+
+# ---- extension trainers ------------------------------------------------------------------------------------
+
+def _old_domain_inputs(extended, root: Path) -> tuple[Path, dict[str, str]]:
+    """imagesTr files of one old case per old domain in the extended dataset's channel numbering (own slots only)."""
+    raw = extended["new_raw"]
+    uni = json.loads((raw / "dataset.json").read_text())["universal"]
+    inputs = root / "old_domain_inputs"
+    cases = {"mr_a_001": "mr_a", "mr_b_002": "mr_b"}
+    if not inputs.is_dir():
+        inputs.mkdir()
+        for case in cases:
+            for ch, slot in enumerate(uni["slots"]):
+                if slot in uni["cases"][case]["slots"]:
+                    shutil.copy(raw / "imagesTr" / f"{case}_{ch:04d}.nii.gz", inputs / f"{case}_{ch:04d}.nii.gz")
+    return inputs, cases
+
+
+def _old_model_inputs(extended, root: Path, cases: dict[str, str]) -> Path:
+    """The same cases in the old model's channel numbering (4 slots)."""
+    raw = extended["old_raw"]
+    uni = json.loads((raw / "dataset.json").read_text())["universal"]
+    inputs = root / "old_model_inputs"
+    if not inputs.is_dir():
+        inputs.mkdir()
+        for case in cases:
+            for ch, slot in enumerate(uni["slots"]):
+                if slot in uni["cases"][case]["slots"]:
+                    shutil.copy(raw / "imagesTr" / f"{case}_{ch:04d}.nii.gz", inputs / f"{case}_{ch:04d}.nii.gz")
+    return inputs
+
+
+def test_new_parts_trainer_freezes_the_old_model_and_defaults_to_a_quarter_schedule(extended, monkeypatch):
+    """In process: the extension trainer starts from extend's checkpoint by itself, trains 25 % of nnU-Net's epochs
+    and, in new-parts mode, only the new slots' columns, new head channels and new gate rows."""
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as stock
+
+    from nnunet_universal.inference.checkpoints import load_checkpoint
+    from nnunet_universal.trainers.extension_trainer import UniversalTrainer_ExtendNewParts
+    from nnunet_universal.trainers.schedule import ENV_VAR
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(stock, "nnUNet_preprocessed", str(extended["dirs"]["nnUNet_preprocessed"]))
+    monkeypatch.setattr(stock, "nnUNet_results", str(extended["root"] / "inproc_results"))
+    plans = json.loads((extended["pre"] / f"{PLANS_NAME}.json").read_text())
+    plans["continue_training"] = False
+    dj = json.loads((extended["pre"] / "dataset.json").read_text())
+    tr = UniversalTrainer_ExtendNewParts(plans=plans, configuration="3d_fullres", fold=0, dataset_json=dj,
+                                         device=torch.device("cpu"))
+    tr.initialize()
+    assert tr.num_epochs == 250  # a quarter of nnU-Net's 1000
+    init = load_checkpoint(extended["init"])["network_weights"]
+    net = tr.network
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, init[k], rtol=0, atol=0)  # started from extend's checkpoint
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert {n.rsplit(".", 2)[0] for n in trained if n.startswith("heads.")} == {"heads.heads"}
+    assert {"router.gate.weight", "router.gate.bias"} <= trained and "router.log_scale" not in trained
+    assert len([n for n in trained if not n.startswith(("heads.", "router."))]) == 1  # the first convolution
+    # one step: frozen entries unchanged, the new slot's column and the new domain's gate row move
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    tr.on_train_start()
+    tr.on_epoch_start()
+    tr.on_train_epoch_start()
+    for _ in range(2):
+        tr.train_step(next(tr.dataloader_train))
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing trained"
+    ct = plans["universal"]["slots"].index("CT")
+    n_slots = len(plans["universal"]["slots"])
+    first = next(k for k in after if k.endswith("conv.weight") and after[k].shape[1] == n_slots)
+    old_cols = [i for i in range(after[first].shape[1]) if i != ct]
+    torch.testing.assert_close(after[first][:, old_cols], before[first][:, old_cols], rtol=0, atol=0)
+    torch.testing.assert_close(after["router.gate.weight"][:2, :-5], before["router.gate.weight"][:2, :-5],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(after["router.prototypes"][:2], before["router.prototypes"][:2], rtol=0, atol=0)
+    assert all(k.startswith(("heads.", "router.", "encoder.stages.0.0.convs.0")) or "decoder.encoder" in k
+               for k in changed), sorted(changed)
+    tr.on_train_end()
+
+
+def test_new_parts_extension_predicts_old_domains_as_before(extended):
+    """``nnUNetv2_train … -tr UniversalTrainer_ExtendNewParts`` (no -pretrained_weights: the trainer starts from
+    extend's checkpoint): mr_a's predictions are exactly the old model's; every old-domain scan is routed to the
+    domain the old model chose; evaluate runs on the extended model's predictions."""
+    proc = _run([_bin("nnUNetv2_train"), str(NEW_ID), "3d_fullres", "0", "-tr", "UniversalTrainer_ExtendNewParts",
+                 "-p", PLANS_NAME, "-device", "cpu"], extended["train_env"])
+    model = (extended["dirs"]["nnUNet_results"] / extended["new_raw"].name
+             / f"UniversalTrainer_ExtendNewParts__{PLANS_NAME}__3d_fullres")
+    log = next((model / "fold_0").glob("training_log_*.txt")).read_text()
+    assert "initial weights extension_init_" in log and "trainable=new" in log, proc.stdout[-2000:]
+    root = extended["root"]
+    inputs, cases = _old_domain_inputs(extended, root)
+    old_inputs = _old_model_inputs(extended, root, cases)
+    out_new, out_old = root / "pred_new_parts", root / "pred_old_model"
+    for m, i, o in ((model, inputs, out_new), (extended["old_model"], old_inputs, out_old)):
+        _run([_bin("nnunet-universal"), "predict", "-m", str(m), "-i", str(i), "-o", str(o), "-device", "cpu",
+              "--disable-tta"], extended["env"])
+        _run([_bin("nnunet-universal"), "predict", "-m", str(m), "-i", str(i), "-o", str(o) + "_oracle",
+              "-device", "cpu", "--disable-tta", "--domain", "mr_a"], extended["env"])
+    for case in cases:
+        new_rec = json.loads((out_new / f"{case}.routing.json").read_text())
+        old_rec = json.loads((out_old / f"{case}.routing.json").read_text())
+        assert new_rec["inferred_domain"] == old_rec["inferred_domain"]
+        for k, w in old_rec["routing"].items():  # the new domain takes at most e^-10 of the old domains' weight
+            assert abs(new_rec["routing"][k] - w) < 1e-3
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(out_new) + f"_oracle/{case}.nii.gz"))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(out_old) + f"_oracle/{case}.nii.gz"))
+        np.testing.assert_array_equal(a, b)  # mr_a's head and everything under it are frozen
+    gt = root / "gt_old_domains"
+    gt.mkdir(exist_ok=True)
+    for case in cases:
+        shutil.copy(extended["new_raw"] / "labelsTr" / f"{case}.nii.gz", gt / f"{case}.nii.gz")
+    _run([_bin("nnunet-universal"), "evaluate", str(out_new), "-d", str(NEW_ID), "--gt", str(gt), "-o",
+          str(root / "eval_new_parts")], extended["env"])
+    metrics = json.loads((root / "eval_new_parts" / "metrics.json").read_text())
+    assert set(metrics["domains"]) == {"mr_a", "mr_b"}
+
+
+def test_no_old_data_extension(extended):
+    """``extend --no-old-data``: only the new data (the old raw dataset is not read), the mode recorded in the
+    dataset, plans and model; ``UniversalTrainer_ExtendNoOldData`` distils the old heads; predict runs on every
+    domain."""
+    env = extended["env"]
+    old_raw = extended["old_raw"]
+    hidden = old_raw.with_name(old_raw.name + "_away")
+    old_raw.rename(hidden)  # the old data are not available
+    try:
+        proc = _run([_bin("nnunet-universal"), "extend", "-m", str(extended["old_model"]), str(CT_ID), "-d",
+                     str(NOOLD_ID), "-n", "ExtNoOld", "--holdout", "1", "-np", "1", "--no-old-data"], env)
+    finally:
+        hidden.rename(old_raw)
+    assert "NO-OLD-DATA" in proc.stdout and "-tr UniversalTrainer_ExtendNoOldData" in proc.stdout
+    raw = extended["dirs"]["nnUNet_raw"] / f"Dataset{NOOLD_ID}_ExtNoOld"
+    dj = json.loads((raw / "dataset.json").read_text())
+    uni = dj["universal"]
+    assert list(uni["domains"]) == ["mr_a", "mr_b", "ct"] and uni["slots"] == [*OLD_SLOTS, "CT"]
+    assert {i["domain"] for i in uni["cases"].values()} == {"ct"}
+    assert uni["provenance"]["mode"].startswith("no-old-data")
+    pre = extended["dirs"]["nnUNet_preprocessed"] / raw.name
+    plans = json.loads((pre / f"{PLANS_NAME}.json").read_text())
+    old_plans = json.loads((extended["old_model"] / "plans.json").read_text())
+    assert plans["universal"]["extension"]["mode"] == "no-old-data"
+    oc, nc = old_plans["configurations"]["3d_fullres"], plans["configurations"]["3d_fullres"]
+    assert nc["normalization_schemes"] == [*oc["normalization_schemes"], "CTNormalization"]
+    assert plans["foreground_intensity_properties_per_channel"]["0"] == \
+        old_plans["foreground_intensity_properties_per_channel"]["0"]
+    _run([_bin("nnUNetv2_train"), str(NOOLD_ID), "3d_fullres", "0", "-tr", "UniversalTrainer_ExtendNoOldData",
+          "-p", PLANS_NAME, "-device", "cpu"], extended["train_env"])
+    model = (extended["dirs"]["nnUNet_results"] / raw.name
+             / f"UniversalTrainer_ExtendNoOldData__{PLANS_NAME}__3d_fullres")
+    log = next((model / "fold_0").glob("training_log_*.txt")).read_text()
+    assert "no-old-data mode" in log and "soft targets" in log
+    assert json.loads((model / "plans.json").read_text())["universal"]["extension"]["mode"] == "no-old-data"
+    inputs, cases = _old_domain_inputs(extended, extended["root"])
+    ct_case = next(c for c, i in uni["cases"].items() if i["split"] == "test")
+    ct_slot = uni["slots"].index("CT")
+    shutil.copy(raw / "imagesTs" / f"{ct_case}_{ct_slot:04d}.nii.gz", inputs.parent / "noold_ct_0004.nii.gz")
+    out = extended["root"] / "pred_no_old"
+    _run([_bin("nnunet-universal"), "predict", "-m", str(model), "-i", str(inputs), "-o", str(out), "-device", "cpu",
+          "--disable-tta"], env)
+    ct_file = inputs.parent / "noold_ct_0004.nii.gz"
+    _run([_bin("nnunet-universal"), "predict", "-m", str(model), "--image", f"CT={ct_file}", "--case-id", "ct_case",
+          "-o", str(out), "-device", "cpu", "--disable-tta"], env)
+    for case in [*cases, "ct_case"]:
+        rec = json.loads((out / f"{case}.routing.json").read_text())
+        assert list(rec["routing"]) == ["mr_a", "mr_b", "ct"]

@@ -1,5 +1,11 @@
 """Re-exports for nnU-Net's trainer lookup (``nnUNet_extTrainer``); the classes live in nnunet_universal.trainers."""
 
+from nnunet_universal.trainers.extension_trainer import (  # noqa: F401
+    UniversalTrainer_Extend,
+    UniversalTrainer_ExtendNewParts,
+    UniversalTrainer_ExtendNewPartsHarmony,
+    UniversalTrainer_ExtendNoOldData,
+)
 from nnunet_universal.trainers.scheduled import nnUNetTrainerScheduled  # noqa: F401
 from nnunet_universal.trainers.universal_trainer import UniversalTrainer  # noqa: F401
 from nnunet_universal.trainers.variants import (  # noqa: F401

@@ -1,0 +1,388 @@
+"""Extension benchmark: grow a trained two-domain model by a third domain instead of training from scratch.
+
+    .venv/bin/python scripts/benchmark_extension.py --size small            # run (resumes; skips finished steps)
+    .venv/bin/python scripts/benchmark_extension.py --size tiny --work /tmp/ext_tiny --results /tmp/ext_res  # smoke
+    .venv/bin/python scripts/benchmark_extension.py --size small --report   # Markdown from the results JSON only
+
+The three synthetic brain MR domains of ``benchmark_accuracy.py``'s ``mr`` suite (BraTS-METS-like, UCSF-BMSR-like,
+BrainMetShare-like), through the commands a user runs, each as a subprocess:
+
+1. ``nnunet-universal synth`` / ``convert`` for each source; ``merge`` of the first two (the *old* dataset) and of
+   all three (the *joint* dataset, UCSF and BrainMetShare ET declared ``--identical`` as in the accuracy suite), both
+   with the same ``--holdout`` rule, so the held-out test cases are the same cases in every dataset;
+2. ``nnunet-universal plan`` of both (U-Net features cut as in the accuracy suite); ``nnunet-universal train`` of
+   the **old** model (UniversalTrainer, two domains) and of the **joint** model from scratch on all three, for the
+   same schedule ``NNUNET_UNIVERSAL_SCHEDULE`` (the from-scratch iterations);
+3. ``nnunet-universal extend -m OLD brainmetshare`` (and ``--no-old-data``), then ``nnunet-universal train`` of each
+   extension variant for ``EXT_FRACTION`` of the from-scratch epochs (at most 30 %): ``full``
+   (UniversalTrainer_Extend), ``new_parts`` (UniversalTrainer_ExtendNewParts), ``no_old_data``
+   (UniversalTrainer_ExtendNoOldData on the new data only); ``new_parts_harmony``
+   (UniversalTrainer_ExtendNewPartsHarmony) with ``--variants``;
+4. ``nnunet-universal predict`` (dataset-free) of every model on the held-out test cases of the domains it knows
+   (images linked by slot name into each model's channel numbering) and ``nnunet-universal evaluate``.
+
+Reported per variant: old-domain Dice before (the old model) and after the extension (forgetting), new-domain Dice
+against the joint model from scratch, the routing accuracy, and the compute (iterations, training wall time). The
+issue's goal: at <= 30 % of the from-scratch iterations, the new domain within 2 Dice points of from-scratch and every
+old domain within 1 point of its pre-extension Dice.
+
+Resumable: a model whose ``checkpoint_final.pth`` exists is not retrained (``--c`` after an interruption), an
+evaluation already in the results JSON is not redone. Every run entry records ``train_commit`` and
+``predict_commit`` (``git rev-parse HEAD``, ``-dirty`` with uncommitted changes in the package or scripts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_accuracy import _edit_features, _read_json, _write_json, _write_text, git_commit  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+RESULTS = REPO / "benchmarks" / "results"
+#: synthetic source -> (converted dataset id, domain name); the last one is the new domain
+SOURCES = {"brats-mets": (631, "brats_mets"), "ucsf-bmsr": (632, "ucsf_bmsr"), "brainmetshare": (633, "brainmetshare")}
+OLD_SOURCES, NEW_SOURCE = ("brats-mets", "ucsf-bmsr"), "brainmetshare"
+OLD_ID, JOINT_ID, EXT_ID, NOOLD_ID = 630, 634, 635, 636
+IDENTICAL = ["ucsf_bmsr.ET=brainmetshare.ET"]
+#: fraction of the from-scratch epochs an extension trains (the goal allows 30 %)
+EXT_FRACTION, EXT_MAX_FRACTION = 0.25, 0.30
+
+#: cases per domain, lesion scale, held-out cases per domain, from-scratch schedule (epochs, iterations, val
+#: iterations), U-Net features of the first stage. ``small``: about 40 core-minutes at one thread.
+SIZES = {
+    "tiny": {"cases": 5, "lesion_scale": 2.5, "holdout": 1, "schedule": (4, 2, 1), "base_features": 8},
+    "small": {"cases": 20, "lesion_scale": 2.5, "holdout": 10, "schedule": (30, 16, 2), "base_features": 16},
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    trainer: str
+    dataset: int
+    label: str
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("full", "UniversalTrainer_Extend", EXT_ID, "extension, everything trained (old data replayed)"),
+    Variant("new_parts", "UniversalTrainer_ExtendNewParts", EXT_ID, "extension, only the new parts trained"),
+    Variant("new_parts_harmony", "UniversalTrainer_ExtendNewPartsHarmony", EXT_ID,
+            "extension, new parts + U-Harmony parameters"),
+    Variant("no_old_data", "UniversalTrainer_ExtendNoOldData", NOOLD_ID,
+            "extension WITHOUT the old data (distillation from the old model)"),
+)}
+DEFAULT_VARIANTS = ("full", "new_parts", "no_old_data")
+
+
+def extension_epochs(epochs: int) -> int:
+    """Epochs of an extension: ``EXT_FRACTION`` of the from-scratch epochs, rounded up, never above 30 %."""
+    return max(1, min(math.ceil(epochs * EXT_FRACTION), math.floor(epochs * EXT_MAX_FRACTION)))
+
+
+class Bench:
+    """Paths, environment and command runner of one benchmark size."""
+
+    def __init__(self, work: Path, size: str, threads: int, device: str, results: Path) -> None:
+        self.work, self.size, self.cfg = work, size, SIZES[size]
+        self.threads, self.device = threads, device
+        self.raw, self.pre, self.res = work / "nnUNet_raw", work / "nnUNet_preprocessed", work / "nnUNet_results"
+        self.results_json = results / f"extension_{size}.json"
+        self.plans = "nnUNetUniversalPlans" + ("" if self.cfg["base_features"] == 32 else
+                                               f"_f{self.cfg['base_features']}")
+
+    def schedule(self, extension: bool) -> tuple[int, int, int]:
+        e, i, v = self.cfg["schedule"]
+        return (extension_epochs(e) if extension else e), i, v
+
+    def env(self, extension: bool = False) -> dict[str, str]:
+        from nnunet_universal.discovery import ext_trainer_value
+
+        e = dict(os.environ)
+        s = self.schedule(extension)
+        e.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.pre), nnUNet_results=str(self.res),
+                 nnUNet_compile="f", nnUNet_def_n_proc="1", NNUNET_UNIVERSAL_FP_SAMPLES="20000",
+                 NNUNET_UNIVERSAL_SCHEDULE=f"{s[0]}:{s[1]}:{s[2]}", NNUNET_UNIVERSAL_VAL_MIRRORING="0",
+                 OMP_NUM_THREADS=str(self.threads), nnUNet_n_proc_DA="0",
+                 nnUNet_extTrainer=ext_trainer_value(os.environ.get("nnUNet_extTrainer", "")))
+        return e
+
+    def run(self, cmd: list[str], log: str, extension: bool = False) -> float:
+        """Run a CLI command (output appended to logs/{log}.log); return its wall time in seconds."""
+        logf = self.work / "logs" / f"{log}.log"
+        logf.parent.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        with open(logf, "a") as f:
+            f.write(f"\n$ {' '.join(cmd)}\n")
+            f.flush()
+            rc = subprocess.run(cmd, env=self.env(extension), stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {rc}); see {logf}")
+        return time.perf_counter() - t
+
+    def dataset(self, did: int) -> Path:
+        return next(self.raw.glob(f"Dataset{did}_*"))
+
+
+NU = str(BIN / "nnunet-universal")
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+
+def prepare(b: Bench) -> None:
+    """synth -> convert (three sources) -> merge old (two) and joint (three) -> plan both (features cut)."""
+    cfg = b.cfg
+    for i, src in enumerate(SOURCES):
+        did, _ = SOURCES[src]
+        native = b.work / "native" / src
+        if not (native / ".done").is_file():
+            b.run([NU, "synth", src, "-o", str(native), "--cases", str(cfg["cases"]), "--seed", str(i),
+                   "--lesion-scale", str(cfg["lesion_scale"])], "prepare")
+            (native / ".done").touch()
+        if not list(b.raw.glob(f"Dataset{did}_*")):
+            top = next(p for p in native.iterdir() if p.is_dir())
+            # synth writes BrainMetShare's true spacing (spacing_mm.json), which convert reads
+            b.run([NU, "convert", src, str(top), "-d", str(did), "-j", "1"], "prepare")
+    for did, name, sources, identical in ((OLD_ID, "ExtBenchOld", OLD_SOURCES, []),
+                                          (JOINT_ID, "ExtBenchJoint", tuple(SOURCES), IDENTICAL)):
+        if not list(b.raw.glob(f"Dataset{did}_*")):
+            b.run([NU, "merge", *[str(SOURCES[s][0]) for s in sources], "-d", str(did), "-n", name,
+                   *(["--identical", *identical] if identical else []), "--holdout", str(cfg["holdout"]), "-j", "1"],
+                  "prepare")
+        pre = b.pre / b.dataset(did).name
+        if not (pre / "nnUNetUniversalPlans.json").is_file() or not (pre / "gt_segmentations").is_dir():
+            b.run([NU, "plan", "-d", str(did), "-np", "1"], "prepare")
+        _edit_features(pre / "nnUNetUniversalPlans.json", b.plans, cfg["base_features"])
+
+
+def model_dir(b: Bench, did: int, trainer: str) -> Path:
+    return b.res / b.dataset(did).name / f"{trainer}__{b.plans}__3d_fullres"
+
+
+def train(b: Bench, did: int, trainer: str, log: str, extension: bool = False) -> Path:
+    """``nnunet-universal train DID 3d_fullres 0`` (``--c`` after an interruption); skipped when finished. Adds its
+    wall time and commit to ``state/{log}.json``."""
+    model = model_dir(b, did, trainer)
+    if (model / "fold_0" / "checkpoint_final.pth").is_file():
+        return model
+    cont = ["--c"] if (model / "fold_0" / "checkpoint_latest.pth").is_file() else []
+    cmd = [NU, "train", str(did), "3d_fullres", "0", "-tr", trainer, "-p", b.plans, "-device", b.device, *cont]
+    print(f"[{time.strftime('%H:%M:%S')}] train {log}{' (continued)' if cont else ''}", flush=True)
+    commit = git_commit()
+    wall = b.run(cmd, log, extension)
+    state = b.work / "state" / f"{log}.json"
+    prev = _read_json(state, {"wall_s": 0.0, "sessions": 0, "commits": []})
+    e, i, _ = b.schedule(extension)
+    _write_json(state, {"wall_s": prev["wall_s"] + wall, "sessions": prev["sessions"] + 1, "command": " ".join(cmd),
+                        "commits": list(dict.fromkeys([*prev["commits"], commit])), "epochs": e, "iterations": e * i})
+    return model
+
+
+def extend(b: Bench, old_model: Path, did: int, no_old_data: bool) -> None:
+    if list(b.raw.glob(f"Dataset{did}_*")) and (b.pre / b.dataset(did).name / "extension.json").is_file():
+        return
+    b.run([NU, "extend", "-m", str(old_model), str(SOURCES[NEW_SOURCE][0]), "-d", str(did), "-n",
+           "ExtBenchNoOld" if no_old_data else "ExtBenchExt", "--holdout", str(b.cfg["holdout"]), "-np", "1",
+           *(["--no-old-data"] if no_old_data else [])], "prepare")
+
+
+# ---- predict, evaluate ---------------------------------------------------------------------------------------
+
+def _link_inputs(b: Bench, did: int, domains: list[str], out: Path) -> Path:
+    """The joint dataset's held-out cases of ``domains``, linked into dataset ``did``'s channel numbering."""
+    joint = b.dataset(JOINT_ID)
+    jdj = _read_json(joint / "dataset.json")
+    slots = _read_json(b.dataset(did) / "dataset.json")["universal"]["slots"]
+    if out.is_dir():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for case, info in sorted(jdj["universal"]["cases"].items()):
+        if info["split"] != "test" or info["domain"] not in domains:
+            continue
+        for slot in info["slots"]:
+            if slot in slots:
+                src = joint / "imagesTs" / f"{case}_{jdj['universal']['slots'].index(slot):04d}{jdj['file_ending']}"
+                os.link(src, tmp / f"{case}_{slots.index(slot):04d}{jdj['file_ending']}")
+    tmp.rename(out)
+    return out
+
+
+def evaluate(b: Bench, name: str, model: Path, did: int, domains: list[str], state_logs: list[str]) -> None:
+    """Predict (dataset-free) and evaluate ``model`` on the test cases of ``domains``; record it."""
+    results = _read_json(b.results_json, {})
+    if name in results.get("runs", {}):
+        return
+    print(f"[{time.strftime('%H:%M:%S')}] predict {name}", flush=True)
+    inputs = _link_inputs(b, did, domains, b.work / "inputs" / f"{b.dataset(did).name}_{'_'.join(domains)}")
+    out = b.work / "predictions" / name
+    shutil.rmtree(out, ignore_errors=True)
+    predict_commit = git_commit()
+    wall = b.run([NU, "predict", "-m", str(model), "-i", str(inputs), "-o", str(out), "-f", "0", "-device",
+                  b.device, "--disable-tta"], f"{name}_predict")
+    gt = b.work / "gt" / name
+    shutil.rmtree(gt, ignore_errors=True)
+    gt.mkdir(parents=True)
+    joint = b.dataset(JOINT_ID)
+    own = b.dataset(did)
+    for f in sorted(out.glob("*.nii.gz")):  # the model's own dataset's labels (its union ids)
+        src = own / "labelsTs" / f.name
+        os.link(src if src.is_file() else joint / "labelsTs" / f.name, gt / f.name)
+    b.run([NU, "evaluate", str(out), "-d", str(did), "--gt", str(gt), "-o", str(out / "evaluation")],
+          f"{name}_evaluate")
+    metrics = _read_json(out / "evaluation" / "metrics.json")
+    states = [_read_json(b.work / "state" / f"{s}.json") for s in state_logs]
+    states = [s for s in states if s]
+    cases = [{"case": c["case"], "domain": c["domain"], "mean_dice": c["mean_dice"],
+              "routing": (c.get("routing") or {}).get("inferred_domain")} for c in metrics["cases"]]
+    entry = {"variant": name, "model": str(model.relative_to(b.work)), "dataset": did,
+             "iterations": [s["iterations"] for s in states], "epochs": [s["epochs"] for s in states],
+             "train_wall_s": [s["wall_s"] for s in states],
+             "train_commit": ",".join(dict.fromkeys(c for s in states for c in s["commits"])) or "unknown",
+             "predict_commit": predict_commit, "predict_wall_s": wall, "cases": cases}
+    results = _read_json(b.results_json, {})
+    results.setdefault("runs", {})[name] = entry
+    results["config"] = {"size": b.size, **b.cfg, "schedule": list(b.cfg["schedule"]),
+                         "extension_schedule": list(b.schedule(True)), "plans": b.plans, "threads": b.threads,
+                         "device": b.device, "old_domains": [SOURCES[s][1] for s in OLD_SOURCES],
+                         "new_domain": SOURCES[NEW_SOURCE][1]}
+    results.setdefault("machine", {})[platform.node()] = f"{platform.platform()}, {os.cpu_count()} cores"
+    _write_json(b.results_json, results)
+
+
+def run(b: Bench, variants: list[str]) -> None:
+    prepare(b)
+    old_domains = [SOURCES[s][1] for s in OLD_SOURCES]
+    new_domain = SOURCES[NEW_SOURCE][1]
+    old = train(b, OLD_ID, "UniversalTrainer", "old")
+    evaluate(b, "old", old, OLD_ID, old_domains, ["old"])
+    joint = train(b, JOINT_ID, "UniversalTrainer", "joint")
+    evaluate(b, "joint", joint, JOINT_ID, [*old_domains, new_domain], ["joint"])
+    for name in variants:
+        v = VARIANTS[name]
+        try:
+            extend(b, old, v.dataset, no_old_data=v.dataset == NOOLD_ID)
+            model = train(b, v.dataset, v.trainer, name, extension=True)
+            evaluate(b, name, model, v.dataset, [*old_domains, new_domain], ["old", name])
+        except RuntimeError as e:  # one failing variant must not stop the others; a rerun retries it
+            print(f"variant {name} failed: {e}", flush=True)
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+
+def _domain_dice(entry: dict, domain: str) -> float | None:
+    vals = [c["mean_dice"] for c in entry["cases"] if c["domain"] == domain and c["mean_dice"] is not None
+            and not math.isnan(c["mean_dice"])]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _routing(entry: dict, domain: str) -> str:
+    rows = [c for c in entry["cases"] if c["domain"] == domain and c["routing"] is not None]
+    return f"{sum(c['routing'] == domain for c in rows)}/{len(rows)}" if rows else "–"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _delta(a: float | None, b: float | None) -> str:
+    return "–" if a is None or b is None else f"{100 * (a - b):+.1f}"
+
+
+def report(results: dict) -> str:
+    """Markdown: per variant old-domain Dice before/after, new-domain Dice vs from scratch, compute, goals."""
+    cfg, runs = results["config"], results["runs"]
+    old_domains, new = cfg["old_domains"], cfg["new_domain"]
+    scratch_iters = cfg["schedule"][0] * cfg["schedule"][1]
+    before, joint = runs.get("old"), runs.get("joint")
+    commits = sorted({c for r in runs.values() for c in [*r["train_commit"].split(","), r["predict_commit"]]})
+    lines = [f"# Extension benchmark ({cfg['size']}): {len(old_domains)} old domains + {new}", "",
+             f"From scratch: {cfg['schedule'][0]} epochs x {cfg['schedule'][1]} iterations = {scratch_iters} "
+             f"iterations (old model on {', '.join(old_domains)}; joint model on all three). Extensions: "
+             f"{cfg['extension_schedule'][0]} epochs x {cfg['extension_schedule'][1]} = "
+             f"{cfg['extension_schedule'][0] * cfg['extension_schedule'][1]} iterations. Dice % per domain: mean over "
+             f"its held-out test cases ({cfg['holdout']} per domain) of the case's mean Dice over its classes, "
+             f"dataset-free (routing by the gate). {cfg['threads']} thread(s), {cfg['device']}. "
+             f"Commits: {', '.join(commits)}.", ""]
+    head = ["model", "iterations (% of scratch)", "train wall s",
+            *[f"{d} Dice (Δ vs before)" for d in old_domains], f"{new} Dice (Δ vs scratch)", "routing (test cases)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = ["old", "joint", *[v for v in VARIANTS if v in runs]]
+    labels = {"old": "old model (before the extension)", "joint": "joint model from scratch (all three)",
+              **{k: v.label for k, v in VARIANTS.items()}}
+    goals = []
+    for name in order:
+        r = runs.get(name)
+        if r is None:
+            continue
+        ext = name not in ("old", "joint")
+        it = r["iterations"][-1] if r["iterations"] else 0
+        cells = [labels[name], f"{it} ({100 * it / scratch_iters:.0f} %)" + (" + old model's" if ext else ""),
+                 f"{r['train_wall_s'][-1]:.0f}" if r["train_wall_s"] else "–"]
+        for d in old_domains:
+            v = _domain_dice(r, d)
+            ref = _domain_dice(before, d) if before and name != "old" else None
+            cells.append(_pct(v) + (f" ({_delta(v, ref)})" if ref is not None else ""))
+        v = _domain_dice(r, new)
+        ref = _domain_dice(joint, new) if joint and name != "joint" else None
+        cells.append("–" if name == "old" else _pct(v) + (f" ({_delta(v, ref)})" if ref is not None else ""))
+        domains = old_domains + ([] if name == "old" else [new])
+        cells.append(", ".join(f"{d} {_routing(r, d)}" for d in domains))
+        lines.append("| " + " | ".join(cells) + " |")
+        if ext and before and joint:
+            forget = [(d, _domain_dice(r, d), _domain_dice(before, d)) for d in old_domains]
+            ok_old = all(a is not None and b is not None and a >= b - 0.01 for _, a, b in forget)
+            vn, vj = _domain_dice(r, new), _domain_dice(joint, new)
+            ok_new = vn is not None and vj is not None and vn >= vj - 0.02
+            ok_it = it <= 0.3 * scratch_iters
+            goals.append(f"- {labels[name]}: {'≤' if ok_it else '>'} 30 % of the iterations; new domain "
+                         f"{'within' if ok_new else 'NOT within'} 2 points of from scratch ({_delta(vn, vj)}); old "
+                         f"domains {'all within' if ok_old else 'NOT all within'} 1 point of before ("
+                         + ", ".join(f"{d} {_delta(a, b)}" for d, a, b in forget) + ")")
+    lines += ["", "Goals (issue 19: ≤ 30 % of the from-scratch iterations, new domain within 2 Dice points of "
+              "from scratch, every old domain within 1 point of its pre-extension Dice):", "", *goals, ""]
+    if "no_old_data" in runs:
+        lines += ["The no-old-data variant trains on the new domain's data only (the old cases never seen by the "
+                  "extension; the old model's head outputs on the new scans are the old heads' targets).", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="small",
+                   help="small: the benchmark (about 40 core-minutes at one thread); tiny: a smoke test of the script")
+    p.add_argument("--work", type=Path, default=None, help="work folder (default bench_work/extension_<size>)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
+                   help="extension variants to train, in this order")
+    p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of every subprocess")
+    p.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of extension_<size>.json/.md")
+    p.add_argument("--report", action="store_true", help="only (re)write the Markdown from the JSON")
+    args = p.parse_args()
+    work = (args.work or REPO / "bench_work" / f"extension_{args.size}").resolve()
+    b = Bench(work, args.size, args.threads, args.device, args.results.resolve())
+    if not args.report:
+        t0 = time.perf_counter()
+        run(b, args.variants)
+        print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if not b.results_json.is_file():
+        sys.exit(f"{b.results_json} does not exist (run the benchmark first)")
+    md = b.results_json.with_suffix(".md")
+    _write_text(md, report(_read_json(b.results_json)))
+    print(f"wrote {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
