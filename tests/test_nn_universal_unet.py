@@ -18,7 +18,7 @@ from nnunet_universal.nn.availability import derive_availability
 from nnunet_universal.nn.gating import DomainRouter, all_reduce_prototype_stats
 from nnunet_universal.nn.harmony import HarmonyNorm
 from nnunet_universal.nn.heads import MIN_PROBABILITY
-from nnunet_universal.nn.universal_unet import TrainOutput, UniversalUNet, build_universal_network
+from nnunet_universal.nn.universal_unet import TrainOutput, UniversalUNet, build_universal_network, style_vector
 
 DATA = Path(__file__).parent / "data"
 # fixture domains (tests/data/plans_*.json): brats_mets -> [1, 2, 3], ucsf_bmsr -> [4], lits -> [5, 6]
@@ -395,7 +395,7 @@ def test_gate_style_statistics_from_harmony_norm_equal_the_direct_computation():
     x = torch.randn(2, 8, 12, 12) * 3 + 5
     norm0(x)
     net._style_from_norm(0, norm0, (x,), None)
-    from_norm = net._styles[0].clone()
+    from_norm = style_vector(net._styles[0]).clone()  # HarmonyNorm's (mean, rstd) as (mean, log-std)
     net._style_hook(0, norm0, (x,))
     torch.testing.assert_close(net._styles[0], from_norm, rtol=1e-5, atol=1e-5)
     flat = x.flatten(2)

@@ -90,6 +90,38 @@ def _gate_embedding_before(pooled, styles, availability):
     return torch.cat([F.normalize(p.float(), dim=1) for p in parts], dim=1) / math.sqrt(len(parts))
 
 
+def _embedding_before(pooled, styles, availability):
+    """phi as before the op-count work: each HarmonyNorm's (mean, sigma = 1 / rstd) as (mean, log(sigma)), then the
+    per-part F.normalize."""
+    def vec(st):
+        if not isinstance(st, tuple):
+            return st
+        mean, rstd = st
+        return torch.cat([mean.flatten(1), torch.log(rstd.flatten(1).reciprocal())], dim=1)
+
+    return _gate_embedding_before(pooled, [vec(st) for st in styles], availability)
+
+
+def test_harmony_gate_embedding_equals_the_per_part_normalization():
+    from nnunet_universal.nn.universal_unet import harmony_gate_embedding
+
+    gen = torch.Generator().manual_seed(1)
+    pooled = torch.randn(3, 16, generator=gen, requires_grad=True)
+    stats = [(torch.randn(3, c, 1, generator=gen) * s, torch.rand(3, c, 1, generator=gen) * 3 + 0.01)
+             for c, s in ((4, 5.0), (4, 1.0), (8, 0.1), (16, 30.0))]
+    avail = torch.tensor([[1, 0, 1], [1, 1, 1], [0, 0, 1]], dtype=torch.float32)
+    pooled_ref = pooled.detach().clone().requires_grad_(True)
+    new, ref = harmony_gate_embedding(pooled, stats, avail), _embedding_before(pooled_ref, stats, avail)
+    torch.testing.assert_close(new, ref, rtol=1e-6, atol=1e-7)
+    w = torch.randn(new.shape, generator=gen)
+    (new * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(pooled.grad, pooled_ref.grad, rtol=1e-5, atol=1e-7)
+    zero = harmony_gate_embedding(torch.zeros(2, 16), [(m[:2], r[:2]) for m, r in stats], avail[:2])
+    torch.testing.assert_close(zero, _embedding_before(torch.zeros(2, 16), [(m[:2], r[:2]) for m, r in stats],
+                                                       avail[:2]))
+
+
 def test_gate_embedding_equals_the_per_part_normalization():
     gen = torch.Generator().manual_seed(0)
     pooled = torch.randn(3, 16, generator=gen, requires_grad=True)
@@ -113,7 +145,7 @@ def test_training_gradients_match_the_replaced_gate_embedding(monkeypatch):
 
     new, ref = {}, {}
     got = _fingerprint(new)
-    monkeypatch.setattr(universal_unet, "gate_embedding", _gate_embedding_before)
+    monkeypatch.setattr(universal_unet, "_embedding", _embedding_before)
     want = _fingerprint(ref)
     assert new.keys() == ref.keys()
     for name, g in ref.items():
@@ -194,3 +226,30 @@ def test_grouped_loss_names_the_case_with_a_label_its_domain_lacks():
     target[1, 0, 0, 0] = 9  # beyond the label table
     with pytest.raises(ValueError, match=r"case_b.*\[9\]"):
         PartialLabelLoss(label_ids, 4, [1.0])(out, [target], domain, ["case_a", "case_b"])
+
+
+def test_single_head_equals_the_one_hot_mixture():
+    """Hard routing and oracle prediction use one head (``DomainHeads.single``): bit-identical to the mixture with
+    one-hot weights; through the network's context too."""
+    net = _small_net()
+    _perturb(net)
+    net.eval()
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, sum(net.heads.sizes), 6, 5, generator=gen)
+    for d in range(net.num_domains):
+        weights = F.one_hot(torch.tensor([d, d]), net.num_domains).float()
+        assert torch.equal(net.heads.single(logits, d), net.heads.mix(logits, weights))
+    x = _input((1, 5, 32, 32), seed=2)
+    with torch.no_grad():
+        for d in range(net.num_domains):
+            one_hot = F.one_hot(torch.tensor(d), net.num_domains).float()
+            want = net(x, routing=one_hot[None])
+            net.set_context(routing=one_hot)
+            assert net._single == d
+            assert len(want) > 1 and all(map(torch.equal, net(x), want))  # every deep-supervision scale
+            net.set_context(domain=d)
+            assert all(map(torch.equal, net(x), want))
+        net.set_context(routing=torch.tensor([0.2, 0.3, 0.5]))
+        assert net._single is None
+        assert all(map(torch.equal, net(x), net(x, routing=torch.tensor([[0.2, 0.3, 0.5]]))))
+        net.clear_context()

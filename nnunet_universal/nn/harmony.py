@@ -103,6 +103,29 @@ def _basis_as(module: nn.Module, dtype: torch.dtype) -> Tensor:
     return cached[1]
 
 
+def _derived(module: nn.Module, name: str, params: tuple[Tensor, ...], make: Any) -> Any:
+    """``make()``, a value derived from ``params`` only (polynomial coefficients in the monomial basis, ``w + eps``).
+
+    While gradients are recorded it is computed on every call (it is part of the graph); without (inference,
+    validation) it is kept on the module until one of ``params`` changes (version counter, storage, dtype, device):
+    a sliding window then dispatches it once per case instead of once per tile (host time on a GPU).
+    """
+    if torch.is_grad_enabled():
+        return make()
+    key = (tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params), torch.is_inference_mode_enabled())
+    cache = module.__dict__.setdefault("_derived_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        hit = cache[name] = (key, make())
+    return hit[1]
+
+
+def stats_bc1(t: Tensor, batch: int) -> Tensor:
+    """Per-(sample, channel) statistics (B, C, 1), as the fast paths return them, or (B*C, 1) (eager path) as
+    (B, C, 1); a view only when needed."""
+    return t if t.ndim == 3 else t.view(batch, -1, 1)
+
+
 def _check_order(order: int) -> None:
     if not 1 <= order <= MAX_ORDER:
         raise ValueError(f"harmony order J must be in 1..{MAX_ORDER}, got {order}")
@@ -119,8 +142,10 @@ class HarmonyNorm(nn.Module):
     that with all ``lambda = 0`` this module *is* nnU-Net's ``InstanceNorm{2,3}d(C, eps, affine=True)``.
 
     A drop-in for ``norm_op`` of dynamic-network-architectures: ``HarmonyNorm(num_channels, **norm_op_kwargs)``.
-    With ``keep_stats`` set, the last forward's statistics ``(mean, sigma)``, each ``(B, C)`` and detached,
-    are kept in ``last_stats`` for the matching :class:`HarmonyRestore`.
+    With ``keep_stats`` set, the last forward's statistics are kept for the matching :class:`HarmonyRestore` and
+    the gate's style statistics: ``stats`` = ``(mean, rstd)`` as the autograd function returned them (non-
+    differentiable; ``(B, C, 1)``, or ``(B*C, 1)`` on the eager path: see :func:`stats_bc1`), and
+    ``last_stats`` = ``(mean, sigma)``, each ``(B, C)``, made from them when read (``sigma = 1 / rstd``).
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, order: int = DEFAULT_ORDER,
@@ -143,7 +168,20 @@ class HarmonyNorm(nn.Module):
         self.register_buffer("basis_coef", basis_matrix(list(range(2, order + 1)), basis) if use_poly else None,
                              persistent=False)
         self.keep_stats = False
-        self.last_stats: tuple[Tensor, Tensor] | None = None
+        self.stats: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def last_stats(self) -> tuple[Tensor, Tensor] | None:
+        """``(mean, sigma)`` of the last forward's input, each ``(B, C)`` (None before, or after clearing)."""
+        if self.stats is None:
+            return None
+        mean, rstd = self.stats
+        b = mean.shape[0] if mean.ndim == 3 else mean.shape[0] // self.num_channels
+        return mean.view(b, -1), rstd.view(b, -1).reciprocal()
+
+    @last_stats.setter
+    def last_stats(self, value: tuple[Tensor, Tensor] | None) -> None:
+        self.stats = None if value is None else (value[0], value[1].reciprocal())
 
     def extra_repr(self) -> str:
         poly = f"{self.basis} basis" if self.poly_weight is not None else "off"
@@ -153,12 +191,14 @@ class HarmonyNorm(nn.Module):
         if x.ndim < 3:
             raise ValueError(f"HarmonyNorm expects (B, C, *spatial), got shape {tuple(x.shape)}")
         out_dtype = _norm_output_dtype(x)
-        coef = None if self.poly_weight is None else self.poly_weight @ _basis_as(self, self.poly_weight.dtype)
+        coef = None
+        if self.poly_weight is not None:
+            coef = _derived(self, "coef", (self.poly_weight,),
+                            lambda: self.poly_weight @ _basis_as(self, self.poly_weight.dtype))
         out, mean, rstd = HarmonyNormFunction.apply(x, self.weight, self.bias, coef, self.eps, self.poly_limit,
                                                      out_dtype)
-        if self.keep_stats:
-            b, c = x.shape[:2]
-            self.last_stats = (mean.view(b, c), rstd.view(b, c).reciprocal())
+        if self.keep_stats:  # kept as returned: readers view them as they need (host time per layer)
+            self.stats = (mean, rstd)
         return out
 
 
@@ -218,16 +258,33 @@ class HarmonyRestore(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
-        """x: (B, C, *spatial); mu, sigma: (B, C) statistics of the matching encoder stage."""
-        if mu.shape != x.shape[:2] or sigma.shape != x.shape[:2]:
+        """x: (B, C, *spatial); mu, sigma: (B, C) (or (B, C, 1)) statistics of the matching encoder stage."""
+        if tuple(mu.shape) not in (tuple(x.shape[:2]), (*x.shape[:2], 1)) or sigma.shape != mu.shape:
             raise ValueError(f"HarmonyRestore: statistics {tuple(mu.shape)} do not match features {tuple(x.shape)}")
+        return self._restore(x, mu, sigma)
+
+    def from_stats(self, x: Tensor, stats: tuple[Tensor, Tensor]) -> Tensor:
+        """:meth:`forward` with a :class:`HarmonyNorm`'s ``stats`` ``(mean, rstd)`` (``sigma = 1 / rstd``)."""
+        b = x.shape[0]
+        mean, rstd = (stats_bc1(t, b) for t in stats)
+        if mean.shape[:2] != x.shape[:2]:
+            raise ValueError(f"HarmonyRestore: statistics {tuple(mean.shape)} do not match features "
+                             f"{tuple(x.shape)}")
+        return self._restore(x, mean, rstd.reciprocal())
+
+    def _restore(self, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
         out_dtype = _output_dtype(x)
         qcoef = rcoef = None
         if self.gamma is not None:
-            basis = _basis_as(self, self.gamma.dtype)
-            qcoef, rcoef = self.gamma @ basis, self.delta @ basis
+            qcoef, rcoef = _derived(self, "coef", (self.gamma, self.delta), self._coefs)
+        # w + eps made here (once per case at inference): the function gets eps = 0 and adds nothing
+        w_eps = _derived(self, "w_eps", (self.weight,), lambda: self.weight + self.eps)
         # the statistics enter detached (HarmonyNorm's are non-differentiable already: no detach dispatched then)
         mu, sigma = (t.detach() if t.requires_grad else t for t in (mu, sigma))
-        return HarmonyRestoreFunction.apply(x, mu, sigma, self.weight, self.bias, qcoef, rcoef,
-                                             self.mix, self.eps, self.poly_limit, self.min_denominator, out_dtype,
+        return HarmonyRestoreFunction.apply(x, mu, sigma, w_eps, self.bias, qcoef, rcoef,
+                                             self.mix, 0.0, self.poly_limit, self.min_denominator, out_dtype,
                                              self.denominator_bound)
+
+    def _coefs(self) -> tuple[Tensor, Tensor]:
+        basis = _basis_as(self, self.gamma.dtype)
+        return self.gamma @ basis, self.delta @ basis

@@ -73,6 +73,12 @@ def _as3(stat: Tensor, batch: int) -> Tensor:
     return stat if stat.ndim == 3 else stat.view(batch, -1, 1)
 
 
+def _stat3(stat: Tensor, cd: torch.dtype) -> Tensor:
+    """Per-(sample, channel) statistics (B, C) or (B, C, 1) as (B, C, 1) in the compute dtype (the fused path)."""
+    stat = stat.to(cd)
+    return stat.unsqueeze(-1) if stat.ndim == 2 else stat
+
+
 def _rows_of(x: Tensor) -> tuple[Tensor, int, int]:
     """(B, C, *spatial) -> contiguous (B*C, N) view, B, N."""
     b, c = x.shape[:2]
@@ -151,8 +157,8 @@ class HarmonyNormFunction(torch.autograd.Function):
                 fused = harmony_fused.run("norm_forward", x2.view(batch, -1, n), _per_channel(weight, cd),
                                           _per_channel(bias, cd), None if coef is None else coef.to(cd), eps, limit,
                                           out_dtype)
-                if fused is not None:
-                    mean, rstd = fused[1].view(rows, 1), fused[2].view(rows, 1)
+                if fused is not None:  # statistics kept (B, C, 1) as returned (readers view them as needed)
+                    mean, rstd = fused[1], fused[2]
                     ctx.save_for_backward(x, mean, rstd, weight, coef)
                     ctx.limit = limit
                     ctx.mark_non_differentiable(mean, rstd)
@@ -213,12 +219,10 @@ class HarmonyNormFunction(torch.autograd.Function):
             x2, batch, n = _rows_of(x)
             g2 = grad_out.contiguous().view(x2.shape)
             rows = x2.shape[0]
-            if mean.ndim == 3:  # (B, C, 1) from the C++ forward
-                mean, rstd = mean.view(rows, 1), rstd.view(rows, 1)
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
                 fused = harmony_fused.run("norm_backward", x2.view(batch, -1, n), g2.view(batch, -1, n),
-                                          mean.view(batch, -1, 1), rstd.view(batch, -1, 1),
-                                          _per_channel(weight, cd), dcoef_c, limit)
+                                          _as3(mean, batch), _as3(rstd, batch), _per_channel(weight, cd), dcoef_c,
+                                          limit)
                 if fused is not None:
                     need = ctx.needs_input_grad
                     return (fused[0].view(x.shape),
@@ -226,6 +230,8 @@ class HarmonyNormFunction(torch.autograd.Function):
                             fused[2].sum(0).to(weight.dtype) if need[2] else None,
                             fused[3].sum(0).to(coef.dtype) if coef is not None and need[3] else None,
                             None, None, None)
+            if mean.ndim == 3:  # (B, C, 1) from the C++ or fused forward
+                mean, rstd = mean.view(rows, 1), rstd.view(rows, 1)
             w = _per_row(weight, batch, cd)
             dcoef = None
             if coef is not None:  # P'(u) = sum_k k coef_k u^(k-1)
@@ -288,7 +294,8 @@ class HarmonyRestoreFunction(torch.autograd.Function):
     @staticmethod
     def _params(weight: Tensor, bias: Tensor, gamma: Tensor | None, delta: Tensor | None, eps: float,
                 batch: int, cd: torch.dtype, min_den: float, bound: float) -> dict[str, Tensor]:
-        p = {"w_eps": _per_row(weight, batch, cd) + eps, "b": _per_row(bias, batch, cd)}
+        w = _per_row(weight, batch, cd)
+        p = {"w_eps": w + eps if eps else w, "b": _per_row(bias, batch, cd)}
         p["far"] = p["w_eps"].abs() > bound + min_den
         if gamma is not None and delta is not None:
             p["gamma"], p["delta"] = _per_row(gamma, batch, cd), _per_row(delta, batch, cd)
@@ -298,7 +305,8 @@ class HarmonyRestoreFunction(torch.autograd.Function):
     def _channel_params(weight: Tensor, bias: Tensor, gamma: Tensor | None, delta: Tensor | None,
                         mix: Tensor | None, eps: float, cd: torch.dtype) -> tuple[Tensor | None, ...]:
         """(w + eps, b, gamma, delta, mix) per channel for the fused path ((C, 1) / (C, K))."""
-        return (_per_channel(weight, cd) + eps, _per_channel(bias, cd),
+        w = _per_channel(weight, cd)
+        return (w + eps if eps else w, _per_channel(bias, cd),
                 None if gamma is None or delta is None else gamma.to(cd),
                 None if gamma is None or delta is None else delta.to(cd),
                 None if mix is None else _per_channel(mix, cd))
@@ -310,7 +318,7 @@ class HarmonyRestoreFunction(torch.autograd.Function):
         read them flat, so no (C, 1) views are made (host time per layer)."""
         f32 = torch.float32
         w = weight if weight.dtype == f32 else weight.to(f32)
-        return (w + eps, bias, gamma if gamma is not None and delta is not None else None,
+        return (w + eps if eps else w, bias, gamma if gamma is not None and delta is not None else None,
                 delta if gamma is not None and delta is not None else None, mix)
 
     @staticmethod
@@ -373,8 +381,8 @@ class HarmonyRestoreFunction(torch.autograd.Function):
             cd = _compute_dtype(x)
             x2, batch, n = _rows_of(x)
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
-                y = harmony_fused.run("restore_forward", x2.view(batch, -1, n), mu.to(cd).unsqueeze(-1),
-                                      sigma.to(cd).unsqueeze(-1), *HarmonyRestoreFunction._channel_params(
+                y = harmony_fused.run("restore_forward", x2.view(batch, -1, n), _stat3(mu, cd),
+                                      _stat3(sigma, cd), *HarmonyRestoreFunction._channel_params(
                                           weight, bias, gamma, delta, mix, eps, cd),
                                       limit, min_den, bound, out_dtype)
                 if y is not None:
@@ -429,7 +437,7 @@ class HarmonyRestoreFunction(torch.autograd.Function):
             rows = x2.shape[0]
             if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
                 fused = harmony_fused.run("restore_backward", x2.view(batch, -1, n), g2.view(batch, -1, n),
-                                          mu.to(cd).unsqueeze(-1), sigma.to(cd).unsqueeze(-1),
+                                          _stat3(mu, cd), _stat3(sigma, cd),
                                           *HarmonyRestoreFunction._channel_params(weight, bias, gamma, delta, mix,
                                                                                   eps, cd),
                                           limit, min_den, bound)

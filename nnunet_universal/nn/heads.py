@@ -59,6 +59,8 @@ class DomainHeads(nn.Module):
         # derived from the constructor arguments: not part of the state dict
         self.register_buffer("union_map", union_map, persistent=False)
         self.register_buffer("channel_domain", channel_domain, persistent=False)
+        self.offsets = [sum(self.sizes[:d]) for d in range(len(self.sizes))]
+        self._single_maps: dict[tuple[int, torch.device], Tensor] = {}
 
     def logits(self, feat: Tensor, scale: int) -> Tensor:
         """feat: (B, C_s, *s) decoder features of DS scale ``scale`` (0 = highest resolution) -> (B, sum(1+K_d), *s)."""
@@ -80,6 +82,27 @@ class DomainHeads(nn.Module):
             probs.mul_(w.view(*w.shape, *([1] * (logits.ndim - 2))))
             union = torch.matmul(self.union_map, probs.flatten(2))  # (U, S) @ (B, S, N) -> (B, U, N)
             return union.clamp_min_(MIN_PROBABILITY).log_().view(logits.shape[0], -1, *logits.shape[2:])
+
+
+    def single(self, logits: Tensor, domain: int) -> Tensor:
+        """:meth:`mix` with all weight on ``domain`` (hard routing, oracle): that head alone, the same values
+        (every union channel of the mixture is one head probability times 1, or 0) with a third of the operations.
+        """
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            part = logits.narrow(1, self.offsets[domain], self.sizes[domain])
+            probs = torch.softmax(part if part.dtype == torch.float32 else part.float(), dim=1)
+            union = torch.matmul(self._single_map(domain, logits.device), probs.flatten(2))  # (B, U, N)
+            return union.clamp_min_(MIN_PROBABILITY).log_().view(logits.shape[0], -1, *logits.shape[2:])
+
+    def _single_map(self, domain: int, device: torch.device) -> Tensor:
+        """The (U, 1 + K_d) columns of ``union_map`` of one domain, made once per device."""
+        key = (domain, device)
+        m = self._single_maps.get(key)
+        if m is None:
+            with torch.inference_mode(False):  # a normal tensor even when first made under inference mode
+                m = self._single_maps[key] = self.union_map.narrow(1, self.offsets[domain],
+                                                                   self.sizes[domain]).to(device).contiguous()
+        return m
 
 
 def marginal_logits(union_logits: Tensor, label_ids: Sequence[int]) -> Tensor:

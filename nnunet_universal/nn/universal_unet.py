@@ -35,7 +35,7 @@ from nnunet_universal.metadata import NetworkOptions, read_plans_universal
 from nnunet_universal.nn.availability import derive_availability
 from nnunet_universal.nn.encoding_cache import CachedEncoding, EncodingCache
 from nnunet_universal.nn.gating import DomainRouter, uniform_routing
-from nnunet_universal.nn.harmony import MAX_ORDER, STABLE_MAX_ORDER, HarmonyNorm, HarmonyRestore
+from nnunet_universal.nn.harmony import MAX_ORDER, STABLE_MAX_ORDER, HarmonyNorm, HarmonyRestore, stats_bc1
 from nnunet_universal.nn.heads import DomainHeads, validate_domains
 from nnunet_universal.nn.injection import encoder_stage_scopes, inject_harmony
 from nnunet_universal.nn.prompts import ModalityPrompt, TaskPrompt
@@ -179,6 +179,58 @@ def gate_embedding(pooled: Tensor, styles: list[Tensor | None], availability: Te
     return v / norms.index_select(1, index) / math.sqrt(len(sizes))
 
 
+def harmony_gate_embedding(pooled: Tensor, stats: list[tuple[Tensor, Tensor]], availability: Tensor) -> Tensor:
+    """:func:`gate_embedding` from HarmonyNorm statistics: ``stats`` = ``(mean, rstd)`` (B, C_i, 1) per style
+    normalization (log-std = -log(rstd)); availability (B, C) float. The same phi to float round-off in a dozen
+    operations whatever the number of stages (host time): one concatenation of the statistics, one log selected
+    where the rstd are, one concatenation with the rest, and the per-part normalization as two matrix products
+    (sums of squares per part; each part's norm back onto its entries, with the log-std's sign and the 1/2 of
+    the four parts folded in: exact, every column has one entry +-2).
+    """
+    b = pooled.shape[0]
+    layout = _harmony_layout(tuple(int(m.shape[1]) for m, _ in stats), int(pooled.shape[1]),
+                             int(availability.shape[1]), pooled.device)
+    raw = torch.cat([t for pair in stats for t in pair], dim=1)  # (B, S, 1): mean_0, rstd_0, mean_1, rstd_1, ...
+    styles = torch.where(layout[0], raw.log(), raw).view(b, -1)  # log(rstd) = -log-std: the sign is in layout[2]
+    v = torch.cat([_float(pooled), styles, _float(availability)], dim=1)
+    norms = torch.mm(v * v, layout[1]).clamp_min(1e-24).sqrt()  # (B, 4)
+    return v / torch.mm(norms, layout[2])
+
+
+_HARMONY_LAYOUTS: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _harmony_layout(style_channels: tuple[int, ...], pooled: int, slots: int,
+                    device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(rstd entries (S, 1) bool, part membership (F, 4), signed part expansion (4, F)) of
+    :func:`harmony_gate_embedding`, made once per layout."""
+    key = (style_channels, pooled, slots, device)
+    layout = _HARMONY_LAYOUTS.get(key)
+    if layout is None:
+        with torch.inference_mode(False):  # normal tensors even when first made under inference mode
+            is_log = torch.cat([torch.arange(2 * c) >= c for c in style_channels]).unsqueeze(1)
+            sizes = (pooled, 2 * style_channels[0], 2 * sum(style_channels[1:]), slots)
+            member, _ = _segments(sizes, device)
+            sign = torch.cat([torch.ones(pooled), torch.where(is_log[:, 0], -1.0, 1.0), torch.ones(slots)])
+            expand = member.T.cpu() * (sign * math.sqrt(len(sizes)))  # sqrt(4) = 2: exact
+            layout = _HARMONY_LAYOUTS[key] = (is_log.to(device), member, expand.contiguous().to(device))
+    return layout
+
+
+def _embedding(pooled: Tensor, styles: list[Any], availability: Tensor) -> Tensor:
+    """phi from the recorded styles: HarmonyNorm statistics (tuples) or InstanceNorm style vectors (B, 2 C)."""
+    if styles and all(isinstance(st, tuple) for st in styles):
+        return harmony_gate_embedding(pooled, styles, availability)
+    return gate_embedding(pooled, [style_vector(st) for st in styles], availability)
+
+
+def style_vector(style: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """A recorded style as (B, 2 C) (mean, log-std): HarmonyNorm statistics (mean, rstd) are converted."""
+    if isinstance(style, tuple):
+        return torch.cat([style[0].flatten(1), style[1].log().neg().flatten(1)], dim=1)
+    return style
+
+
 _SEGMENT_CACHE: dict[tuple, tuple[Tensor, Tensor]] = {}
 
 
@@ -288,6 +340,9 @@ class UniversalUNet(nn.Module):
                 self.task_prompt = TaskPrompt(encoder.output_channels[-1], self.num_domains, options.prompt_hidden)
             self.heads.apply(InitWeights_He(1e-2))
         self._context: dict[str, Any] = {}
+        self._fitted: dict[tuple, Tensor] = {}  # the context's tensors as forward(x) uses them, per batch size
+        self._single: int | None = None  # the context routes every sample to this one domain (host-side)
+        self._mask_memo: tuple | None = None
         self._encoding_cache: EncodingCache | None = None
         # style statistics of the style normalizations' inputs, for the gate's embedding (gated nets only: HarmonyNorm
         # computes them anyway, an InstanceNorm needs an extra reduction per forward that nothing else needs)
@@ -305,11 +360,11 @@ class UniversalUNet(nn.Module):
 
     # ---- nnU-Net integration ---------------------------------------------------------------------------
     def _restore_hook(self, stage: int, enc_stage: int, module: nn.Module, args: Any, output: Tensor) -> Tensor:
-        stats = self._stat_norms[enc_stage].last_stats
-        if stats is None or stats[0].shape[0] != output.shape[0]:
+        stats = self._stat_norms[enc_stage].stats
+        if stats is None or stats_bc1(stats[0], output.shape[0]).shape[:2] != output.shape[:2]:
             raise RuntimeError("HarmonyRestore found no encoder statistics for this batch; call the decoder "
                                "through UniversalUNet.forward / forward_train")
-        return self.restores[str(stage)](output, *stats)
+        return self.restores[str(stage)].from_stats(output, stats)
 
     def _style_hook(self, index: int, module: nn.Module, args: Any) -> None:
         """Per-channel mean and log-std of a style normalization's input (B, 2 C): the appearance that instance
@@ -323,16 +378,17 @@ class UniversalUNet(nn.Module):
         self._styles[index] = torch.cat([mean.squeeze(2), 0.5 * torch.log(var + 1e-5)], dim=1)
 
     def _style_from_norm(self, index: int, module: nn.Module, args: Any, output: Tensor) -> None:
-        """The same statistics, as a HarmonyNorm computed them: (mean, sqrt(var + eps)) of its input."""
+        """The same statistics, as a HarmonyNorm computed them: (mean, 1 / sqrt(var + eps)) of its input, kept as
+        they are; :func:`harmony_gate_embedding` turns all of them into (mean, log-std) at once."""
         if not self._record_styles:
             return
-        mean, sigma = module.last_stats
-        self._styles[index] = torch.cat([_plain(mean), torch.log(_plain(sigma))], dim=1)
+        b = args[0].shape[0]
+        self._styles[index] = tuple(_plain(stats_bc1(t, b)) for t in module.stats)
 
     def _clear_stats(self) -> None:
         for norm in self._stat_norms:
             if norm is not None:
-                norm.last_stats = None
+                norm.stats = None
 
     # ---- context for nnU-Net's predictor, which calls network(x) -------------------------------------
     def set_context(self, domain: int | None = None, routing: Tensor | None = None,
@@ -350,10 +406,18 @@ class UniversalUNet(nn.Module):
                              f"expected {self.num_slots}")
         self._context = {"domain": None if domain is None else int(domain), "routing": routing,
                          "availability": availability}
+        self._fitted = {}
+        self._single = None if domain is None else int(domain)
+        if routing is not None:  # one-hot for every sample (hard routing): that head alone (one look per case)
+            rows = routing.detach().reshape(-1, self.num_domains).tolist()
+            if all(r == rows[0] for r in rows) and sorted(rows[0]) == [0.0] * (self.num_domains - 1) + [1.0]:
+                self._single = rows[0].index(1.0)
 
     def clear_context(self) -> None:
         """Back to dataset-free inference with availability derived from the input."""
         self._context = {}
+        self._fitted = {}
+        self._single = None
 
     @property
     def context(self) -> dict[str, Any]:
@@ -373,8 +437,8 @@ class UniversalUNet(nn.Module):
     def _caching(self) -> bool:
         return self._encoding_cache is not None and not self.training and not torch.is_grad_enabled()
 
-    def _resolve(self, x: Tensor, domain: Tensor | None, routing: Tensor | None,
-                 availability: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    def _resolve(self, x: Tensor, domain: Tensor | None, routing: Tensor | None, availability: Tensor | None,
+                 context_weights: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor]:
         b = x.shape[0]
         if x.ndim < 3 or x.shape[1] != self.num_slots:
             raise ValueError(
@@ -384,28 +448,45 @@ class UniversalUNet(nn.Module):
                 f"all-zero image on the case's grid); 'nnunet-universal predict' fills missing slots itself")
         if domain is not None and routing is not None:
             raise ValueError("forward: give either domain (oracle) or routing, not both")
-        if domain is None and routing is None:
+        if domain is None and routing is None and context_weights:
             if self._context.get("domain") is not None:
-                domain = torch.full((b,), self._context["domain"], dtype=torch.long, device=x.device)
+                domain = self._from_context("domain", b, x.device)
             elif self._context.get("routing") is not None:
-                routing = self._context["routing"]
-        # each step only when it changes something: the context's tensors already fit every sliding-window tile
+                routing = self._from_context("routing", b, x.device)
+        # each step only when it changes something (the context's tensors are fitted once per batch size)
         if routing is not None:
             routing = _fit(routing, x.device, torch.float32, (b, self.num_domains))
         if domain is not None:
             domain = _fit(torch.as_tensor(domain, device=x.device), x.device, torch.long, (b,))
         if availability is None:
-            availability = self._context.get("availability")
+            availability = self._from_context("availability", b, x.device)
         if availability is None:
             availability = derive_availability(x)
         availability = _fit(availability, x.device, torch.bool, (b, self.num_slots))
         return domain, routing, availability
 
+    def _from_context(self, name: str, b: int, device: torch.device) -> Tensor | None:
+        """The context's ``name`` as ``forward`` uses it for a batch of ``b`` on ``device``, made once."""
+        value = self._context.get(name)
+        if value is None:
+            return None
+        key = (name, b, device, torch.is_inference_mode_enabled())
+        fitted = self._fitted.get(key)
+        if fitted is None:
+            if name == "domain":
+                fitted = torch.full((b,), value, dtype=torch.long, device=device)
+            elif name == "routing":
+                fitted = _fit(value, device, torch.float32, (b, self.num_domains))
+            else:
+                fitted = _fit(value, device, torch.bool, (b, self.num_slots))
+            self._fitted[key] = fitted
+        return fitted
+
     # ---- building blocks -----------------------------------------------------------------------------
     def _encode(self, x: Tensor, availability: Tensor, need_phi: bool = True) -> tuple[list[Tensor], Tensor | None]:
         """x: (B, C, *spatial) -> encoder skips (bottleneck last) and the gate's embedding phi (B, F); phi is None
         when not ``need_phi`` (a forward whose domain or routing is given: neither styles nor phi are computed)."""
-        mask = availability.to(x.dtype).view(*availability.shape, *([1] * (x.ndim - 2)))
+        avail_f, mask = self._slot_mask(availability, x)
         x = x * mask  # missing slots are zero inside the network, whatever preprocessing made of them
         if self.modality_prompt is not None:
             x = self.modality_prompt(x, availability)
@@ -418,9 +499,26 @@ class UniversalUNet(nn.Module):
         phi = None
         if need_phi:
             pooled = _float(skips[-1]).mean(dim=tuple(range(2, x.ndim)))
-            phi = gate_embedding(pooled, self._styles, availability) if self.router is not None else pooled
+            phi = _embedding(pooled, self._styles, avail_f) if self.router is not None else pooled
         self._styles = [None] * len(self._styles)
         return skips, phi
+
+    def _slot_mask(self, availability: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(availability (B, C) as float32, as x's dtype viewed (B, C, 1, ...)); without gradients made once per
+        availability tensor (a sliding window passes the same one for every tile)."""
+        key = None
+        if not torch.is_grad_enabled():  # the memo holds the tensor: its storage cannot be reused by another
+            key = (availability.data_ptr(), tuple(availability.shape), availability.stride(), availability.device,
+                   x.dtype, x.ndim, torch.is_inference_mode_enabled())
+            memo = self._mask_memo
+            if memo is not None and memo[0] == key:
+                return memo[2], memo[3]
+        avail_f = availability.to(torch.float32)
+        mask = avail_f if x.dtype == torch.float32 else availability.to(x.dtype)
+        mask = mask.view(*availability.shape, *([1] * (x.ndim - 2)))
+        if key is not None:
+            self._mask_memo = (key, availability, avail_f, mask)
+        return avail_f, mask
 
     def _decode(self, skips: list[Tensor]) -> list[Tensor]:
         """Decoder outputs as a list, highest resolution first (one entry when deep supervision is off)."""
@@ -447,7 +545,7 @@ class UniversalUNet(nn.Module):
         try:
             skips, phi = self._encode(x, availability)
             if self._caching() and x.shape[0] == 1:
-                stats = [None if n is None else n.last_stats for n in self._stat_norms]
+                stats = [None if n is None else n.stats for n in self._stat_norms]
                 self._encoding_cache.store(CachedEncoding(x, availability, skips, phi, stats))
         finally:
             self._clear_stats()
@@ -479,19 +577,27 @@ class UniversalUNet(nn.Module):
             if domain is None:
                 raise ValueError("forward(train=True) needs the true domain of every sample")
             return self._forward_train(x, domain, availability)
-        domain, routing, availability = self._resolve(x, domain, routing, availability)
+        # the context routes every sample to one domain (oracle, hard routing): that head alone, no weights
+        single = None
+        if domain is None and routing is None and not self.union_head and self.task_prompt is None:
+            single = self._single
+        domain, routing, availability = self._resolve(x, domain, routing, availability,
+                                                      context_weights=single is None)
         hit = self._encoding_cache.take(x, availability) if self._caching() else None
         if hit is not None:
             skips, phi = list(hit.skips), hit.phi
             for norm, st in zip(self._stat_norms, hit.stats, strict=True):
                 if norm is not None:
-                    norm.last_stats = st
+                    norm.stats = st
         else:  # phi only serves the gate's routing: unused when the domain or the routing is given
-            need_phi = domain is None and routing is None and not self.union_head
+            need_phi = domain is None and routing is None and single is None and not self.union_head
             skips, phi = self._encode(x, availability, need_phi=need_phi)
         if self.union_head:
             out = self._decode(skips)
             return out if self.decoder.deep_supervision else out[0]
+        if single is not None:
+            outs = [self.heads.single(self.heads.logits(f, i), single) for i, f in enumerate(self._decode(skips))]
+            return outs if self.decoder.deep_supervision else outs[0]
         weights = self._weights(phi, domain, routing)
         if self.task_prompt is not None:
             skips[-1] = self.task_prompt(skips[-1], weights)
