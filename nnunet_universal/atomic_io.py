@@ -54,9 +54,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False
         raise
 
 
-def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int = 2) -> None:
-    """JSON (no trailing newline, like ``json.dump``) written atomically, durably and with the umask's mode."""
-    atomic_write_bytes(Path(path), json.dumps(obj, indent=indent).encode(), fsync=True)
+def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int = 2, fsync: bool = True) -> None:
+    """JSON (no trailing newline, like ``json.dump``) written atomically, durably (unless ``fsync`` is False) and
+    with the umask's mode."""
+    atomic_write_bytes(Path(path), json.dumps(obj, indent=indent).encode(), fsync=fsync)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:

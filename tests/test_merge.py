@@ -86,9 +86,9 @@ def test_merge_full(raw, capsys):
         lab_file = folder / lab_dir / f"{cid}.nii.gz"
         for i, slot in enumerate(meta.slots):
             f = folder / img_dir / f"{cid}_{i:04d}.nii.gz"
-            if slot in info.slots:  # the converted file itself (hard link), byte for byte
+            if slot in info.slots:  # the converted file, byte for byte, in a copy of its own (never a hard link)
                 src = src_folder / "imagesTr" / f"{src_prov['case']}_{src_meta.slots.index(slot):04d}.nii.gz"
-                assert f.read_bytes() == src.read_bytes() and f.stat().st_ino == src.stat().st_ino
+                assert f.read_bytes() == src.read_bytes() and f.stat().st_ino != src.stat().st_ino
             else:  # zero-filled with the case's geometry
                 z, lab = sitk.ReadImage(str(f)), sitk.ReadImage(str(lab_file))
                 assert not sitk.GetArrayViewFromImage(z).any() and z.GetSize() == lab.GetSize()

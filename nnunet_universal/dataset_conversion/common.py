@@ -1,8 +1,9 @@
-"""Shared plumbing of ``convert`` and ``merge``: errors, atomic file writes, fingerprints, output folders.
+"""Shared plumbing of ``convert`` and ``merge``: errors, fingerprints, output folders and their state folder.
 
 Every output file is first written under the dataset's hidden state folder (``.nnunet_universal/tmp``, same
-file system) and then moved into place with :func:`os.replace`, so a reader never sees a half-written file
-and nnU-Net's file listing (which would pick up any ``*.nii.gz`` in ``imagesTr``) never sees a temp file.
+file system) and then moved into place with :func:`os.replace` (:mod:`.volume_io`), so a reader never sees a
+half-written file and nnU-Net's file listing (which would pick up any ``*.nii.gz`` in ``imagesTr``) never sees a
+temp file; a run's leftover temp files are dropped when the next run starts (:meth:`Layout.prepare`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,9 @@ import logging
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import SimpleITK as sitk
 
 logger = logging.getLogger(__name__)
 
@@ -227,77 +224,3 @@ class Layout:
     def finish(self) -> None:
         """Drop the (empty) temp folder at the end of a successful run."""
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-# ---- atomic writes ----------------------------------------------------------------------------------
-
-def _tmp_name(tmp_dir: Path, final: Path) -> Path:
-    return tmp_dir / f"{uuid.uuid4().hex}_{final.name}"
-
-
-def atomic_write_image(img: sitk.Image, final: Path, tmp_dir: Path) -> None:
-    """Write ``img`` compressed to ``final`` through a temp file in ``tmp_dir`` (same file system)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(tmp_dir, final)
-    try:
-        sitk.WriteImage(img, str(tmp), True)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_copy(src: Path, final: Path, tmp_dir: Path) -> None:
-    """Copy the bytes of ``src`` to ``final`` atomically (source untouched, metadata not copied)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(tmp_dir, final)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_link_or_copy(src: Path, final: Path, tmp_dir: Path) -> str:
-    """Hard-link ``src`` to ``final`` (atomic: link a temp name, then rename); copy where linking fails.
-
-    Returns ``"hardlink"`` or ``"copy"``.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(tmp_dir, final)
-    try:
-        try:
-            os.link(src, tmp)
-            how = "hardlink"
-        except OSError:  # other file system, or links not permitted
-            shutil.copyfile(src, tmp)
-            how = "copy"
-        os.replace(tmp, final)
-        return how
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def zeros_like(ref: sitk.Image) -> sitk.Image:
-    """A uint8 all-zero image with ``ref``'s size, spacing, origin and direction (a missing slot)."""
-    z = sitk.Image(ref.GetSize(), sitk.sitkUInt8)
-    z.CopyInformation(ref)
-    return z
-
-
-def zero_template(ref: sitk.Image, layout: Layout) -> Path:
-    """A cached zero-filled file for ``ref``'s geometry (one per geometry; cases hard-link it)."""
-    key = digest([list(ref.GetSize()), list(ref.GetSpacing()), list(ref.GetOrigin()), list(ref.GetDirection())])
-    path = layout.zeros / f"zeros_{key}{FILE_ENDING}"
-    if not path.exists():
-        atomic_write_image(zeros_like(ref), path, layout.tmp)
-    return path
-
-
-def array_to_image(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
-    """Wrap a (z, y, x) array into an image with ``ref``'s geometry."""
-    img = sitk.GetImageFromArray(arr)
-    img.CopyInformation(ref)
-    return img

@@ -6,16 +6,17 @@ normalization and MR slots z-score), union labels ``domain.class`` (:mod:`.union
 ``{domain}_{case}``, ``splits_final.json`` (:mod:`.splits`), ``provenance.json`` (per case: source files, sha256,
 what was done) and dataset.json with the ``universal`` block (written last).
 
-Images are **hard links** to the converted datasets' files (a copy where linking fails, e.g. across file systems),
-not references through nnU-Net's ``dataset`` key. Links and the key write no image bytes: placing the 67 images of
-``scripts/benchmark_conversion.py``'s set (133 MB) took 0.8 ms by linking vs 104 ms by copying (the dataset key:
-0), against 0.61 s for the whole merge, which is spent on reading, checking and re-writing labels, checksums and
-markers. So the choice is made on validity, not speed: only real files give a self-contained standard folder
-(``nnUNetv2_predict -i imagesTs``, the evaluation of ``labelsTs`` and every tool that lists ``imagesTr`` work
-unchanged), and the dataset survives the source datasets being moved, reconverted (conversion replaces files, so
-links keep the old, checksummed bytes, and the changed stat marks the case stale) or deleted. Labels are always
-rewritten in union ids (linked when the ids do not change); missing slots are zero-filled NIfTI files with the case's
-geometry (one shared file per geometry, linked).
+Images are **copies** of the converted datasets' files (real files, not references through nnU-Net's ``dataset``
+key, and no longer hard links): only real files give a self-contained standard folder (``nnUNetv2_predict -i
+imagesTs``, the evaluation of ``labelsTs`` and every tool that lists ``imagesTr`` work unchanged) that survives the
+source datasets being moved, reconverted or deleted, and a copy, unlike a hard link, cannot be changed by a later
+write to the converted dataset's file or change it. Copying costs little: placing the 67 images of
+``scripts/benchmark_conversion.py``'s set (133 MB) took 0.10 s by copying vs 0.8 ms by linking, against the
+decompression every validating step needs. Each input file is read once: its bytes give the sha256 recorded in
+provenance.json and the copy; an image whose sha256 equals the one its converter recorded (the file it wrote after
+validating it) is not decompressed again, any other is integrity-checked (gzip CRC, header data size). Labels are
+always decompressed and checked, and rewritten in union ids (copied when the ids do not change); missing slots are
+zero-filled NIfTI files with the case's geometry.
 Resume and atomicity work as in conversion (:mod:`.writer`): markers per case, dataset.json written last.
 Re-merging into an existing merged dataset is a no-op or a resume when inputs and options are unchanged; a merge
 that would renumber its classes/channels, or change a dataset that was already planned or trained, needs
@@ -24,6 +25,7 @@ that would renumber its classes/channels, or change a dataset that was already p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,15 +41,11 @@ from nnunet_universal.dataset_conversion.common import (
     SKIP_HINT,
     ConversionError,
     Layout,
-    array_to_image,
-    atomic_link_or_copy,
-    atomic_write_image,
     check_case_id,
     dataset_folder,
     digest,
     sha256_file,
     stat_fingerprint,
-    zero_template,
 )
 from nnunet_universal.dataset_conversion.inputs import case_files, load_inputs, resolve_dataset
 from nnunet_universal.dataset_conversion.runner import (
@@ -62,10 +60,19 @@ from nnunet_universal.dataset_conversion.spec import LabelTable
 from nnunet_universal.dataset_conversion.splits import choose_holdout, fold_notes, make_splits
 from nnunet_universal.dataset_conversion.union import build_label_union, merged_slots
 from nnunet_universal.dataset_conversion.validation import check_geometry, normalize_label
+from nnunet_universal.dataset_conversion.volume_io import (
+    image_from_array,
+    read_bytes,
+    read_file,
+    write_bytes,
+    write_image,
+    write_zeros,
+)
 from nnunet_universal.metadata import CaseInfo, DomainInfo, UniversalMeta
+from nnunet_universal.nifti_integrity import CorruptImageError, is_nifti, verify_nifti_bytes
 
 logger = logging.getLogger(__name__)
-MERGE_VERSION = 1
+MERGE_VERSION = 2  # 2: images copied (were hard links), files integrity-checked
 CHANNEL_ORDER_DOC = "canonical order of nnunet_universal.registry.SLOTS restricted to the merged slots"
 
 
@@ -84,6 +91,7 @@ class MergeJob:
     union_names: list[str]
     key: str
     origin: dict[str, str] = field(default_factory=dict)  # source dataset and case id (provenance)
+    expected: dict[str, str] = field(default_factory=dict)  # input file -> sha256 its converter recorded
 
     def sources(self) -> dict[str, str]:
         """The input files this case is made of, keyed as in provenance.json (``image:SLOT``, ``label``)."""
@@ -113,43 +121,95 @@ def _reader(path: str, case: str) -> sitk.ImageFileReader:
     return r
 
 
+def _reconvert(e: ConversionError, folder_hint: str) -> ConversionError:
+    return ConversionError(e.problem, case=e.case, file=e.file, fix=f"reconvert the source dataset with "
+                                                                    f"'nnunet-universal convert' ({folder_hint})")
+
+
+def _read_checked(path: str, case: str, expected: str | None) -> tuple[bytes, str, bool]:
+    """An input file's bytes and sha256, read once, and whether they are exactly the bytes its converter recorded
+    (``expected``: the sha256 of the file it wrote after validating it). Others are integrity-checked here."""
+    data = read_bytes(path, case)
+    sha = hashlib.sha256(data).hexdigest()
+    recorded = sha == expected
+    if not recorded and is_nifti(path):
+        try:
+            verify_nifti_bytes(path, data, keep=False)
+        except CorruptImageError as e:
+            raise _reconvert(ConversionError(f"cannot be read: it is truncated or corrupt ({e.problem})", case=case,
+                                             file=path), "or restore the file") from None
+    return data, sha, recorded
+
+
 def merge_case(job: MergeJob) -> Outcome:
-    """Check one case's geometry and label ids, then link/write its files and its marker."""
+    """Check one case's files (integrity, geometry, label ids), then copy/write its files and its marker.
+
+    Every input file is read once. The label is always decoded and checked (integrity, ids). An image whose
+    sha256 is the one its converter recorded (``job.expected``: the file it wrote after validating it) is not
+    decompressed again, and when the label is also as recorded, both lie on the case's reference grid by
+    construction; any other image is integrity-checked and its geometry compared with the label's. Outputs are
+    copies written from the bytes read (never hard links: a later write to one dataset cannot change the other).
+    """
     layout, cid = Layout(Path(job.root)), job.case_id
-    try:
-        seg = sitk.ReadImage(job.label)
-    except RuntimeError:
-        raise ConversionError("cannot be read as an image", case=cid, file=job.label,
-                              fix="reconvert the source dataset with 'nnunet-universal convert'") from None
-    for slot in job.case_slots:
-        check_geometry(seg, job.label, _reader(job.images[slot], cid), job.images[slot], cid)
-    table = LabelTable(classes=job.union_names, values=job.lut)
-    arr, unchanged = normalize_label(seg, table, cid, job.label,
+    lab_bytes = read_bytes(job.label, cid)
+    lab_sha = hashlib.sha256(lab_bytes).hexdigest()
+    lab_recorded = lab_sha == job.expected.get(job.label)
+    try:  # labels are always decoded (they are small): integrity and ids checked whatever the record says
+        label = read_file(job.label, cid, layout.tmp, lab_bytes, lab_sha)
+    except ConversionError as e:
+        raise _reconvert(e, "or restore the file") from None
+    if len(label.volumes) != 1:
+        raise ConversionError(f"is 4D with {len(label.volumes)} volumes, expected one 3D label map", case=cid,
+                              file=job.label, fix="reconvert the source dataset with 'nnunet-universal convert'")
+    seg = label.volumes[0]
+    arr, unchanged = normalize_label(seg, LabelTable(classes=job.union_names, values=job.lut), cid, job.label,
                                      fix="the label file holds ids its dataset.json does not declare: reconvert "
                                          "that dataset with 'nnunet-universal convert'")
     img_dir, lab_dir = ("imagesTr", "labelsTr") if job.split == "train" else ("imagesTs", "labelsTs")
     outputs: dict[str, str] = {}
+    out_sha: dict[str, str] = {}
+    src_sha: dict[str, str] = {"label": lab_sha}
     for i, slot in enumerate(job.slots):
         rel = f"{img_dir}/{cid}_{i:04d}{FILE_ENDING}"
-        if slot in job.case_slots and job.images[slot].endswith(FILE_ENDING):
-            outputs[rel] = atomic_link_or_copy(Path(job.images[slot]), layout.root / rel, layout.tmp)
-        elif slot in job.case_slots:  # another file format: re-encode as .nii.gz
-            atomic_write_image(sitk.ReadImage(job.images[slot]), layout.root / rel, layout.tmp)
-            outputs[rel] = "written"
-        else:
-            outputs[rel] = "zeros:" + atomic_link_or_copy(zero_template(seg, layout), layout.root / rel, layout.tmp)
+        final = layout.root / rel
+        if slot not in job.case_slots:
+            outputs[rel], out_sha[rel] = "zeros", write_zeros(seg, final, layout)
+            continue
+        path = job.images[slot]
+        if path.endswith(FILE_ENDING):
+            data, sha, recorded = _read_checked(path, cid, job.expected.get(path))
+            if not (recorded and lab_recorded):  # same converted case, both as validated: one grid by construction
+                check_geometry(seg, job.label, _reader(path, cid), path, cid)
+            outputs[rel], out_sha[rel] = "copy", write_bytes(data, final, layout.tmp, sha)
+        else:  # another file format: re-encode as .nii.gz
+            src = read_file(path, cid)
+            check_geometry(seg, job.label, src.volumes[0], path, cid)
+            sha = src.sha256
+            outputs[rel], out_sha[rel] = "written", write_image(src.volumes[0], final, layout.tmp)
+        src_sha[f"image:{slot}"] = sha
     rel = f"{lab_dir}/{cid}{FILE_ENDING}"
     if unchanged and job.label.endswith(FILE_ENDING):
-        outputs[rel] = atomic_link_or_copy(Path(job.label), layout.root / rel, layout.tmp)
+        outputs[rel], out_sha[rel] = "copy", write_bytes(lab_bytes, layout.root / rel, layout.tmp, lab_sha)
     else:
-        atomic_write_image(array_to_image(arr, seg), layout.root / rel, layout.tmp)
-        outputs[rel] = "remapped"
+        outputs[rel], out_sha[rel] = "remapped", write_image(image_from_array(arr, seg), layout.root / rel,
+                                                              layout.tmp, label=True)
     sources = job.sources()
     marker = {"key": job.key, "case": cid, "outputs": list(outputs),
               "provenance": {**job.origin, "split": job.split,
-                             "sources": {k: {"file": v, "sha256": sha256_file(v)} for k, v in sources.items()},
-                             "outputs": outputs, "label_map": {str(k): v for k, v in sorted(job.lut.items())}}}
+                             "sources": {k: {"file": v, "sha256": src_sha[k]} for k, v in sources.items()},
+                             "outputs": outputs, "sha256": out_sha,
+                             "label_map": {str(k): v for k, v in sorted(job.lut.items())}}}
     return finish_case(layout, cid, marker)
+
+
+def recorded_sha256(folder: Path) -> dict[str, str]:
+    """Output file -> sha256 as recorded by the converter (or merge) that wrote ``folder`` (its provenance.json);
+    empty where there is no such record."""
+    try:
+        cases = json.loads((folder / "provenance.json").read_text())["cases"]
+        return {str(folder / rel): sha for c in cases.values() for rel, sha in (c.get("sha256") or {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def merge_datasets(dataset_id: int, name: str, datasets: list[str], identical: list[str] | None = None,
@@ -215,6 +275,7 @@ def merge_datasets(dataset_id: int, name: str, datasets: list[str], identical: l
                "slots": list(slots) if slots else None, "holdout": int(holdout), "skip_bad": bool(skip_bad)}
 
     jobs, done = [], {}
+    recorded = {folder: recorded_sha256(folder) for folder, _, _ in inputs}
     for mid, (folder, dj, meta, case) in planned.items():
         info = meta.cases[case]
         images, label = case_files(folder, dj, meta, case)
@@ -238,7 +299,9 @@ def merge_datasets(dataset_id: int, name: str, datasets: list[str], identical: l
             continue
         jobs.append(MergeJob(case_id=mid, split=split, root=str(root), slots=chans, case_slots=case_slots,
                              images=used, label=label, lut=lut, union_names=names, key=key,
-                             origin={"dataset": folder.name, "case": case, "domain": info.domain}))
+                             origin={"dataset": folder.name, "case": case, "domain": info.domain},
+                             expected={p: recorded[folder][p] for p in [*used.values(), label]
+                                       if p in recorded[folder]}))
     _guard_overwrite(root, dataset_id, options, union.dataset_labels(), chans, layout, jobs,
                      set(done) | {j.case_id for j in jobs}, force)
     layout.prepare()  # nothing was written before this line
@@ -420,8 +483,7 @@ def _finish(root: Path, layout: Layout, inputs: list, planned: dict, done: dict[
     meta = UniversalMeta(slots=chans, domains=domains, cases=cinfo, provenance={
         "tool": "nnunet-universal merge", "merge_version": MERGE_VERSION, "options": options,
         "channel_order": CHANNEL_ORDER_DOC, "manifest": "provenance.json",
-        "images": "hard links to the source datasets' files (copies across file systems); labels in union ids; "
-                  "missing slots zero-filled",
+        "images": "copies of the source datasets' files; labels in union ids; missing slots zero-filled",
         "holdout_rule": "per domain, whole patient groups in order of sha256('domain/group') until >= holdout cases",
         "skipped_cases": [s["case"] for s in skipped]})
     dataset_json = {

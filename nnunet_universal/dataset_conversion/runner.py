@@ -119,8 +119,13 @@ def is_complete(layout: Layout, case_id: str, key: str) -> dict[str, Any] | None
 
 
 def finish_case(layout: Layout, case_id: str, marker: dict[str, Any]) -> Outcome:
-    """Write the case's marker (last step of a job: the case is complete once this file exists)."""
-    atomic_write_json(marker, layout.marker(case_id))
+    """Write the case's marker (last step of a job: the case is complete once this file exists).
+
+    Atomic but not fsync'ed: the case's outputs are not either (an fsync per file would cost more than the
+    conversion), so syncing the marker alone would promise nothing after a power loss; a marker whose outputs
+    were lost is caught by merge's checksum comparison and integrity check.
+    """
+    atomic_write_json(marker, layout.marker(case_id), fsync=False)
     return Outcome(case_id=case_id, marker=marker)
 
 

@@ -1,11 +1,14 @@
 """Write a discovered source as an nnU-Net raw dataset: validate each case, write it atomically, resume.
 
-Per case: every volume is loaded and checked first (readable, finite, not constant, one geometry, known label
-values), then written; a case is complete once its marker exists (``.nnunet_universal/cases/<case>.json``, with
-the size and mtime of every source file and the conversion options). A rerun skips complete cases whose marker
-still matches and redoes the rest. dataset.json is removed while cases are being (re)written and written last.
-Outputs copy the source bytes where nothing changes (a ``.nii.gz`` on the case's reference grid; labels that
-already hold the output ids) and are re-encoded otherwise; optional sequences a case lacks are zero-filled.
+Per case: every file is read once and every volume checked first (readable, not truncated, finite, not constant,
+one geometry, known label values), then written; a case is complete once its marker exists
+(``.nnunet_universal/cases/<case>.json``, with the size and mtime of every source file and the conversion
+options). A rerun skips complete cases whose marker still matches and redoes the rest. dataset.json is removed
+while cases are being (re)written and written last.
+Outputs are the source bytes where nothing changes (a 3D NIfTI on the case's reference grid; labels that already
+hold the output ids: a ``.nii.gz`` copied, a ``.nii`` gzipped) and are re-encoded otherwise (deflate level 1,
+:mod:`.volume_io`); optional sequences a case lacks are zero-filled. The marker and ``provenance.json`` record
+the sha256 of every source file and of every output (merge uses the latter to skip re-checking unchanged files).
 """
 
 from __future__ import annotations
@@ -15,21 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import SimpleITK as sitk
-
 from nnunet_universal.atomic_io import atomic_write_json
 from nnunet_universal.dataset_conversion.common import (
     FILE_ENDING,
     SKIP_HINT,
     ConversionError,
     Layout,
-    array_to_image,
-    atomic_copy,
-    atomic_link_or_copy,
-    atomic_write_image,
     digest,
     sha256_file,
-    zero_template,
 )
 from nnunet_universal.dataset_conversion.runner import (
     Outcome,
@@ -47,10 +43,19 @@ from nnunet_universal.dataset_conversion.validation import (
     normalize_label,
     relpath_or_abs,
 )
+from nnunet_universal.dataset_conversion.volume_io import (
+    SourceFile,
+    Volume,
+    image_from_array,
+    write_image,
+    write_source,
+    write_zeros,
+)
 from nnunet_universal.metadata import CaseInfo, DomainInfo, UniversalMeta
+from nnunet_universal.nifti_integrity import is_nifti
 
 logger = logging.getLogger(__name__)
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: outputs deflated at level 1, zero-filled slots copied (not linked)
 
 
 @dataclass
@@ -65,59 +70,56 @@ class ConvertJob:
     key: str
 
 
-def _copyable(ref: ImageRef, exact: bool) -> bool:
-    return ref.kind == "file" and ref.path.endswith(FILE_ENDING) and exact
+def _unchanged(ref: ImageRef, exact: bool) -> bool:
+    """Whether the output is the source file itself: one 3D NIfTI on the case's reference grid."""
+    return ref.kind == "file" and is_nifti(ref.path) and exact
 
 
 def convert_case(job: ConvertJob) -> Outcome:
     """Load, validate and write one case; return its marker."""
     case, layout, cid = job.case, Layout(Path(job.root)), job.case.case_id
-    cache: dict[str, list[sitk.Image]] = {}
+    files: dict[str, SourceFile] = {}  # every file read, once (bytes, sha256, volumes)
     present = [s for s in job.slots if s in case.images]
-    images: dict[str, sitk.Image] = {}
+    images: dict[str, Volume] = {}
     exact: dict[str, bool] = {}
     ref_slot = present[0]
     for slot in present:
         ref = case.images[slot]
-        img = load_ref(ref, cid, cache)
+        img = load_ref(ref, cid, files, layout.tmp)
         check_voxels(img, cid, ref.path, f"{slot} image")
         images[slot] = img
         exact[slot] = check_geometry(images[ref_slot], case.images[ref_slot].path, img, ref.path, cid)
     ref_img, ref_path = images[ref_slot], case.images[ref_slot].path
-    seg = load_ref(case.label, cid, cache)
+    seg = load_ref(case.label, cid, files, layout.tmp)
     label_exact = check_geometry(ref_img, ref_path, seg, case.label.path, cid)
     label_arr, label_unchanged = normalize_label(seg, job.labels, cid, case.label.path)
-    del cache
 
     outputs: dict[str, str] = {}
+    sha: dict[str, str] = {}
     for i, slot in enumerate(job.slots):
         rel = f"imagesTr/{cid}_{i:04d}{FILE_ENDING}"
         final = layout.root / rel
         if slot not in images:
-            outputs[rel] = "zeros:" + atomic_link_or_copy(zero_template(ref_img, layout), final, layout.tmp)
-        elif _copyable(case.images[slot], exact[slot]):
-            atomic_copy(Path(case.images[slot].path), final, layout.tmp)
-            outputs[rel] = "copy"
-        else:
-            img = images[slot]
-            if not exact[slot]:
-                img = sitk.Image(img)
-                img.CopyInformation(ref_img)
-            atomic_write_image(img, final, layout.tmp)
-            outputs[rel] = "written"
+            outputs[rel], sha[rel] = "zeros", write_zeros(ref_img, final, layout)
+        elif _unchanged(case.images[slot], exact[slot]):
+            outputs[rel], sha[rel] = write_source(files[case.images[slot].path], final, layout.tmp)
+        else:  # a channel of a 4D file, a PNG stack, another format, or a grid within tolerance of the reference
+            outputs[rel], sha[rel] = "written", write_image(image_from_array(images[slot].array, ref_img), final,
+                                                             layout.tmp)
     rel = f"labelsTr/{cid}{FILE_ENDING}"
-    if label_unchanged and _copyable(case.label, label_exact):
-        atomic_copy(Path(case.label.path), layout.root / rel, layout.tmp)
-        outputs[rel] = "copy"
+    if label_unchanged and _unchanged(case.label, label_exact):
+        outputs[rel], sha[rel] = write_source(files[case.label.path], layout.root / rel, layout.tmp, label=True)
     else:
-        atomic_write_image(array_to_image(label_arr, ref_img), layout.root / rel, layout.tmp)
-        outputs[rel] = "written"
+        outputs[rel], sha[rel] = "written", write_image(image_from_array(label_arr, ref_img), layout.root / rel,
+                                                         layout.tmp, label=True)
 
     root_in = Path(job.input_dir)
+    sources = {relpath_or_abs(f, root_in): files[f].sha256 if f in files else sha256_file(f)
+               for f in case.source_files()}
     marker = {"key": job.key, "case": cid, "source_id": case.source_id, "group": case.group,
               "slots": [s for s in job.slots if s in images], "outputs": list(outputs),
-              "provenance": {"sources": {relpath_or_abs(f, root_in): sha256_file(f) for f in case.source_files()},
-                             "outputs": outputs, "reference_grid": relpath_or_abs(ref_path, root_in)}}
+              "provenance": {"sources": sources, "outputs": outputs, "sha256": sha,
+                             "reference_grid": relpath_or_abs(ref_path, root_in)}}
     return finish_case(layout, cid, marker)
 
 
