@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -54,13 +55,21 @@ def _find_layout(input_dir: Path) -> tuple[str, Path]:
         fix="point the converter at stanford_release_brainmask (or its mets_stanford_releaseMask_train folder)")
 
 
-def _png_slices(folder: Path, case: str) -> list[Path]:
-    files = [f for f in folder.iterdir() if f.is_file() and not is_hidden(f.name)]
-    bad = [f.name for f in files if not _PNG_RE.match(f.name)]
+def _png_slices(folder: Path, case: str, input_dir: Path) -> list[Path]:
+    """The slice files of ``folder`` in index order; raise if one is stray or a symlink pointing outside."""
+    with os.scandir(folder) as it:  # one directory read; DirEntry caches the file type (no stat per slice)
+        entries = [e for e in it if not is_hidden(e.name) and e.is_file()]
+    bad = [e.name for e in entries if not _PNG_RE.match(e.name)]
     if bad:
         raise ConversionError(f"unexpected files {bad[:5]} (slices must be named by index, e.g. 12.png)",
                               case=case, file=folder, fix="remove the stray files or rename the slices")
-    return sorted(files, key=lambda f: int(_PNG_RE.match(f.name).group(1)))
+    folder_inside = inside(folder, input_dir)  # then a slice is inside unless it is itself a symlink
+    outside = [Path(e.path) for e in entries
+               if not folder_inside or (e.is_symlink() and not inside(e.path, input_dir))]
+    if outside:
+        raise ConversionError("is a symlink pointing outside the input folder", case=case, file=outside[0],
+                              fix="copy the real file into the dataset folder")
+    return [Path(e.path) for e in sorted(entries, key=lambda e: int(_PNG_RE.match(e.name).group(1)))]
 
 
 def _png_case(d: Path, input_dir: Path, spacing: tuple[float, float, float]) -> CaseSpec:
@@ -72,14 +81,10 @@ def _png_case(d: Path, input_dir: Path, spacing: tuple[float, float, float]) -> 
     refs: dict[str, ImageRef] = {}
     index_sets = {}
     for k in [*PNG_FOLDERS, "seg"]:
-        slices = _png_slices(d / k, cid)
+        slices = _png_slices(d / k, cid, input_dir)
         if not slices:
             raise ConversionError("has no PNG slices", case=cid, file=d / k,
                                   fix="restore the slices or remove the case")
-        outside = [f for f in slices if not inside(f, input_dir)]
-        if outside:
-            raise ConversionError("is a symlink pointing outside the input folder", case=cid, file=outside[0],
-                                  fix="copy the real file into the dataset folder")
         index_sets[k] = [int(_PNG_RE.match(f.name).group(1)) for f in slices]
         refs[k] = ImageRef("png", str(d / k), spacing=spacing, files=tuple(str(f) for f in slices))
     if any(v != index_sets["seg"] for v in index_sets.values()):

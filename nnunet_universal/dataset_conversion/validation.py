@@ -130,34 +130,43 @@ def normalize_label(img: Volume | sitk.Image, table: LabelTable, case: str, file
         return (arr != 0).astype(np.uint8), False
     ids = table.values
     dtype = np.uint8 if max(ids.values()) < 255 else np.uint16  # the largest value marks unknown source values
-    if np.issubdtype(arr.dtype, np.integer):
-        lo = 0 if np.issubdtype(arr.dtype, np.unsignedinteger) else int(arr.min())
-        hi = int(arr.max())
-        if lo >= 0 and hi < 65536:
-            covered = all(v in ids for v in range(lo, hi + 1))  # every value in [lo, hi] has an output id
-            if covered and table.is_identity():  # the file already holds the output ids: no lookup pass
-                return (arr if arr.dtype == dtype else arr.astype(dtype)), True
-            unknown_id = np.iinfo(dtype).max
-            lut = np.full(hi + 1, unknown_id, dtype)
-            for v, o in ids.items():
-                if 0 <= v <= hi:
-                    lut[v] = o
-            out = lut[arr]
-            if not covered and (bad := out == unknown_id).any():
-                _unknown_values(np.unique(arr[bad]).tolist(), table, case, file, fix)
-            return out, table.is_identity()
-    values = np.unique(arr)
-    near = np.round(values)
-    far = values[np.abs(values - near) > _ROUND_TOL]
-    if far.size:
-        raise ConversionError(
-            f"label values {far[:10].tolist()} are not within {_ROUND_TOL} of an integer "
-            f"(interpolated or non-label image?)", case=case, file=file,
-            fix="use the original (nearest-neighbour) label file")
-    present = near.astype(np.int64)
-    _unknown_values(sorted(set(present.tolist()) - set(ids)), table, case, file, fix)
-    keys = np.array(sorted(ids), dtype=np.int64)  # every value present is one of them (checked above)
-    return np.array([ids[k] for k in keys.tolist()], dtype)[np.searchsorted(keys, np.rint(arr))], False
+    unknown_id = np.iinfo(dtype).max
+    integer = np.issubdtype(arr.dtype, np.integer)
+    values = arr
+    if not integer:  # float labels: every voxel within _ROUND_TOL of an integer, which it then is
+        values = np.rint(arr)
+        off = np.abs(arr - values) > _ROUND_TOL
+        if off.any():
+            raise ConversionError(
+                f"label values {np.unique(arr[off])[:10].tolist()} are not within {_ROUND_TOL} of an integer "
+                f"(interpolated or non-label image?)", case=case, file=file,
+                fix="use the original (nearest-neighbour) label file")
+    lo = 0 if np.issubdtype(arr.dtype, np.unsignedinteger) else int(values.min())
+    hi = int(values.max())
+    covered = lo >= 0 and all(v in ids for v in range(lo, hi + 1))  # every value in [lo, hi] has an output id
+    if integer and covered and table.is_identity():  # the file already holds the output ids: no lookup pass
+        return (arr if arr.dtype == dtype else arr.astype(dtype)), True
+    if lo >= 0 and hi < 256 and dtype == np.uint8:  # one bytes.translate pass (5x a NumPy fancy-index lookup)
+        small = values if values.dtype == np.uint8 else values.astype(np.uint8)
+        table_bytes = bytearray([unknown_id]) * 256
+        for v, o in ids.items():
+            if 0 <= v < 256:
+                table_bytes[v] = o
+        out = np.frombuffer(np.ascontiguousarray(small).tobytes().translate(table_bytes), np.uint8).reshape(arr.shape)
+    elif lo >= 0 and hi < 65536:
+        lut = np.full(hi + 1, unknown_id, dtype)
+        for v, o in ids.items():
+            if 0 <= v <= hi:
+                lut[v] = o
+        out = lut[values if integer else values.astype(np.int64)]
+    else:  # negative or very large values: sorted lookup
+        present = np.unique(values)
+        _unknown_values(sorted(set(present.astype(np.int64).tolist()) - set(ids)), table, case, file, fix)
+        keys = np.array(sorted(ids), dtype=np.int64)
+        return np.array([ids[k] for k in keys.tolist()], dtype)[np.searchsorted(keys, values)], False
+    if not covered and (bad := out == unknown_id).any():
+        _unknown_values(np.unique(values[bad]).astype(np.int64).tolist(), table, case, file, fix)
+    return out, integer and table.is_identity()
 
 
 def _unknown_values(unknown: list[int], table: LabelTable, case: str, file: str, fix: str) -> None:
