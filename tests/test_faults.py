@@ -1,13 +1,41 @@
-"""Faults of ``nnunet-universal merge``, each driven through the real CLI in a subprocess: chained ``--identical``
-declarations, file modes under the umask, a negative ``--holdout``, re-merging over a planned/trained or different
-dataset, and unreadable input dataset.json files. Every error is one message naming the problem and the fix, with
-exit code 2 and no traceback.
+"""Fault injection through the real CLIs: every probe of issue 20, each in a subprocess of ``nnunet-universal``
+or a stock ``nnUNetv2_*`` command on tiny synthetic data. An error must be one message naming the file or case
+and what to do (exit code 2 for our commands, no traceback); nothing may be accepted silently.
 
-Inputs: two tiny nnU-Net raw datasets (3 cases of 6x8x8 voxels each) converted once per module.
+Where each item of issue 20 is driven (``pytest tests/test_faults.py -q`` runs them all):
+
+1. truncated NIfTI: ``test_convert_refuses_truncated_nifti`` (.nii.gz, .nii), ``test_skip_bad_...``,
+   ``test_predict_refuses_bad_inputs_and_unsafe_names``, ``test_evaluate_refuses_misplaced_or_truncated_...``
+   (merge's own check is tested with the merge changes that add it);
+2. a model that runs code: ``test_check_model_and_predict_refuse_a_checkpoint_with_code``,
+   ``test_genuine_checkpoint_passes_...``; ``--c`` loads weights only (``test_train_c_with_a_damaged_...``);
+3. chained ``--identical``: ``test_chained_identical_is_refused``;
+4. ``predict -o`` equal to ``-i``: ``test_predict_refuses_bad_inputs_and_unsafe_names``;
+5. ``evaluate`` geometry: ``test_evaluate_refuses_misplaced_or_truncated_predictions``;
+6. symlinks and odd names: ``test_label_symlink_...``, ``test_symlinked_lits_volume_...``,
+   ``test_ucsf_case_folder_with_a_space_...``, ``test_lits_file_with_an_odd_name_...``;
+7. file modes: ``test_written_files_respect_the_umask``, ``test_converted_and_predicted_files_respect_the_umask``;
+8. (workers left by a killed ``convert -j 2``: tested with the runner, not here);
+9. messages: ``test_bad_input_dataset_json_names_file_and_key``, ``test_skip_bad_...``,
+   ``test_train_c_with_a_damaged_checkpoint_names_it_and_the_fallback``,
+   ``test_stock_predict_with_a_missing_channel_file``, NaN input and ``--case-id ..`` in
+   ``test_predict_refuses_...``, ``test_negative_holdout_is_refused``, ``test_remerge_over_planned_...``;
+
+and the probes that already passed, so that they stay passing: ``test_convert_rejects`` (bad labels, NaN/Inf,
+geometry and 4D mismatches, missing sequences, unsafe ids and path traversal, each listed in the report with its
+file), ``test_convert_leaves_sources_untouched_and_reruns_identically``, and the ``kill -9`` probes
+``test_interrupted_*`` (convert, merge, predict killed at a file rename; ``train --c`` killed in the middle of
+a checkpoint save in ``test_train_c_...``): no half-written file, and the rerun's files equal an uninterrupted
+run's byte for byte. The
+in-process tests of each validation rule's full message on real native layouts are in ``test_conversion.py``.
+
+Inputs: two tiny nnU-Net raw datasets (3 cases of 6x8x8 voxels each) converted once per module; tiny native trees
+of three sources; an untrained but genuine universal model (planned, initialized, saved by nnU-Net's own code).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -92,6 +120,21 @@ def test_written_files_respect_the_umask(env):
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     assert cli(env, "merge", "-d", 711, "-n", "Modes", 701, 702, "-j", 1, umask=0o077)[0] == 0  # rewrites them
     assert stat.S_IMODE((folder / "dataset.json").stat().st_mode) == 0o600
+
+
+def test_converted_and_predicted_files_respect_the_umask(env, model, tmp_path):
+    """convert's dataset.json, images and labels, predict's label maps and routing reports: 0o666 & ~umask."""
+    src = _source(tmp_path / "Dataset807_Umask", {"0": "T1c"}, {"background": 0, "ET": 1}, 7)
+    assert cli(env, "convert", "nnunet", src, "-d", 733, "-j", 1, umask=0o027)[0] == 0
+    folder = _raw(env) / "Dataset733_Umask"
+    for p in (folder / "dataset.json", folder / "imagesTr" / "c1_0000.nii.gz", folder / "labelsTr" / "c1.nii.gz"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o640, p
+    out = tmp_path / "out"
+    rc, err = cli(model["env"], "predict", "-m", model["dir"], "-i", model["inputs"], "-o", out, "-device", "cpu",
+                  "--disable-tta", umask=0o027)
+    assert rc == 0, err
+    for p in (out / "mr_a_000.nii.gz", out / "mr_a_000.routing.json"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o640, p
 
 
 def test_negative_holdout_is_refused(env):
@@ -430,3 +473,375 @@ def test_lits_file_with_an_odd_name_is_listed(env, native, tmp_path):
     assert rc == 2 and str(odd) in err and "naming" in err, err
     assert cli(env, "convert", "lits", tree, "-d", 729, "-j", 1, "--skip-bad")[0] == 0
     assert "naming" in _skipped(env, 729, "LiTS")[odd.name]
+
+
+# ---- a model with a missing channel file under stock nnUNetv2_predict ------------------------------------------
+
+def _stock(env: dict[str, str], command: str, *args: object, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a stock ``nnUNetv2_*`` command with our trainers findable (what ``eval "$(nnunet-universal env)"`` sets)."""
+    from nnunet_universal.discovery import ext_trainer_value
+
+    return subprocess.run([str(EXE.parent / command), *map(str, args)], capture_output=True, text=True,
+                          env={**env, "nnUNet_extTrainer": ext_trainer_value(""), "nnUNet_n_proc_DA": "0"},
+                          timeout=timeout)
+
+
+def test_stock_predict_with_a_missing_channel_file(model, tmp_path):
+    """Stock ``nnUNetv2_predict`` stacks the files it finds: with one missing the network gets 4 channels of 5.
+    The error must say what the model takes and the file rule, not ``shape '[-1, 6]' is invalid``."""
+    inputs = tmp_path / "in"
+    shutil.copytree(model["inputs"], inputs)
+    files = sorted(inputs.iterdir())
+    assert len(files) == 5
+    files[-1].unlink()
+    proc = _stock(model["env"], "nnUNetv2_predict", "-i", inputs, "-o", tmp_path / "out", "-d", 991, "-c",
+                  "3d_fullres", "-tr", "UniversalTrainer", "-p", "nnUNetUniversalPlans", "-f", 0, "-device", "cpu",
+                  "-npp", 1, "-nps", 1, "--disable_tta")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError") and "takes (B, 5, *spatial)" in last, proc.stderr[-3000:]
+    assert "CASE_0000 ... CASE_0004" in last and "nnunet-universal predict" in last, last
+    assert "is invalid for input of size" not in proc.stderr
+    assert not list((tmp_path / "out").glob("*.nii.gz")) if (tmp_path / "out").exists() else True
+
+
+# ---- resuming a training (--c) from a damaged checkpoint; a kill during a checkpoint save -----------------------
+
+#: Runs ``nnunet-universal ARGS`` with a fault injected: ``kill -9`` of the process at the N-th ``os.replace`` (every
+#: atomic write ends with one) or in the middle of the first ``torch.save`` (half the bytes written); optionally
+#: counts the renames of an uninterrupted run.
+_FAULT_RUNNER = r"""
+import atexit, io, os, signal, sys
+kill_at = int(os.environ.get("FAULT_KILL_AT_RENAME", "0"))
+renames = 0
+_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    global renames
+    renames += 1
+    if renames == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(src, dst, *args, **kwargs)
+os.replace = replace
+if os.environ.get("FAULT_COUNT_FILE"):
+    atexit.register(lambda: open(os.environ["FAULT_COUNT_FILE"], "w").write(str(renames)))
+if os.environ.get("FAULT_KILL_IN_TORCH_SAVE"):
+    import torch
+    _save = torch.save
+    def half_save(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        _save(obj, buffer, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = half_save
+from nnunet_universal.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def faulty(env: dict[str, str], *args: object, timeout: int = 300, **fault: str) -> subprocess.CompletedProcess:
+    """``nnunet-universal ARGS`` in a subprocess under :data:`_FAULT_RUNNER` (``fault``: its FAULT_* variables)."""
+    return subprocess.run([sys.executable, "-c", _FAULT_RUNNER, *map(str, args)], capture_output=True, text=True,
+                          env={**env, **fault}, timeout=timeout)
+
+
+def _damage_inside(path: Path) -> None:
+    """Flip bytes inside the largest tensor record of a torch zip: the zip stays valid, torch loads it silently."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2: start + info.file_size // 2 + 8] = bytes(8)
+    path.write_bytes(data)
+
+
+def test_train_c_with_a_damaged_checkpoint_names_it_and_the_fallback(model, tmp_path):
+    """``--c`` from a truncated checkpoint_latest.pth or a checkpoint_final.pth with damaged bytes (which torch
+    would load silently) stops with the file and the command that resumes from the next checkpoint; following it
+    resumes; a kill in the middle of a checkpoint save leaves the previous checkpoint whole."""
+    from nnunet_universal.inference.checkpoints import load_checkpoint
+
+    results = tmp_path / "nnUNet_results"
+    fold = results / model["dir"].parent.name / model["dir"].name / "fold_0"
+    shutil.copytree(model["dir"], fold.parent)
+    final, latest, best = (fold / f"checkpoint_{n}.pth" for n in ("final", "latest", "best"))
+    shutil.copy(final, latest)
+    shutil.copy(final, best)
+    pre = tmp_path / "nnUNet_preprocessed" / model["raw"].name  # with the model's (narrowed) plans
+    shutil.copytree(Path(model["env"]["nnUNet_preprocessed"]) / model["raw"].name, pre)
+    shutil.copy(model["dir"] / "plans.json", pre / "nnUNetUniversalPlans.json")
+    env = {**model["env"], "nnUNet_results": str(results), "nnUNet_preprocessed": str(pre.parent),
+           "nnUNet_n_proc_DA": "0",
+           "NNUNET_UNIVERSAL_SCHEDULE": "2:1:1", "NNUNET_UNIVERSAL_VAL_MIRRORING": "0"}
+
+    _damage_inside(final)
+    load_checkpoint(final)  # loads without a word: nnU-Net alone would resume from wrong weights
+    proc = _stock(env, "nnUNetv2_train", 991, "3d_fullres", 0, "-tr", "UniversalTrainer", "-p",
+                  "nnUNetUniversalPlans", "-device", "cpu", "--c")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "DamagedCheckpointError" in last, proc.stderr[-3000:]
+    for phrase in (f"checkpoint {final} is damaged", "Bad CRC-32", f"mv '{final}' '{final}.damaged'",
+                   "continues from checkpoint_latest.pth"):
+        assert phrase in last, (phrase, last)
+    assert "PytorchStreamReader" not in proc.stderr and "weights_only" not in proc.stderr
+
+    final.rename(final.with_name("checkpoint_final.pth.damaged"))
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # killed while saving
+    rc, err = cli(env, "train", 991, "3d_fullres", 0, "-device", "cpu", "--c")
+    assert rc == 2 and f"checkpoint {latest} is damaged (not a complete zip archive" in err, err
+    assert f"mv '{latest}' '{latest}.damaged'" in err and "continues from checkpoint_best.pth" in err, err
+
+    latest.rename(latest.with_name("checkpoint_latest.pth.damaged"))  # the advice
+    best_bytes = best.read_bytes()
+    proc = faulty(env, "train", 991, "3d_fullres", 0, "-device", "cpu", "--c", FAULT_KILL_IN_TORCH_SAVE="1")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert "Epoch 1" in proc.stdout  # resumed from checkpoint_best.pth (saved as epoch 0 + 1) and trained epoch 1,
+    assert best.read_bytes() == best_bytes  # then was killed while writing the new checkpoint_best.pth: intact
+    assert [p.name for p in fold.glob(".checkpoint_best.pth.*.tmp")] and not final.exists()
+
+
+def test_checkpoint_save_is_renamed_into_place(tmp_path):
+    """In process, the cases a kill cannot show: a failing save leaves the old file and no temp; a save that
+    writes nothing (DDP rank > 0, checkpointing disabled) leaves the old file; temps of killed saves are removed."""
+    from nnunet_universal.trainers.checkpoint_io import save_atomically
+
+    final = tmp_path / "checkpoint_best.pth"
+    final.write_bytes(b"old")
+    stale = tmp_path / ".checkpoint_best.pth.1.tmp"
+    stale.write_bytes(b"half")
+
+    def failing(name: str) -> None:
+        Path(name).write_bytes(b"ha")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        save_atomically(failing, final)
+    save_atomically(lambda name: None, final)
+    assert final.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+    save_atomically(lambda name: Path(name).write_bytes(b"new"), final)
+    assert final.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+
+
+# ---- the probes that already passed: convert's validation, sources untouched, reruns identical ------------------
+
+def _digest(root: Path) -> dict[str, bytes]:
+    """Every visible file's bytes under ``root`` (symlinks not followed; no hidden bookkeeping or temp files)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink() and not any(n.startswith(".") for n in p.relative_to(root).parts)}
+
+
+def _rewrite(path: Path, fn) -> None:
+    img = sitk.ReadImage(str(path))
+    out = fn(img)
+    sitk.WriteImage(out, str(path), True)
+
+
+def _with_values(fn):
+    def apply(img: sitk.Image) -> sitk.Image:
+        out = sitk.GetImageFromArray(fn(sitk.GetArrayFromImage(img)))
+        out.CopyInformation(img)
+        return out
+    return apply
+
+
+def _moved(spacing: float = 0.0, origin: float = 0.0):
+    def apply(img: sitk.Image) -> sitk.Image:
+        img.SetSpacing(tuple(s + spacing for s in img.GetSpacing()))
+        img.SetOrigin(tuple(o + origin for o in img.GetOrigin()))
+        return img
+    return apply
+
+
+def _four_d(img: sitk.Image) -> sitk.Image:
+    a = sitk.GetArrayFromImage(img)
+    return sitk.GetImageFromArray(np.stack([a, a]), isVector=False)  # (2, z, y, x): a 4D image
+
+
+def _nan(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float32)
+    a.flat[:3] = np.nan
+    return a
+
+
+#: case -> (file to damage: "label" or channel index, damage, phrase of the reported problem)
+CONVERT_FAULTS = {
+    "label_values": ("label", _with_values(lambda a: np.where(a > 0, 7, 0).astype(np.uint8)), "label values [7]"),
+    "label_interpolated": ("label", _with_values(lambda a: (a * 0.6).astype(np.float32)), "of an integer"),
+    "label_spacing": ("label", _moved(spacing=0.5), "spacing mismatch"),
+    "sequence_origin": (1, _moved(origin=2.0), "origin mismatch"),
+    "four_d": (0, _four_d, "is 4D"),
+    "nan": (0, _with_values(_nan), "3 NaN"),
+    "inf": (1, _with_values(lambda a: np.where(a > 1, np.inf, a).astype(np.float32)), "Inf voxels"),
+    "constant": (0, _with_values(np.zeros_like), "is constant"),
+    "unreadable": (1, None, "cannot be read"),
+    "missing_sequence": (1, None, "missing image/label file"),
+    "../escape": (None, None, "not a safe file name"),
+    ".hidden": (None, None, "not a safe file name"),
+}
+
+
+@pytest.fixture(scope="module")
+def convert_faults(env, tmp_path_factory) -> dict:
+    """An nnU-Net raw source with one case per fault of :data:`CONVERT_FAULTS` and two good ones, converted once
+    without ``--skip-bad`` (refused), twice with it (the second a no-op rerun). Returns what each run gave."""
+    base = tmp_path_factory.mktemp("convert_faults")
+    src = base / "Dataset805_Faults"
+    rng = np.random.default_rng(5)
+    entries = {}
+    for case in ["good1", "good2", *CONVERT_FAULTS]:
+        stem = case.replace("/", "_").replace(".", "_")
+        lab = np.zeros((6, 8, 8), np.uint8)
+        lab[2:5, 2:5, 2:5] = 1
+        files = [src / "imagesTr" / f"{stem}_{i:04d}.nii.gz" for i in range(2)]
+        for f in files:
+            _write(f, rng.normal(2, 1, size=lab.shape).astype(np.float32))
+        _write(src / "labelsTr" / f"{stem}.nii.gz", lab)
+        entries[case] = {"images": [str(f.relative_to(src)) for f in files], "label": f"labelsTr/{stem}.nii.gz"}
+        target, damage, _ = CONVERT_FAULTS.get(case, (None, None, ""))
+        path = src / (entries[case]["label"] if target == "label" else entries[case]["images"][target or 0])
+        if damage is not None:
+            _rewrite(path, damage)
+        elif case == "unreadable":
+            path.write_bytes(b"\x1f\x8b not really a gzip stream")
+        elif case == "missing_sequence":
+            path.unlink()
+    (src / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1c", "1": "FLAIR"}, "labels": {"background": 0, "ET": 1},
+        "numTraining": len(entries), "file_ending": ".nii.gz", "dataset": entries}))
+    before = _digest(src)
+    refused = cli(env, "convert", "nnunet", src, "-d", 730, "-j", 1)
+    skipped = cli(env, "convert", "nnunet", src, "-d", 730, "-j", 1, "--skip-bad")
+    folder = _raw(env) / "Dataset730_Faults"
+    first = _digest(folder)
+    rerun = cli(env, "convert", "nnunet", src, "-d", 730, "-j", 1, "--skip-bad")
+    return {"src": src, "before": before, "after": _digest(src), "refused": refused, "skipped": skipped,
+            "rerun": rerun, "folder": folder, "first": first, "second": _digest(folder),
+            "report": {s["case"]: s for s in json.loads((folder / "conversion_report.json").read_text())["skipped"]}}
+
+
+@pytest.mark.parametrize("case", list(CONVERT_FAULTS))
+def test_convert_rejects(convert_faults, case):
+    """Each damaged case is refused (the first one stops a run without --skip-bad) and listed with its problem and
+    file; the good cases are converted."""
+    rc, err = convert_faults["refused"]
+    assert rc == 2 and "What to do" in err and "--skip-bad" in err, err
+    assert convert_faults["skipped"][0] == 0, convert_faults["skipped"][1]
+    entry = convert_faults["report"].get(case)
+    assert entry is not None and CONVERT_FAULTS[case][2] in entry["problem"], (case, convert_faults["report"])
+    if CONVERT_FAULTS[case][0] is not None:  # a file-level problem names its file
+        assert Path(entry["file"]).name.startswith(case.replace("/", "_").replace(".", "_")), entry
+    dj = json.loads((convert_faults["folder"] / "dataset.json").read_text())
+    assert sorted(dj["universal"]["cases"]) == ["good1", "good2"]
+
+
+def test_convert_leaves_sources_untouched_and_reruns_identically(env, convert_faults):
+    """The source tree is byte-identical after three runs; a rerun rewrites nothing; no file escaped the output
+    folder or was written hidden."""
+    assert convert_faults["after"] == convert_faults["before"]
+    assert convert_faults["rerun"][0] == 0 and convert_faults["second"] == convert_faults["first"]
+    assert not [p for p in (_raw(env), _raw(env).parent) for p in p.glob("escape*")]
+    assert not list(convert_faults["folder"].rglob(".hidden*"))
+
+
+# ---- kill -9 at a file rename: no half-written file, the rerun equals an uninterrupted run ----------------------
+
+def _incomplete(folder: Path) -> list[str]:
+    """Visible files under ``folder`` that are not whole: a gzip stream cut or damaged, a JSON that does not parse."""
+    bad = []
+    for p in _digest(folder):
+        path = folder / p
+        try:
+            if p.endswith(".gz"):
+                gzip.decompress(path.read_bytes())
+            elif p.endswith(".json"):
+                json.loads(path.read_text())
+        except (OSError, EOFError, ValueError) as e:
+            bad.append(f"{path}: {e}")
+    return bad
+
+
+def _kill_and_rerun(env: dict[str, str], args: list[object], out: Path, where: str, last_file: str | None) -> None:
+    """Run ``args`` uninterrupted (counting its renames), then again from scratch killed at the first, middle or
+    last rename, then rerun: every visible file is whole after the kill (``last_file``, written last, absent before
+    the last rename) and the rerun's files equal the uninterrupted run's, byte for byte."""
+    count = out.parent / f"{out.name}.renames"
+    proc = faulty(env, *args, FAULT_COUNT_FILE=str(count))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    renames, clean = int(count.read_text()), _digest(out)
+    assert renames >= 3 and clean
+    shutil.rmtree(out)
+    kill_at = {"first": 1, "middle": (renames + 1) // 2, "last": renames}[where]
+    proc = faulty(env, *args, FAULT_KILL_AT_RENAME=str(kill_at))
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not _incomplete(out)
+    if last_file is not None:
+        assert not (out / last_file).exists()  # a partial folder never looks complete
+    rc, err = cli(env, *args)
+    assert rc == 0, err
+    assert _digest(out) == clean
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_interrupted_convert(env, tmp_path, where):
+    src = _source(tmp_path / "Dataset806_Kill", {"0": "T1c", "1": "FLAIR"}, {"background": 0, "ET": 1}, 6)
+    _kill_and_rerun(env, ["convert", "nnunet", src, "-d", 731, "-j", 1], _raw(env) / "Dataset731_Kill", where,
+                    "dataset.json")
+
+
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_interrupted_merge(env, where):
+    _kill_and_rerun(env, ["merge", "-d", 732, "-n", "Kill", 701, 702, "-j", 1, "--holdout", 1],
+                    _raw(env) / "Dataset732_Kill", where, "dataset.json")
+
+
+def test_interrupted_predict(model, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for f in (model["raw"] / "imagesTr").glob("*_000_*.nii.gz"):
+        if f.name.startswith("mr_b"):  # two cases: an MR and a CT one
+            continue
+        shutil.copy(f, inputs / f.name)
+    _kill_and_rerun(model["env"], ["predict", "-m", model["dir"], "-i", inputs, "-o", tmp_path / "out", "-device",
+                                   "cpu", "--disable-tta"], tmp_path / "out", "middle", None)
+
+
+# ---- evaluate: predictions in another geometry, truncated predictions -------------------------------------------
+
+def test_evaluate_refuses_misplaced_or_truncated_predictions(env, tmp_path):
+    """Same shape is not enough: a prediction stored flipped (direction and origin adjusted, so it shows the same
+    anatomy in a viewer) or shifted by 40 mm would be scored against the wrong voxels; a truncated file reads as
+    valid with zeros appended. ``evaluate`` refuses all three, naming the file; the genuine one is scored."""
+    gt = _raw(env) / "Dataset701_A" / "labelsTr" / "c1.nii.gz"
+    ref = sitk.ReadImage(str(gt))
+    g = sitk.GetArrayFromImage(ref)
+    assert g.any()
+
+    def evaluate(pred: sitk.Image | bytes) -> tuple[int, str, Path]:
+        folder = tmp_path / f"p{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        if isinstance(pred, bytes):
+            (folder / "c1.nii.gz").write_bytes(pred)
+        else:
+            sitk.WriteImage(pred, str(folder / "c1.nii.gz"))
+        return *cli(env, "evaluate", folder, "-d", 701), folder / "c1.nii.gz"
+
+    same = sitk.GetImageFromArray(g)
+    same.CopyInformation(ref)
+    assert evaluate(same)[0] == 0
+    flipped = sitk.GetImageFromArray(g[:, :, ::-1].copy())  # x flipped in storage, direction and origin adjusted
+    flipped.SetSpacing(ref.GetSpacing())
+    flipped.SetDirection((-1.0, 0, 0, 0, 1, 0, 0, 0, 1))
+    flipped.SetOrigin((ref.GetOrigin()[0] + (g.shape[2] - 1) * ref.GetSpacing()[0], *ref.GetOrigin()[1:]))
+    shifted = sitk.GetImageFromArray(g)
+    shifted.CopyInformation(ref)
+    shifted.SetOrigin((ref.GetOrigin()[0] + 40.0, *ref.GetOrigin()[1:]))
+    for img, what in ((flipped, "direction"), (shifted, "origin")):
+        rc, err, path = evaluate(img)
+        assert rc != 0 and "does not lie where its ground truth" in err and what in err and "c1" in err, err
+    whole = gt.read_bytes()
+    rc, err, path = evaluate(whole[: len(whole) // 2])
+    assert rc != 0 and "truncated" in err and str(path) in err, err

@@ -9,8 +9,9 @@ numpy < 2 - ``numpy.dtype`` and the dtype's class). Anything else is refused wit
 before any of it is unpickled: the list of what the file references comes from scanning the pickle's opcodes
 (``torch.serialization.get_unsafe_globals_in_checkpoint``), which executes nothing.
 
-Residual risk: nnU-Net's own commands (``nnUNetv2_predict``, ``nnUNetv2_train --c``, ...) still load with
-``weights_only=False``; run ``nnunet-universal check-model MODEL_DIR`` on a received model first.
+Residual risk: nnU-Net's own commands (``nnUNetv2_predict``, ``-pretrained_weights``, ...) still load with
+``weights_only=False``; run ``nnunet-universal check-model MODEL_DIR`` on a received model first. (``--c`` and
+``--val`` of our trainers load through this module: ``trainers/checkpoint_io.py``.)
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ What changes against ``nnUNetTrainer`` (one hook each):
   and gate accuracy (``online_eval.py``, logged and plotted by ``progress.py``);
 * ``perform_actual_validation``: per-domain metrics in oracle and dataset-free mode (``final_validation.py``);
 * ``initialize``: DDP with unused domain heads (``ddp.py``).
+* ``save_checkpoint`` / ``load_checkpoint``: saves renamed into place, loads checked (truncated or damaged files
+  named with what to do) and weights-only (``checkpoint_io.py``).
 
 Short schedules: ``NNUNET_UNIVERSAL_SCHEDULE=EPOCHS:ITERS:VAL_ITERS`` (``schedule.py``).
 """
@@ -33,6 +35,7 @@ from torch import nn
 
 from nnunet_universal.metadata import MetadataError, NetworkOptions, UniversalMeta, load_universal, read_plans_universal
 from nnunet_universal.trainers.batch import batch_context, modality_dropout, zero_missing_channels
+from nnunet_universal.trainers.checkpoint_io import read_training_checkpoint, restore_training_state, save_atomically
 from nnunet_universal.trainers.ddp import forward_train, with_all_outputs, wrap_ddp
 from nnunet_universal.trainers.losses import OBJECTIVES, PartialLabelLoss, deep_supervision_weights, to_local_target
 from nnunet_universal.trainers.online_eval import (
@@ -270,6 +273,19 @@ class UniversalTrainer(nnUNetTrainer):
         self.print_to_log_file("Pseudo dice per domain: " + ", ".join(
             f"{d} {np.round(v, 4)}" for d, v in zip(self.domain_names, per_domain, strict=True))
             + f"; gate accuracy {np.round(gate_accuracy, 4)} ({int(gate[0])}/{int(gate[1])} validation patches)")
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's save to a temp name, renamed: a kill or full disk mid-save keeps the previous checkpoint."""
+        save_atomically(super().save_checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str | os.PathLike) -> None:
+        """nnU-Net's restore (``--c``, ``--val``) from a checked file loaded as weights only; a truncated or damaged
+        file is a :class:`~nnunet_universal.trainers.checkpoint_io.DamagedCheckpointError` that names it and says
+        which checkpoint to resume from instead."""
+        checkpoint = (filename_or_checkpoint if isinstance(filename_or_checkpoint, dict)
+                      else read_training_checkpoint(filename_or_checkpoint))
+        restore_training_state(self, checkpoint)
 
     # ---- final validation ------------------------------------------------------------------------
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
