@@ -93,14 +93,24 @@ def _norm_output_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _basis_as(module: nn.Module, dtype: torch.dtype) -> Tensor:
-    """``module.basis_coef.T`` in ``dtype``, cast once per (dtype, device) instead of on every forward."""
-    basis = module.basis_coef
-    cached = module.__dict__.get("_basis_cache")
-    if cached is None or cached[0] is not basis or cached[1].dtype != dtype:
-        cached = (basis, basis.T.to(dtype))
-        module.__dict__["_basis_cache"] = cached
-    return cached[1]
+_BASES: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def basis_bundle(orders: tuple[int, ...], kind: str, dtype: torch.dtype,
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The basis of a layer's polynomial terms as its autograd function uses it, made once per process and
+    (dtype, device) (no buffer: nothing to move with the module, nothing in the state dict):
+    ``(M, M.T, D)`` with ``M`` = ``basis_matrix(orders, kind).T`` (terms x monomial orders 0..J, so that
+    ``coefficients @ M`` are monomial coefficients), and ``D`` = ``M[:, 1:] * (1..J)`` (coefficients of the
+    derivative: ``coefficients @ D`` = ``P'``'s monomial coefficients of orders 0..J-1)."""
+    key = (orders, kind, dtype, device)
+    bundle = _BASES.get(key)
+    if bundle is None:
+        with torch.inference_mode(False):  # normal tensors even when first made under inference mode
+            m = basis_matrix(list(orders), kind).T  # float64
+            deriv = m[:, 1:] * torch.arange(1, m.shape[1], dtype=m.dtype)
+            bundle = _BASES[key] = tuple(t.to(dtype=dtype, device=device).contiguous() for t in (m, m.T, deriv))
+    return bundle
 
 
 def _derived(module: nn.Module, name: str, params: tuple[Tensor, ...], make: Any) -> Any:
@@ -165,8 +175,7 @@ class HarmonyNorm(nn.Module):
         # (C, J-1): coefficients of B_2 .. B_J; zero so that training starts from InstanceNorm
         self.poly_weight = nn.Parameter(torch.zeros(num_channels, order - 1)) if use_poly else None
         self.basis = basis
-        self.register_buffer("basis_coef", basis_matrix(list(range(2, order + 1)), basis) if use_poly else None,
-                             persistent=False)
+        basis_matrix([2], basis)  # an unknown basis fails here, not at the first forward
         self.keep_stats = False
         self.stats: tuple[Tensor, Tensor] | None = None
 
@@ -191,12 +200,16 @@ class HarmonyNorm(nn.Module):
         if x.ndim < 3:
             raise ValueError(f"HarmonyNorm expects (B, C, *spatial), got shape {tuple(x.shape)}")
         out_dtype = _norm_output_dtype(x)
-        coef = None
+        coef, bundle = None, None
         if self.poly_weight is not None:
-            coef = _derived(self, "coef", (self.poly_weight,),
-                            lambda: self.poly_weight @ _basis_as(self, self.poly_weight.dtype))
+            pw = self.poly_weight
+            bundle = basis_bundle(tuple(range(2, self.order + 1)), self.basis, pw.dtype, pw.device)
+            if torch.is_grad_enabled():  # the function maps the basis itself (its gradient without a transpose)
+                coef = pw
+            else:
+                coef, bundle = _derived(self, "coef", (pw,), lambda: pw @ bundle[0]), None
         out, mean, rstd = HarmonyNormFunction.apply(x, self.weight, self.bias, coef, self.eps, self.poly_limit,
-                                                     out_dtype)
+                                                     out_dtype, bundle)
         if self.keep_stats:  # kept as returned: readers view them as they need (host time per layer)
             self.stats = (mean, rstd)
         return out
@@ -243,8 +256,7 @@ class HarmonyRestore(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(num_channels, order)) if use_poly else None
         self.delta = nn.Parameter(torch.zeros(num_channels, order)) if use_poly else None
         self.basis = basis
-        self.register_buffer("basis_coef", basis_matrix(list(range(1, order + 1)), basis) if use_poly else None,
-                             persistent=False)
+        basis_matrix([1], basis)  # an unknown basis fails here, not at the first forward
 
     def extra_repr(self) -> str:
         poly = f"{self.basis} basis" if self.gamma is not None else "off"
@@ -274,17 +286,19 @@ class HarmonyRestore(nn.Module):
 
     def _restore(self, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
         out_dtype = _output_dtype(x)
-        qcoef = rcoef = None
+        qcoef = rcoef = bundle = None
         if self.gamma is not None:
-            qcoef, rcoef = _derived(self, "coef", (self.gamma, self.delta), self._coefs)
+            bundle = basis_bundle(tuple(range(1, self.order + 1)), self.basis, self.gamma.dtype, self.gamma.device)
+            if torch.is_grad_enabled():  # the function maps the basis itself (see HarmonyNorm)
+                qcoef, rcoef = self.gamma, self.delta
+            else:
+                qcoef, rcoef = _derived(self, "coef", (self.gamma, self.delta),
+                                        lambda: (self.gamma @ bundle[0], self.delta @ bundle[0]))
+                bundle = None
         # w + eps made here (once per case at inference): the function gets eps = 0 and adds nothing
         w_eps = _derived(self, "w_eps", (self.weight,), lambda: self.weight + self.eps)
         # the statistics enter detached (HarmonyNorm's are non-differentiable already: no detach dispatched then)
         mu, sigma = (t.detach() if t.requires_grad else t for t in (mu, sigma))
         return HarmonyRestoreFunction.apply(x, mu, sigma, w_eps, self.bias, qcoef, rcoef,
                                              self.mix, 0.0, self.poly_limit, self.min_denominator, out_dtype,
-                                             self.denominator_bound)
-
-    def _coefs(self) -> tuple[Tensor, Tensor]:
-        basis = _basis_as(self, self.gamma.dtype)
-        return self.gamma @ basis, self.delta @ basis
+                                             self.denominator_bound, bundle)

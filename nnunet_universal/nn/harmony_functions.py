@@ -73,6 +73,12 @@ def _as3(stat: Tensor, batch: int) -> Tensor:
     return stat if stat.ndim == 3 else stat.view(batch, -1, 1)
 
 
+def _to_basis(grad: Tensor, basis_t: Tensor) -> Tensor:
+    """Gradient of monomial coefficients (C, J+1) -> of basis coefficients: ``grad @ M.T``, in the gradient's dtype
+    (the forward's product ran in the caller's autocast dtype, as autograd's backward of it would)."""
+    return grad.mm(basis_t if basis_t.dtype == grad.dtype else basis_t.to(grad.dtype))
+
+
 def _stat3(stat: Tensor, cd: torch.dtype) -> Tensor:
     """Per-(sample, channel) statistics (B, C) or (B, C, 1) as (B, C, 1) in the compute dtype (the fused path)."""
     stat = stat.to(cd)
@@ -137,7 +143,14 @@ class HarmonyNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, coef: Tensor | None, eps: float,
-                limit: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+                limit: float, out_dtype: torch.dtype, basis: tuple[Tensor, Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        # basis (harmony.basis_bundle): ``coef`` holds the layer's basis coefficients (C, J-1); mapped here, so that
+        # backward maps the gradient back with one product (autograd's would transpose first: host time)
+        ctx.basis = ctx.poly = None
+        if basis is not None and coef is not None:
+            ctx.basis, ctx.poly = basis, coef
+            coef = coef.mm(basis[0])
         with torch.autocast(device_type=x.device.type, enabled=False):
             if out_dtype == torch.float32 and harmony_cpu.serves(x):  # C++ loops, written straight into out
                 # the statistics stay (B, C, 1) as the kernels return them (every reader views them as it needs)
@@ -198,13 +211,25 @@ class HarmonyNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor, _gm: Tensor | None, _gr: Tensor | None):  # type: ignore[override]
+        grads = HarmonyNormFunction._backward(ctx, grad_out)
+        if ctx.basis is not None and grads[3] is not None:  # monomial coefficients -> basis coefficients
+            grads = (*grads[:3], _to_basis(grads[3], ctx.basis[1]), *grads[4:])
+        return (*grads, None)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_out: Tensor) -> tuple:
         x, mean, rstd, weight, coef = ctx.saved_tensors
         limit = ctx.limit
         with torch.autocast(device_type=x.device.type, enabled=False):
             cd = _compute_dtype(x)
             order = 0 if coef is None else coef.shape[1] - 1
             # P'(u) per channel, coefficients of orders 0..J-1 (every path)
-            dcoef_c = None if coef is None else coef[:, 1:].to(cd) * _orders(order, cd, x.device)
+            if coef is None:
+                dcoef_c = None
+            elif ctx.basis is not None and coef.dtype == ctx.poly.dtype:  # (under autocast coef is the cast one)
+                dcoef_c = ctx.poly.mm(ctx.basis[2]).to(cd)
+            else:
+                dcoef_c = coef[:, 1:].to(cd) * _orders(order, cd, x.device)
             if harmony_cpu.serves(x) and grad_out.dtype == torch.float32:
                 batch, c = x.shape[:2]
                 shape3 = (batch, c, x.numel() // max(batch * c, 1))
@@ -366,7 +391,13 @@ class HarmonyRestoreFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, mu: Tensor, sigma: Tensor, weight: Tensor, bias: Tensor,
                 gamma: Tensor | None, delta: Tensor | None, mix: Tensor | None, eps: float, limit: float,
-                min_den: float, out_dtype: torch.dtype, bound: float) -> Tensor:
+                min_den: float, out_dtype: torch.dtype, bound: float,
+                basis: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        # basis: gamma, delta hold basis coefficients (C, J), mapped here (see HarmonyNormFunction)
+        ctx.basis = None
+        if basis is not None and gamma is not None and delta is not None:
+            ctx.basis = basis
+            gamma, delta = gamma.mm(basis[0]), delta.mm(basis[0])
         with torch.autocast(device_type=x.device.type, enabled=False):
             if out_dtype == torch.float32 and harmony_cpu.serves(x):  # C++ loops, written straight into out
                 batch, c = x.shape[:2]
@@ -416,6 +447,14 @@ class HarmonyRestoreFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):  # type: ignore[override]
+        grads = HarmonyRestoreFunction._backward(ctx, grad_out)
+        if ctx.basis is not None:  # monomial coefficients -> basis coefficients
+            grads = tuple(_to_basis(g, ctx.basis[1]) if i in (5, 6) and g is not None else g
+                          for i, g in enumerate(grads))
+        return (*grads, None)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_out: Tensor) -> tuple:
         x, mu, sigma, weight, bias, gamma, delta, mix = ctx.saved_tensors
         eps, limit, min_den, bound = ctx.consts
         need = ctx.needs_input_grad
