@@ -12,8 +12,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +40,76 @@ class Outcome:
     error: dict[str, str] | None = None
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, main_pid: int) -> None:
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    _exit_with(main_pid)
+
+
+def _exit_with(main_pid: int) -> None:
+    """End this worker as soon as the main process ``main_pid`` has ended, even by SIGKILL (which it cannot act
+    on): the worker's results would go nowhere, and an orphaned worker keeps the forkserver and the resource
+    tracker alive. A daemon thread waits on a pidfd (Linux), else checks every 0.5 s. Files the worker was
+    writing stay in the dataset's temp folder, which the next run removes (:meth:`Layout.prepare`)."""
+    if os.name != "posix":  # spawn-based platforms: the pool's own pipes end the workers
+        return
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(main_pid)
+        except ProcessLookupError:
+            os._exit(1)
+        except (AttributeError, OSError):  # no pidfd: poll
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has exited
+        else:
+            while True:
+                time.sleep(0.5)
+                try:
+                    os.kill(main_pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-main-process", daemon=True).start()
+
+
+class _Terminated(SystemExit):
+    """SIGTERM while workers run: unwinds the main process like Ctrl-C, so that the pool is shut down."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While in the block, SIGTERM raises :class:`_Terminated` (exit status 128 + 15) in the main thread instead of
+    ending the process at once, which would leave the forkserver, the workers and the resource tracker running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _stop_pool(ex: ProcessPoolExecutor) -> None:
+    """Terminate the workers now (their current case is left unfinished; its temp files are removed by the next
+    run) and shut the pool down without waiting for queued jobs."""
+    procs = list((getattr(ex, "_processes", None) or {}).values())  # the executor keeps no public handle
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.join(timeout=5)
 
 
 def _context(fn: Callable[[Any], Outcome]) -> multiprocessing.context.BaseContext:
@@ -76,8 +147,9 @@ def run_jobs(fn: Callable[[Any], Outcome], jobs: list[Any], workers: int, desc: 
                     break
         else:
             threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_context(fn),
-                                     initializer=_init_worker, initargs=(threads,)) as ex:
+            with _sigterm_unwinds():
+                ex = ProcessPoolExecutor(max_workers=workers, mp_context=_context(fn), initializer=_init_worker,
+                                         initargs=(threads, os.getpid()))
                 pending: set[Future] = set()
                 it: Iterable[Any] = iter(jobs)
                 stop = False
@@ -91,9 +163,10 @@ def run_jobs(fn: Callable[[Any], Outcome], jobs: list[Any], workers: int, desc: 
                         for f in done:
                             stop = take(f.result()) or stop
                             bar.update()
-                finally:
-                    for f in pending:
-                        f.cancel()
+                except BaseException:  # SIGTERM, Ctrl-C, a job's unexpected error: stop the workers now
+                    _stop_pool(ex)
+                    raise
+                ex.shutdown(wait=True)
     failed = [o for o in outcomes if o.error]
     if failed and not skip_bad:
         e = failed[0].error
