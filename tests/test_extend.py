@@ -341,15 +341,13 @@ def _old_model_inputs(extended, root: Path, cases: dict[str, str]) -> Path:
 def test_new_parts_trainer_freezes_the_old_model_and_defaults_to_a_quarter_schedule(extended, monkeypatch):
     """In process: the extension trainer starts from extend's checkpoint by itself, trains 25 % of nnU-Net's epochs
     and, in new-parts mode, only the new slots' columns, new head channels and new gate rows."""
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as stock
-
     from nnunet_universal.inference.checkpoints import load_checkpoint
     from nnunet_universal.trainers.extension_trainer import UniversalTrainer_ExtendNewParts
     from nnunet_universal.trainers.schedule import ENV_VAR
 
     monkeypatch.delenv(ENV_VAR, raising=False)
-    monkeypatch.setattr(stock, "nnUNet_preprocessed", str(extended["dirs"]["nnUNet_preprocessed"]))
-    monkeypatch.setattr(stock, "nnUNet_results", str(extended["root"] / "inproc_results"))
+    for k, v in extended["dirs"].items():  # nnU-Net 2.8.1 reads its folders from the environment on every use
+        monkeypatch.setenv(k, str(v if k != "nnUNet_results" else extended["root"] / "inproc_results"))
     plans = json.loads((extended["pre"] / f"{PLANS_NAME}.json").read_text())
     plans["continue_training"] = False
     dj = json.loads((extended["pre"] / "dataset.json").read_text())
