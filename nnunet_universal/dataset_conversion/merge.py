@@ -61,7 +61,6 @@ from nnunet_universal.dataset_conversion.splits import choose_holdout, fold_note
 from nnunet_universal.dataset_conversion.union import build_label_union, merged_slots
 from nnunet_universal.dataset_conversion.validation import check_geometry, normalize_label
 from nnunet_universal.dataset_conversion.volume_io import (
-    image_from_array,
     read_bytes,
     read_file,
     write_bytes,
@@ -185,14 +184,14 @@ def merge_case(job: MergeJob) -> Outcome:
             src = read_file(path, cid)
             check_geometry(seg, job.label, src.volumes[0], path, cid)
             sha = src.sha256
-            outputs[rel], out_sha[rel] = "written", write_image(src.volumes[0], final, layout.tmp)
+            outputs[rel], out_sha[rel] = "written", write_image(src.volumes[0].array, src.volumes[0], final,
+                                                                 layout.tmp)
         src_sha[f"image:{slot}"] = sha
     rel = f"{lab_dir}/{cid}{FILE_ENDING}"
     if unchanged and job.label.endswith(FILE_ENDING):
         outputs[rel], out_sha[rel] = "copy", write_bytes(lab_bytes, layout.root / rel, layout.tmp, lab_sha)
     else:
-        outputs[rel], out_sha[rel] = "remapped", write_image(image_from_array(arr, seg), layout.root / rel,
-                                                              layout.tmp, label=True)
+        outputs[rel], out_sha[rel] = "remapped", write_image(arr, seg, layout.root / rel, layout.tmp, label=True)
     sources = job.sources()
     marker = {"key": job.key, "case": cid, "outputs": list(outputs),
               "provenance": {**job.origin, "split": job.split,

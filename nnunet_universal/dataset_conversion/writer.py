@@ -46,7 +46,6 @@ from nnunet_universal.dataset_conversion.validation import (
 from nnunet_universal.dataset_conversion.volume_io import (
     SourceFile,
     Volume,
-    image_from_array,
     write_image,
     write_source,
     write_zeros,
@@ -104,14 +103,13 @@ def convert_case(job: ConvertJob) -> Outcome:
         elif _unchanged(case.images[slot], exact[slot]):
             outputs[rel], sha[rel] = write_source(files[case.images[slot].path], final, layout.tmp)
         else:  # a channel of a 4D file, a PNG stack, another format, or a grid within tolerance of the reference
-            outputs[rel], sha[rel] = "written", write_image(image_from_array(images[slot].array, ref_img), final,
-                                                             layout.tmp)
+            outputs[rel], sha[rel] = "written", write_image(images[slot].array, ref_img, final, layout.tmp)
     rel = f"labelsTr/{cid}{FILE_ENDING}"
     if label_unchanged and _unchanged(case.label, label_exact):
         outputs[rel], sha[rel] = write_source(files[case.label.path], layout.root / rel, layout.tmp, label=True)
     else:
-        outputs[rel], sha[rel] = "written", write_image(image_from_array(label_arr, ref_img), layout.root / rel,
-                                                         layout.tmp, label=True)
+        outputs[rel], sha[rel] = "written", write_image(label_arr, ref_img, layout.root / rel, layout.tmp,
+                                                         label=True)
 
     root_in = Path(job.input_dir)
     sources = {relpath_or_abs(f, root_in): files[f].sha256 if f in files else sha256_file(f)
