@@ -219,8 +219,11 @@ def _link_inputs(b: Bench, did: int, domains: list[str], out: Path) -> Path:
     return out
 
 
-def evaluate(b: Bench, name: str, model: Path, did: int, domains: list[str], state_logs: list[str]) -> None:
-    """Predict (dataset-free) and evaluate ``model`` on the test cases of ``domains``; record it."""
+def evaluate(b: Bench, name: str, model: Path, did: int, domains: list[str], state_logs: list[str],
+             eval_did: int | None = None) -> None:
+    """Predict (dataset-free) and evaluate ``model`` on the test cases of ``domains``; record it. ``eval_did``: the
+    dataset whose case metadata and labels score it (default ``did``; the no-old-data dataset lacks the old test
+    cases, the extended dataset with old data has them under the same union ids)."""
     results = _read_json(b.results_json, {})
     if name in results.get("runs", {}):
         return
@@ -235,11 +238,12 @@ def evaluate(b: Bench, name: str, model: Path, did: int, domains: list[str], sta
     shutil.rmtree(gt, ignore_errors=True)
     gt.mkdir(parents=True)
     joint = b.dataset(JOINT_ID)
-    own = b.dataset(did)
+    eval_did = did if eval_did is None else eval_did
+    own = b.dataset(eval_did)
     for f in sorted(out.glob("*.nii.gz")):  # the model's own dataset's labels (its union ids)
         src = own / "labelsTs" / f.name
         os.link(src if src.is_file() else joint / "labelsTs" / f.name, gt / f.name)
-    b.run([NU, "evaluate", str(out), "-d", str(did), "--gt", str(gt), "-o", str(out / "evaluation")],
+    b.run([NU, "evaluate", str(out), "-d", str(eval_did), "--gt", str(gt), "-o", str(out / "evaluation")],
           f"{name}_evaluate")
     metrics = _read_json(out / "evaluation" / "metrics.json")
     states = [_read_json(b.work / "state" / f"{s}.json") for s in state_logs]
@@ -272,9 +276,14 @@ def run(b: Bench, variants: list[str]) -> None:
     for name in variants:
         v = VARIANTS[name]
         try:
-            extend(b, old, v.dataset, no_old_data=v.dataset == NOOLD_ID)
+            extend(b, old, EXT_ID, no_old_data=False)  # also scores the no-old-data model (same union ids)
+            if v.dataset == NOOLD_ID:
+                extend(b, old, NOOLD_ID, no_old_data=True)
+                labels = [_read_json(b.dataset(d) / "dataset.json")["labels"] for d in (EXT_ID, NOOLD_ID)]
+                if labels[0] != labels[1]:
+                    raise RuntimeError("the no-old-data and the extended dataset have different union labels")
             model = train(b, v.dataset, v.trainer, name, extension=True)
-            evaluate(b, name, model, v.dataset, [*old_domains, new_domain], ["old", name])
+            evaluate(b, name, model, v.dataset, [*old_domains, new_domain], ["old", name], eval_did=EXT_ID)
         except RuntimeError as e:  # one failing variant must not stop the others; a rerun retries it
             print(f"variant {name} failed: {e}", flush=True)
 
