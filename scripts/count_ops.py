@@ -1,6 +1,7 @@
 """Host-overhead proxy: operations dispatched per training step and per sliding-window tile, universal vs stock.
 
     .venv/bin/python scripts/count_ops.py                     # writes benchmarks/results/ops_cpu.{json,md}
+    .venv/bin/python scripts/count_ops.py --json ops.json     # the JSON there instead (nothing in results/)
 
 On a GPU a universal training step was host-bound (README "Benchmarks": 84 ms of host time against 52 ms of GPU
 time per step on an H200): every operator PyTorch dispatches costs host time whether or not its kernel is
@@ -13,8 +14,14 @@ machine. Counted with a ``TorchDispatchMode`` (every ATen call below autograd: f
 * ``tile``: ``predict_sliding_window_return_logits`` of one preprocessed case (our predictor: case-level routing
   pass plus prediction pass, dataset-free, no mirroring) divided by its number of sliding-window tiles.
 
-Ratios are universal / stock (JSON keys ``step_ops_ratio``, ``tile_ops_ratio``); goals: <= 1.3 and <= 1.2. The
-trainers are built as ``nnUNetv2_train`` builds them, on ``scripts/benchmark_speed.py``'s synthetic dataset.
+Ratios are universal / stock (JSON keys ``step_ops_ratio``, ``tile_ops_ratio``, with the raw counts ``step_ops``
+and ``tile_ops`` of each arm and the operations the universal step and tile dispatch beyond stock's, by name);
+goals: <= 1.3 and <= 1.2. The trainers are built as ``nnUNetv2_train`` builds them, on
+``scripts/benchmark_speed.py``'s synthetic dataset (``--shape`` as there). The CPU path of the U-Harmony layers is
+the C++ one (``nn/harmony_cpu.py``); on a GPU the compiled one dispatches its own glue. SGD runs one loop per
+parameter on CPU tensors (5 operations each) but PyTorch's multi-tensor (foreach) implementation on CUDA ones;
+``step_ops_optimizer`` counts the first, so that part of the ratio is a CPU artefact (the universal network has more
+parameter tensors: HarmonyNorm's polynomial, HarmonyRestore, heads, gate).
 """
 
 from __future__ import annotations
@@ -70,15 +77,16 @@ def _sliding_window_tiles(predictor: Any, data: Any) -> int:
     return len(sliding_window_slicers(padded.shape[1:], patch, predictor.tile_step_size))
 
 
-def tile_ops(predictor: Any, data: Any) -> tuple[float, int]:
-    """(ops per tile, tiles) of ``predict_sliding_window_return_logits(data)``; data: (C, *spatial)."""
+def tile_ops(predictor: Any, data: Any, with_counts: bool = False) -> tuple:
+    """(ops per tile, tiles) of ``predict_sliding_window_return_logits(data)``; data: (C, *spatial). With
+    ``with_counts`` also the counts by name (whole case)."""
     import torch
 
     with torch.no_grad():
         predictor.predict_sliding_window_return_logits(data)  # warm-up
         counts = count_ops(lambda: predictor.predict_sliding_window_return_logits(data))
     tiles = _sliding_window_tiles(predictor, data)
-    return sum(counts.values()) / tiles, tiles
+    return (sum(counts.values()) / tiles, tiles, counts) if with_counts else (sum(counts.values()) / tiles, tiles)
 
 
 def predictor_for(trainer: Any) -> Any:
@@ -126,6 +134,9 @@ def to_markdown(res: dict) -> str:
             f"| inference, per tile | {res['stock']['tile_ops']:.0f} | {res['universal']['tile_ops']:.0f} | "
             f"{res['tile_ops_ratio']:.2f}x | <= {GOALS['tile_ops_ratio']}x |"]
     top = ", ".join(f"{k} {v}" for k, v in res["universal"]["step_top"][:8])
+    opt = (f"SGD's per-parameter loop (CPU tensors; one multi-tensor call per group on CUDA) is "
+           f"{res['stock']['step_ops_optimizer']} of the stock step's operations and "
+           f"{res['universal']['step_ops_optimizer']} of the universal one's.")
     return "\n".join([
         f"Operations dispatched (ATen calls, forward + backward + optimizer), UniversalTrainer vs nnUNetTrainer, "
         f"same plans and batch; commit {res['commit']}, {res['machine']}. Tiles: {res['tiles']} per case.",
@@ -138,6 +149,8 @@ def to_markdown(res: dict) -> str:
         "",
         f"Most frequent operations of the universal step: {top}.",
         "",
+        opt,
+        "",
     ])
 
 
@@ -146,29 +159,43 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=REPO / "bench_work" / "speed", help="benchmark_speed's work folder")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--cases", type=int, default=4, help="synthetic cases per source (first run only)")
+    p.add_argument("--shape", type=int, nargs=3, default=None,
+                   help="synthetic volume shape, first run only (default: the sources'; as benchmark_speed --shape)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (the counts do not depend on them)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the results (JSON) to this file only, instead of RESULTS/ops_cpu.{json,md}")
     args = p.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     sys.path.insert(0, str(REPO / "scripts"))
     import benchmark_speed as bs
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     bs._set_paths(args.work.resolve())
-    bs.prepare(args.work.resolve(), args.cases, None)
+    bs.prepare(args.work.resolve(), args.cases, tuple(args.shape) if args.shape else None)
     batch_file = bs.make_batch(args.work.resolve(), "cpu")
     batch = torch.load(batch_file, weights_only=True)
     res: dict[str, Any] = {"commit": _commit(), "machine": f"{platform.platform()}, {os.cpu_count()} cores",
-                           "command": "python scripts/count_ops.py"}
+                           "command": " ".join(["python scripts/count_ops.py", *sys.argv[1:]])}
+    counts = {}
     for key, name in (("stock", "nnUNetTrainer"), ("universal", "UniversalTrainer")):
         torch.manual_seed(0)
         trainer = bs._trainer(name, "cpu")
         steps = step_ops(trainer, dict(batch))
-        per_tile, tiles = tile_ops(predictor_for(trainer), first_case(trainer))
+        per_tile, tiles, tile_counts = tile_ops(predictor_for(trainer), first_case(trainer), with_counts=True)
         res[key] = {"step_ops": sum(steps.values()), "tile_ops": per_tile,
-                    "step_top": steps.most_common(15)}
+                    "step_ops_optimizer": optimizer_ops(trainer), "step_top": steps.most_common(15)}
         res["tiles"] = tiles
+        counts[key] = (steps, tile_counts)
     res["step_ops_ratio"] = res["universal"]["step_ops"] / res["stock"]["step_ops"]
     res["tile_ops_ratio"] = res["universal"]["tile_ops"] / res["stock"]["tile_ops"]
+    res["step_extra_by_op"] = _extra(counts["stock"][0], counts["universal"][0], 1)
+    res["tile_extra_by_op"] = _extra(counts["stock"][1], counts["universal"][1], res["tiles"])
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=1))
+        print(to_markdown(res))
+        return 0
     from nnunet_universal.atomic_io import atomic_write_bytes
 
     args.results.mkdir(parents=True, exist_ok=True)
@@ -176,6 +203,29 @@ def main() -> int:
     atomic_write_bytes(args.results / "ops_cpu.md", to_markdown(res).encode())
     print(to_markdown(res))
     return 0
+
+
+def optimizer_ops(trainer: Any) -> int:
+    """Operations of one ``optimizer.step()`` alone (SGD's per-parameter loop on CPU tensors); gradients kept."""
+    import torch
+
+    with torch.no_grad():
+        saved = [(p, p.detach().clone()) for g in trainer.optimizer.param_groups for p in g["params"]]
+        state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in trainer.optimizer.state[p].items()}
+                 for p, _ in saved}
+    n = sum(count_ops(trainer.optimizer.step).values())
+    with torch.no_grad():  # undo the step: the next measurement sees the same weights
+        for p, v in saved:
+            p.copy_(v)
+        for p, st in state.items():
+            trainer.optimizer.state[p] = st
+    return n
+
+
+def _extra(stock: collections.Counter, universal: collections.Counter, per: int) -> dict[str, float]:
+    """Operations the universal arm dispatches beyond the stock one, by name (per ``per``: tiles), largest first."""
+    diff = {k: (universal[k] - stock[k]) / per for k in set(stock) | set(universal) if universal[k] != stock[k]}
+    return dict(sorted(diff.items(), key=lambda kv: -kv[1]))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Device checks for a lent GPU machine (see README "Benchmarks"): the CUDA speed benchmark, the CUDA tests, a profile.
+# Device checks for a lent GPU machine (see README "Benchmarks"): the CUDA speed benchmark, the CUDA tests, a profile,
+# the dispatched-operation counts.
 #   bash scripts/gpu_checks.sh OUTDIR [D H W]
 # Expects nnunetv2 and its dependencies importable (on this workplace's GPU machine: wheels carried in .whl/,
-# installed to /tmp/site when present). Writes OUTDIR/speed/speed_cuda.{json,md}, OUTDIR/gpu_tests.log and
-# OUTDIR/profile_{train,infer}.txt (self CUDA time per op of the universal training step and inference).
+# installed to /tmp/site when present). Writes OUTDIR/speed/speed_cuda.{json,md}, OUTDIR/gpu_tests.log,
+# OUTDIR/profile_{train,infer}.txt (self CUDA time per op of the universal training step and inference) and
+# OUTDIR/ops_cpu.json (scripts/count_ops.py: ATen operations per training step and per sliding-window tile,
+# universal / stock, keys step_ops_ratio and tile_ops_ratio; counted on the CPU, where they do not depend on the
+# machine, on benchmark_speed's network at the sources' shape; last, and cut at 240 s so the call stays < 10 min).
 set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUTDIR [D H W]}; shift
 shape=${*:-128 128 128}
@@ -27,3 +31,6 @@ for what in train infer; do
     --threads 8 --steps 3 --warmup 2 --worker-out /tmp/worker.json --profile-to "$out/profile.txt" >/dev/null
   head -30 "$out/profile_$what.txt"
 done
+# operations dispatched per training step and per tile (the host-overhead proxy; CPU, 8 threads, own small dataset)
+timeout 240 python3 scripts/count_ops.py --work /tmp/ops_work --cases 2 --threads 8 --json "$out/ops_cpu.json" \
+  | grep -v "^Please cite\|^Isensee\|^####" | tail -12

@@ -455,7 +455,8 @@ def test_compiled_fused_path_on_cpu_matches_the_chunked_path(monkeypatch):
     harmony_fused._COMPILED.clear()
     eager, fused = run(False), run(True)
     assert not harmony_fused._BROKEN, harmony_fused._BROKEN
-    assert set(harmony_fused._COMPILED) == {"norm_forward", "norm_backward", "restore_forward", "restore_backward"}
+    assert set(harmony_fused._COMPILED) == {"norm_forward_nd", "norm_backward_nd", "restore_forward_nd",
+                                            "restore_backward_nd"}
     for a, b in zip(eager, fused, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
@@ -493,3 +494,29 @@ def test_cpu_kernels_match_the_chunked_path(monkeypatch, poly, mix, bound):
     kernels = _pair_values_and_grads(hn, hr, x, mu, sigma, g)
     for a, b in zip(eager, kernels, strict=True):
         torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-4)
+
+
+def test_fused_path_output_takes_an_in_place_nonlinearity(monkeypatch):
+    """The fused path returns the compiled function's own output tensor (no copy into a buffer): nnU-Net's
+    in-place LeakyReLU after the norm must work on it, with the chunked path's values and gradients."""
+    from nnunet_universal.nn import harmony_cpu, harmony_fused
+
+    monkeypatch.setattr(harmony_cpu, "serves", lambda t: False)
+    monkeypatch.setattr(harmony_fused, "compiled", lambda name: harmony_fused._MATH[name])
+    torch.manual_seed(9)
+    hn = HarmonyNorm(3)
+    with torch.no_grad():
+        hn.poly_weight.normal_(0, 0.3)
+    x = torch.randn(2, 3, 5, 4, 3) * 2
+
+    def run(fused: bool):
+        monkeypatch.setattr(harmony_fused, "enabled", lambda t: fused)
+        xi = x.clone().requires_grad_()
+        y = torch.nn.functional.leaky_relu(hn(xi), 0.01, inplace=True)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view(y.shape))
+        out = [y.detach(), xi.grad] + [p.grad.clone() for p in hn.parameters()]
+        hn.zero_grad(set_to_none=True)
+        return out
+
+    for a, b in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -60,6 +60,7 @@ class EncodingCache:
         self._expect_tile = False
         self._deferred_mode = False  # set by the first expect_tile(): unannounced calls then miss
         self._pending: list[Tensor] = []  # deferred equality tests (0-dim bool tensors: True = mismatch)
+        self._pending_availability: dict[tuple, tuple[Tensor, Tensor]] = {}  # deferred availability comparisons
         #: False: every take() misses (the predictor's second try of a case after a failed verify())
         self.enabled = True
 
@@ -90,7 +91,12 @@ class EncodingCache:
             same_kind = (e.x.shape == x.shape and e.x.dtype == x.dtype and e.x.device == x.device
                          and e.availability.shape == availability.shape)
             if same_kind and deferred:
-                self._pending.append(torch.ne(e.x, x).any() | torch.ne(e.availability, availability).any())
+                self._pending.append(torch.ne(e.x, x).any())
+                # a sliding window passes the same two availability tensors for every tile: compared once per
+                # pair (by identity of storage and layout; the entry holds its tensor, so no other one can reuse
+                # that storage meanwhile) when verify() runs
+                key = (_layout(e.availability), _layout(availability))
+                self._pending_availability.setdefault(key, (e.availability, availability))
                 return self._pop()
             if (same_kind and not self._deferred_mode and torch.equal(e.availability, availability)
                     and torch.equal(e.x, x)):
@@ -107,10 +113,18 @@ class EncodingCache:
     def verify(self) -> bool:
         """Whether every deferred match was exact (one host synchronization); forgets the queued tests."""
         pending, self._pending = self._pending, []
+        pairs, self._pending_availability = self._pending_availability, {}
+        pending += [torch.ne(a, b).any() for a, b in pairs.values()]
         return not pending or not bool(torch.stack(pending).any())
 
     def clear(self) -> None:
         self._entries.clear()
         self._pending = []
+        self._pending_availability = {}
         self._expect_tile = self._deferred_mode = False
         self.nbytes = 0
+
+
+def _layout(t: Tensor) -> tuple:
+    """What identifies a tensor's values while it is alive and not written to: storage, offset, shape, strides."""
+    return (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())

@@ -40,13 +40,6 @@ def _per_row(p: Tensor, batch: int, cd: torch.dtype) -> Tensor:
     return p.repeat(batch).unsqueeze(1) if p.ndim == 1 else p.repeat(batch, 1)
 
 
-def _per_channel(p: Tensor, cd: torch.dtype) -> Tensor:
-    """Per-channel parameters (C,) or (C, K) -> (C, 1) or (C, K) in the compute dtype (the fused path broadcasts
-    them over (B, C, N); no per-row copies)."""
-    p = p.to(cd)
-    return p.unsqueeze(1) if p.ndim == 1 else p
-
-
 _ORDERS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
 
@@ -164,20 +157,17 @@ class HarmonyNormFunction(torch.autograd.Function):
                 ctx.mark_non_differentiable(mean, rstd)
                 return out, mean, rstd
             cd = _compute_dtype(x)
-            x2, batch, n = _rows_of(x)
-            rows = x2.shape[0]
-            if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
-                fused = harmony_fused.run("norm_forward", x2.view(batch, -1, n), _per_channel(weight, cd),
-                                          _per_channel(bias, cd), None if coef is None else coef.to(cd), eps, limit,
-                                          out_dtype)
-                if fused is not None:  # statistics kept (B, C, 1) as returned (readers view them as needed)
-                    mean, rstd = fused[1], fused[2]
+            if harmony_fused.enabled(x):  # x as it is, per-channel parameters: nothing to reshape or copy around
+                fused = harmony_fused.run("norm_forward_nd", x, weight.to(cd), bias.to(cd),
+                                          None if coef is None else coef.to(cd), eps, limit, out_dtype)
+                if fused is not None:  # the output is the compiled function's own tensor (in-place users follow);
+                    out, mean, rstd = fused  # the statistics (B, C, 1) as returned (readers view them as needed)
                     ctx.save_for_backward(x, mean, rstd, weight, coef)
                     ctx.limit = limit
                     ctx.mark_non_differentiable(mean, rstd)
-                    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: in-place users follow
-                    out.view(fused[0].shape).copy_(fused[0])
                     return out, mean, rstd
+            x2, batch, n = _rows_of(x)
+            rows = x2.shape[0]
             w, b = _per_row(weight, batch, cd), _per_row(bias, batch, cd)
             c = _per_row(coef, batch, cd) if coef is not None else None  # (R, J+1)
             out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -241,20 +231,18 @@ class HarmonyNormFunction(torch.autograd.Function):
                 return (grad_x.view(x.shape), gw.sum(0).to(weight.dtype) if need[1] else None,
                         gb.sum(0).to(weight.dtype) if need[2] else None,
                         gc.sum(0).to(coef.dtype) if gc is not None and need[3] else None, None, None, None)
+            if harmony_fused.enabled(x):  # x, g as they are; the batch sums inside the compiled function
+                batch = x.shape[0]
+                fused = harmony_fused.run("norm_backward_nd", x, grad_out, _as3(mean, batch), _as3(rstd, batch),
+                                          weight.to(cd), dcoef_c, limit)
+                if fused is not None:
+                    need = ctx.needs_input_grad
+                    return (fused[0], fused[1].to(weight.dtype) if need[1] else None,
+                            fused[2].to(weight.dtype) if need[2] else None,
+                            fused[3].to(coef.dtype) if coef is not None and need[3] else None, None, None, None)
             x2, batch, n = _rows_of(x)
             g2 = grad_out.contiguous().view(x2.shape)
             rows = x2.shape[0]
-            if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
-                fused = harmony_fused.run("norm_backward", x2.view(batch, -1, n), g2.view(batch, -1, n),
-                                          _as3(mean, batch), _as3(rstd, batch), _per_channel(weight, cd), dcoef_c,
-                                          limit)
-                if fused is not None:
-                    need = ctx.needs_input_grad
-                    return (fused[0].view(x.shape),
-                            fused[1].sum(0).to(weight.dtype) if need[1] else None,
-                            fused[2].sum(0).to(weight.dtype) if need[2] else None,
-                            fused[3].sum(0).to(coef.dtype) if coef is not None and need[3] else None,
-                            None, None, None)
             if mean.ndim == 3:  # (B, C, 1) from the C++ or fused forward
                 mean, rstd = mean.view(rows, 1), rstd.view(rows, 1)
             w = _per_row(weight, batch, cd)
@@ -327,14 +315,15 @@ class HarmonyRestoreFunction(torch.autograd.Function):
         return p
 
     @staticmethod
-    def _channel_params(weight: Tensor, bias: Tensor, gamma: Tensor | None, delta: Tensor | None,
-                        mix: Tensor | None, eps: float, cd: torch.dtype) -> tuple[Tensor | None, ...]:
-        """(w + eps, b, gamma, delta, mix) per channel for the fused path ((C, 1) / (C, K))."""
-        w = _per_channel(weight, cd)
-        return (w + eps if eps else w, _per_channel(bias, cd),
+    def _nd_params(weight: Tensor, bias: Tensor, gamma: Tensor | None, delta: Tensor | None, mix: Tensor | None,
+                   eps: float, cd: torch.dtype) -> tuple[Tensor | None, ...]:
+        """(w + eps, b, gamma, delta, mix) per channel, (C,) / (C, K), for the fused path's (B, C, *spatial)
+        functions."""
+        w = weight.to(cd)
+        return (w + eps if eps else w, bias.to(cd),
                 None if gamma is None or delta is None else gamma.to(cd),
                 None if gamma is None or delta is None else delta.to(cd),
-                None if mix is None else _per_channel(mix, cd))
+                None if mix is None else mix.to(cd))
 
     @staticmethod
     def _cpp_params(weight: Tensor, bias: Tensor, gamma: Tensor | None, delta: Tensor | None, mix: Tensor | None,
@@ -410,18 +399,15 @@ class HarmonyRestoreFunction(torch.autograd.Function):
                 ctx.consts = (eps, limit, min_den, bound)
                 return out
             cd = _compute_dtype(x)
-            x2, batch, n = _rows_of(x)
-            if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
-                y = harmony_fused.run("restore_forward", x2.view(batch, -1, n), _stat3(mu, cd),
-                                      _stat3(sigma, cd), *HarmonyRestoreFunction._channel_params(
-                                          weight, bias, gamma, delta, mix, eps, cd),
+            if harmony_fused.enabled(x):  # x as it is, per-channel parameters (see HarmonyNormFunction)
+                y = harmony_fused.run("restore_forward_nd", x, _stat3(mu, cd), _stat3(sigma, cd),
+                                      *HarmonyRestoreFunction._nd_params(weight, bias, gamma, delta, mix, eps, cd),
                                       limit, min_den, bound, out_dtype)
-                if y is not None:
+                if y is not None:  # the compiled function's own tensor (in-place users follow)
                     ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta, mix)
                     ctx.consts = (eps, limit, min_den, bound)
-                    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view (see above)
-                    out.view(y.shape).copy_(y)
-                    return out
+                    return y
+            x2, batch, n = _rows_of(x)
             p = HarmonyRestoreFunction._params(weight, bias, gamma, delta, eps, batch, cd, min_den, bound)
             s, m = sigma.to(cd).reshape(-1, 1), mu.to(cd).reshape(-1, 1)
             a = None if mix is None else _per_row(mix, batch, cd)
@@ -471,18 +457,28 @@ class HarmonyRestoreFunction(torch.autograd.Function):
                     limit, min_den, bound, grad_x)
                 return HarmonyRestoreFunction._grads((grad_x.view(x.shape), *sums), need, x, mu, sigma, weight, bias,
                                                      gamma, delta, mix, batch, order)
+            if harmony_fused.enabled(x):  # x, g as they are; the batch sums inside the compiled function
+                fused = harmony_fused.run("restore_backward_nd", x, grad_out, _stat3(mu, cd), _stat3(sigma, cd),
+                                          *HarmonyRestoreFunction._nd_params(weight, bias, gamma, delta, mix, eps, cd),
+                                          limit, min_den, bound)
+                if fused is not None:
+                    gx, g_mu, g_sigma, g_w, g_b, g_gamma, g_delta, g_mix = fused
+                    grads: list[Tensor | None] = [None] * 13
+                    grads[0] = gx if need[0] else None
+                    grads[1] = _shaped(g_mu, mu.shape).to(mu.dtype) if need[1] else None
+                    grads[2] = _shaped(g_sigma, sigma.shape).to(sigma.dtype) if need[2] else None
+                    grads[3] = g_w.to(weight.dtype) if need[3] else None
+                    grads[4] = g_b.to(bias.dtype) if need[4] else None
+                    if gamma is not None and g_gamma is not None and need[5]:
+                        grads[5] = g_gamma.to(gamma.dtype)
+                    if delta is not None and g_delta is not None and need[6]:
+                        grads[6] = g_delta.to(delta.dtype)
+                    if mix is not None and g_mix is not None and need[7]:
+                        grads[7] = g_mix.to(mix.dtype)
+                    return tuple(grads)
             x2, batch, n = _rows_of(x)
             g2 = grad_out.contiguous().view(x2.shape)
             rows = x2.shape[0]
-            if harmony_fused.enabled(x):  # (B, C, N) with per-channel parameters
-                fused = harmony_fused.run("restore_backward", x2.view(batch, -1, n), g2.view(batch, -1, n),
-                                          _stat3(mu, cd), _stat3(sigma, cd),
-                                          *HarmonyRestoreFunction._channel_params(weight, bias, gamma, delta, mix,
-                                                                                  eps, cd),
-                                          limit, min_den, bound)
-                if fused is not None:
-                    return HarmonyRestoreFunction._grads(fused, need, x, mu, sigma, weight, bias, gamma, delta, mix,
-                                                         batch, order)
             p = HarmonyRestoreFunction._params(weight, bias, gamma, delta, eps, batch, cd, min_den, bound)
             s = sigma.to(cd).reshape(-1, 1)
             if mix is not None:  # the inner function's gradients scale with the mix a; dy/dx gains (1 - a)

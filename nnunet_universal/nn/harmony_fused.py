@@ -192,8 +192,69 @@ def restore_backward_math(x: Tensor, g: Tensor, mu: Tensor, sigma: Tensor, w_eps
     return gx.to(x.dtype), g_mu, g_sigma, g_w, g_b, g_gamma, g_delta, g_mix
 
 
+def _sum0(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.sum(0)
+
+
+def norm_forward_nd_math(x: Tensor, w: Tensor, b: Tensor, coef: Tensor | None, eps: float, limit: float,
+                         out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`norm_forward_math` on x (B, C, *spatial) with w, b (C,), coef (C, K): y in x's shape, a tensor of its
+    own (the autograd function returns it as is: no copy into an output buffer, no view the in-place nonlinearity
+    after it would refuse), the statistics (B, C, 1). Same operations, same values."""
+    bsz, c = x.shape[:2]
+    xf = x.float() if x.dtype != torch.float64 else x
+    flat = xf.reshape(bsz, c, -1)
+    mean = flat.mean(-1, keepdim=True)
+    xc = flat - mean
+    rstd = torch.rsqrt((xc * xc).mean(-1, keepdim=True) + eps)
+    stat, per_channel = (bsz, c, *([1] * (x.ndim - 2))), (c, *([1] * (x.ndim - 2)))
+    xh = (xf - mean.view(stat)) * rstd.view(stat)
+    y = xh * w.view(per_channel) + b.view(per_channel)
+    if coef is not None:
+        y = y + _horner(xh.clamp(-limit, limit), coef.view(c, coef.shape[1], *([1] * (x.ndim - 3))))
+    return y.to(out_dtype), mean, rstd
+
+
+def norm_backward_nd_math(x: Tensor, g: Tensor, mean: Tensor, rstd: Tensor, w: Tensor, dcoef: Tensor | None,
+                          limit: float) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`norm_backward_math` on x, g (B, C, *spatial), statistics (B, C, 1), w (C,): dL/dx in x's shape and
+    the parameter gradients summed over the batch, (C,), (C,), (C, J+1) (no reductions left to the caller)."""
+    bsz, c = x.shape[:2]
+    gx, gw, gb, gcoef = norm_backward_math(x.reshape(bsz, c, -1), g.reshape(bsz, c, -1), mean, rstd, w.view(c, 1),
+                                           dcoef, limit)
+    return gx.view(x.shape), gw.sum(0), gb.sum(0), _sum0(gcoef)
+
+
+def restore_forward_nd_math(x: Tensor, mu: Tensor, sigma: Tensor, w_eps: Tensor, b: Tensor, qcoef: Tensor | None,
+                            rcoef: Tensor | None, mix: Tensor | None, limit: float, min_den: float, bound: float,
+                            out_dtype: torch.dtype) -> Tensor:
+    """:func:`restore_forward_math` on x (B, C, *spatial) (pointwise: the same function, broadcast), mu, sigma
+    (B, C, 1), w_eps, b, mix (C,), qcoef, rcoef (C, K): the output in x's shape, a tensor of its own."""
+    bsz, c = x.shape[:2]
+    stat, per_channel = (bsz, c, *([1] * (x.ndim - 2))), (c, *([1] * (x.ndim - 2)))
+    coef = (c, -1, *([1] * (x.ndim - 3)))
+    q = None if qcoef is None else qcoef.view(coef)
+    r = None if rcoef is None else rcoef.view(coef)
+    return restore_forward_math(x, mu.view(stat), sigma.view(stat), w_eps.view(per_channel), b.view(per_channel),
+                                q, r, None if mix is None else mix.view(per_channel), limit, min_den, bound, out_dtype)
+
+
+def restore_backward_nd_math(x: Tensor, g: Tensor, mu: Tensor, sigma: Tensor, w_eps: Tensor, b: Tensor,
+                             qcoef: Tensor | None, rcoef: Tensor | None, mix: Tensor | None, limit: float,
+                             min_den: float, bound: float) -> tuple[Tensor | None, ...]:
+    """:func:`restore_backward_math` on x, g (B, C, *spatial), mu, sigma (B, C, 1), per-channel parameters (C,) /
+    (C, K): dL/dx in x's shape, dL/dmu and dL/dsigma (B, C), the parameter gradients summed over the batch."""
+    bsz, c = x.shape[:2]
+    gx, g_mu, g_sigma, g_w, g_b, g_gamma, g_delta, g_mix = restore_backward_math(
+        x.reshape(bsz, c, -1), g.reshape(bsz, c, -1), mu, sigma, w_eps.view(c, 1), b.view(c, 1), qcoef, rcoef,
+        None if mix is None else mix.view(c, 1), limit, min_den, bound)
+    return gx.view(x.shape), g_mu, g_sigma, g_w.sum(0), g_b.sum(0), _sum0(g_gamma), _sum0(g_delta), _sum0(g_mix)
+
+
 _MATH = {"norm_forward": norm_forward_math, "norm_backward": norm_backward_math,
-         "restore_forward": restore_forward_math, "restore_backward": restore_backward_math}
+         "restore_forward": restore_forward_math, "restore_backward": restore_backward_math,
+         "norm_forward_nd": norm_forward_nd_math, "norm_backward_nd": norm_backward_nd_math,
+         "restore_forward_nd": restore_forward_nd_math, "restore_backward_nd": restore_backward_nd_math}
 
 
 def compiled(name: str) -> Callable:
