@@ -172,7 +172,7 @@ def merge_case(job: MergeJob) -> Outcome:
         rel = f"{img_dir}/{cid}_{i:04d}{FILE_ENDING}"
         final = layout.root / rel
         if slot not in job.case_slots:
-            outputs[rel], out_sha[rel] = "zeros", write_zeros(seg, final, layout)
+            outputs[rel], out_sha[rel] = "zeros", write_zeros(seg, final, layout, like=label)
             continue
         path = job.images[slot]
         if path.endswith(FILE_ENDING):
@@ -191,7 +191,8 @@ def merge_case(job: MergeJob) -> Outcome:
     if unchanged and job.label.endswith(FILE_ENDING):
         outputs[rel], out_sha[rel] = "copy", write_bytes(lab_bytes, layout.root / rel, layout.tmp, lab_sha)
     else:
-        outputs[rel], out_sha[rel] = "remapped", write_image(arr, seg, layout.root / rel, layout.tmp, label=True)
+        outputs[rel], out_sha[rel] = "remapped", write_image(arr, seg, layout.root / rel, layout.tmp, label=True,
+                                                              header=label.header_for(arr))
     sources = job.sources()
     marker = {"key": job.key, "case": cid, "outputs": list(outputs),
               "provenance": {**job.origin, "split": job.split,

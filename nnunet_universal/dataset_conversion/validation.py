@@ -79,14 +79,12 @@ def check_voxels(img: Volume | sitk.Image, case: str, file: str, what: str) -> N
     if arr.size == 0:
         raise ConversionError(f"the {what} is empty (size {img.GetSize()})", case=case, file=file,
                               fix="re-export the sequence or remove the case")
-    if np.issubdtype(arr.dtype, np.floating):
-        finite = np.isfinite(arr)
-        if not finite.all():
-            n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
-            raise ConversionError(f"the {what} has {n_nan} NaN and {n_inf} Inf voxels", case=case, file=file,
-                                  fix="replace them with a valid value (e.g. 0 or the background intensity) in a "
-                                      "copy of the file, or remove the case")
-    lo, hi = arr.min(), arr.max()
+    lo, hi = arr.min(), arr.max()  # NaN propagates into both, an Inf is one of them: no separate finite pass
+    if np.issubdtype(arr.dtype, np.floating) and not (np.isfinite(lo) and np.isfinite(hi)):
+        n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+        raise ConversionError(f"the {what} has {n_nan} NaN and {n_inf} Inf voxels", case=case, file=file,
+                              fix="replace them with a valid value (e.g. 0 or the background intensity) in a "
+                                  "copy of the file, or remove the case")
     if lo == hi:
         raise ConversionError(f"the {what} is constant (every voxel is {lo}): an empty or failed export",
                               case=case, file=file, fix="re-export the sequence, or remove it (optional sequences "
@@ -123,7 +121,7 @@ def normalize_label(img: Volume | sitk.Image, table: LabelTable, case: str, file
     one min/max pass and, unless the table is the identity on every value present, one lookup pass.
     """
     arr = _array(img)
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+    if np.issubdtype(arr.dtype, np.floating) and not (np.isfinite(arr.min()) and np.isfinite(arr.max())):
         raise ConversionError(f"the label map has {int((~np.isfinite(arr)).sum())} NaN/Inf voxels", case=case,
                               file=file, fix="fix the label file (every voxel needs a class value)")
     if table.binary:

@@ -88,12 +88,27 @@ def image_from_array(arr: np.ndarray, geometry: Volume | sitk.Image) -> sitk.Ima
 
 @dataclass
 class SourceFile:
-    """A file read once: its bytes as stored (NIfTI only; what copies are written from), sha256, volumes."""
+    """A file read once: its bytes as stored (NIfTI only; what copies are written from), sha256, volumes.
+
+    ``header``: the (decompressed) header and extensions of a NIfTI whose stored numbers are its voxels (read
+    without ITK's full reader), for writing other volumes on exactly this file's grid (:meth:`header_for`).
+    """
 
     path: str
     sha256: str
     volumes: list[Volume] = field(default_factory=list)
     stored: bytes | None = None
+    header: bytes | None = None
+
+    def header_for(self, arr: np.ndarray) -> bytes | None:
+        """This file's header if it describes ``arr`` too (one 3D volume of the same shape and type), else None.
+
+        A volume written with it (:func:`write_image`) has this file's geometry exactly as every reader sees it.
+        """
+        if self.header is None or len(self.volumes) != 1:
+            return None
+        own = self.volumes[0].array
+        return self.header if own.shape == arr.shape and own.dtype == arr.dtype else None
 
 
 def _unreadable(path: str, case: str, e: BaseException) -> ConversionError:
@@ -248,7 +263,7 @@ def read_file(path: str, case: str, scratch: Path | None = None, stored: bytes |
             raw = info.data
             vols = _volumes_from_decompressed(path, info, scratch)
             if vols is not None:
-                return SourceFile(path, sha, vols, stored)
+                return SourceFile(path, sha, vols, stored, bytes(info.data[:info.vox_offset]))
         vols = _read_with_itk(path, case, raw)
     except CorruptImageError as e:
         raise _truncated(path, case, e) from None
@@ -336,10 +351,14 @@ def _nifti_parts(arr: np.ndarray, geometry: Volume | sitk.Image, tmp: Path) -> t
 
 
 def write_image(arr: np.ndarray, geometry: Volume | sitk.Image, final: Path, tmp_dir: Path,
-                label: bool = False) -> str:
+                label: bool = False, header: bytes | None = None) -> str:
     """Write the (z, y, x) array ``arr`` with ``geometry``'s spacing, origin and direction as a ``.nii.gz`` (ITK's
-    header, deflate level 1) atomically; return its sha256. ``label``: a label map (see :func:`gzip_bytes`)."""
-    head, body = _nifti_parts(arr, geometry, _tmp_name(tmp_dir, final).with_suffix(""))  # x.nii.gz -> x.nii
+    header, deflate level 1) atomically; return its sha256. ``label``: a label map (see :func:`gzip_bytes`);
+    ``header``: the header of a file on that grid to use instead (:meth:`SourceFile.header_for`)."""
+    if header is not None:
+        head, body = header, memoryview(np.ascontiguousarray(arr)).cast("B")
+    else:
+        head, body = _nifti_parts(arr, geometry, _tmp_name(tmp_dir, final).with_suffix(""))  # x.nii.gz -> x.nii
     return write_bytes(gzip_bytes(head, body, label=label), final, tmp_dir)
 
 
@@ -363,6 +382,13 @@ def zero_template(ref: Volume | sitk.Image, layout: Layout) -> Path:
     return path
 
 
-def write_zeros(ref: Volume | sitk.Image, final: Path, layout: Layout) -> str:
-    """Write the zero-filled file of ``ref``'s geometry as ``final`` (a copy, never a link); return its sha256."""
+def write_zeros(ref: Volume | sitk.Image, final: Path, layout: Layout, like: SourceFile | None = None) -> str:
+    """Write a zero-filled file of ``ref``'s geometry as ``final`` (its own file, never a link); return its sha256.
+
+    ``like``: a uint8 file on that grid (a label map): its header is used, so no template has to be written.
+    """
+    zeros = np.zeros(ref.GetSize()[::-1], np.uint8)
+    header = like.header_for(zeros) if like is not None else None
+    if header is not None:
+        return write_image(zeros, ref, final, layout.tmp, label=True, header=header)
     return write_bytes(zero_template(ref, layout).read_bytes(), final, layout.tmp)

@@ -99,7 +99,8 @@ def convert_case(job: ConvertJob) -> Outcome:
         rel = f"imagesTr/{cid}_{i:04d}{FILE_ENDING}"
         final = layout.root / rel
         if slot not in images:
-            outputs[rel], sha[rel] = "zeros", write_zeros(ref_img, final, layout)
+            like = files.get(case.label.path) if label_exact else None  # a uint8 label on the grid: its header
+            outputs[rel], sha[rel] = "zeros", write_zeros(ref_img, final, layout, like=like)
         elif _unchanged(case.images[slot], exact[slot]):
             outputs[rel], sha[rel] = write_source(files[case.images[slot].path], final, layout.tmp)
         else:  # a channel of a 4D file, a PNG stack, another format, or a grid within tolerance of the reference
