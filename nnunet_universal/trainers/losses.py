@@ -231,23 +231,26 @@ class PartialLabelLoss(nn.Module):
         g = self._grouped
         domain = domain.to(out.logits[0].device)
         batch = domain.shape[0]
-        index = tab["gather"].index_select(0, domain)  # (B, S): each sample's own head channels
-        pad = tab["pad"].index_select(0, domain) if g.padded else None  # (B, S) True where the domain has none
-        weights = tab["dice_weight"].index_select(0, domain)  # (B, S - 1): 1 / K_d on the domain's classes
+        # per step, shared by every scale (same ndim): (B, S, 1, ...) tables of each sample's domain
+        view = (batch, -1, *([1] * (out.logits[0].ndim - 2)))
+        index = tab["gather"].index_select(0, domain).view(view)  # each sample's own head channels
+        pad = tab["pad"].index_select(0, domain).view(view) if g.padded else None  # True where the domain has none
+        domain_v = domain.view(view)
+        weights = _dice_weights(domain, tab["dice_weight"], self.batch_dice)
+        last = tab["lut"].shape[1] - 1
         total: Tensor | float = 0.0
         for s, (w, target) in enumerate(zip(self.ds_weights, targets, strict=True)):
             if w == 0.0:
                 continue
             logits = out.logits[s]
-            view = (batch, -1, *([1] * (logits.ndim - 2)))
-            x = torch.gather(logits, 1, index.view(view).expand(-1, -1, *logits.shape[2:]))
+            x = torch.gather(logits, 1, index.expand(-1, -1, *logits.shape[2:]))
             if pad is not None:
-                x = x.masked_fill(pad.view(view), float("-inf"))
-            t = target.long()
-            local = tab["lut"][domain.view(view), t.clamp(-1, tab["lut"].shape[1] - 1)]  # (B, 1, *s); -1: unknown
+                x = x.masked_fill(pad, float("-inf"))
+            t = target if target.dtype == torch.long else target.long()
+            local = tab["lut"][domain_v, t.clamp(-1, last)]  # (B, 1, *s); -1: a label the domain lacks
             if s == 0 and bool((local < 0).any()):  # one host synchronization per step, as the loop's check
                 self._checked_local_targets(out, target, domain, keys)  # raises, naming the cases
-            total = total + w * _dc_ce_grouped(x, local, weights, domain, tab["dice_weight"], self.batch_dice,
+            total = total + w * _dc_ce_grouped(x, local, weights, domain, len(self.label_ids), self.batch_dice,
                                                LOCAL_IGNORE if self.ignore_label is not None else None)
         gate = getattr(out, "gate_logits", None)
         if gate is not None and self.gate_weight > 0:
@@ -290,16 +293,28 @@ class _GroupedTables:
         return self._buffers
 
 
-def _dc_ce_grouped(x: Tensor, target: Tensor, weights: Tensor, domain: Tensor, domain_weights: Tensor,
-                   batch_dice: bool, ignore: int | None) -> Tensor:
+def _dice_weights(domain: Tensor, domain_weights: Tensor, batch_dice: bool) -> Tensor:
+    """The weights of :func:`_dc_ce_grouped`'s Dice terms, negative (the loss is -Dice), made once per step:
+    (B, S - 1) ``-1 / (B K_d)`` per sample, or with batch Dice (D, S - 1) ``-n_d / (B K_d)`` per domain.
+    domain_weights: (D, S - 1) ``1 / K_d`` on each domain's foreground classes, 0 elsewhere."""
+    batch = domain.shape[0]
+    if not batch_dice:
+        return domain_weights.index_select(0, domain) * (-1.0 / batch)
+    counts = torch.zeros(domain_weights.shape[0], 1, dtype=domain_weights.dtype, device=domain.device)
+    counts.index_add_(0, domain, torch.ones(batch, 1, dtype=domain_weights.dtype, device=domain.device))
+    return domain_weights * (counts * (-1.0 / batch))
+
+
+def _dc_ce_grouped(x: Tensor, target: Tensor, weights: Tensor, domain: Tensor, num_domains: int, batch_dice: bool,
+                   ignore: int | None) -> Tensor:
     """``sum_d (n_d / B) DC_and_CE_d`` in one pass: nnU-Net's Dice + CE (``MemoryEfficientSoftDiceLoss``, no
     background, smooth 1e-5) of each domain's samples, weighted by the domain's share of the batch.
 
     Args:
         x: (B, S, *spatial) each sample's own head logits (channels it lacks at -inf).
         target: (B, 1, *spatial) long local ids (``ignore`` where nnU-Net's ignore label is).
-        weights: (B, S - 1) 1 / K_d of the sample's domain on its foreground classes, 0 elsewhere.
-        domain: (B,) long; domain_weights: (D, S - 1), the per-domain rows of ``weights`` (batch Dice).
+        weights: :func:`_dice_weights`: (B, S - 1), or (D, S - 1) with batch Dice.
+        domain: (B,) long; num_domains: D.
         batch_dice: nnU-Net's batch Dice (sums over the samples of a domain before the ratio).
         ignore: local id of the ignore label, or None.
 
@@ -327,23 +342,18 @@ def _dc_ce_grouped(x: Tensor, target: Tensor, weights: Tensor, domain: Tensor, d
     else:
         intersect = (p * y * mask).sum(axes, dtype=torch.float32)
         sum_pred = (p * mask).sum(axes, dtype=torch.float32)
-    if batch_dice:  # sums over each domain's samples: (D, S - 1), weighted by n_d / (B K_d)
-        stats = torch.stack([intersect, sum_pred, sum_gt])  # (3, B, S - 1)
-        member = F.one_hot(domain, domain_weights.shape[0]).to(stats.dtype)  # (B, D)
-        intersect, sum_pred, sum_gt = torch.matmul(member.T, stats).unbind(0)  # (D, S - 1) each
-        weights = domain_weights * (member.sum(0, keepdim=True).T / batch)
-    else:
-        weights = weights / batch
+    if batch_dice:  # sums over each domain's samples: (D, S - 1)
+        stats = torch.stack([intersect, sum_pred, sum_gt], 1).flatten(1)  # (B, 3 (S - 1))
+        grouped = torch.zeros(num_domains, stats.shape[1], dtype=stats.dtype, device=stats.device)
+        intersect, sum_pred, sum_gt = grouped.index_add(0, domain, stats).chunk(3, dim=1)
     dc = (2 * intersect + 1e-5) / (sum_gt + sum_pred + 1e-5).clamp_min(1e-8)
-    dice = (dc * weights).sum().neg()
+    dice = (dc * weights).sum()
     if mask is None:
         ce = F.cross_entropy(x, target[:, 0])
     else:  # per domain: mean over its non-ignored voxels (0 when it has none), times n_d / B
         ce_map = F.cross_entropy(x, target[:, 0], ignore_index=ignore, reduction="none")
         per_sample = torch.stack([ce_map.flatten(1).sum(1), mask.flatten(1).sum(1).to(ce_map.dtype)], 1)  # (B, 2)
-        sums = torch.zeros(domain_weights.shape[0], 2, dtype=per_sample.dtype, device=x.device)
-        sums.index_add_(0, domain, per_sample)
-        counts = torch.zeros(domain_weights.shape[0], dtype=per_sample.dtype, device=x.device)
-        counts.index_add_(0, domain, torch.ones_like(domain, dtype=per_sample.dtype))
-        ce = torch.where(sums[:, 1] > 0, sums[:, 0] / sums[:, 1].clamp_min(1.0), 0.0).mul(counts / batch).sum()
+        sums = torch.zeros(num_domains, 3, dtype=per_sample.dtype, device=x.device)
+        sums.index_add_(0, domain, torch.cat([per_sample, torch.ones_like(per_sample[:, :1])], 1))
+        ce = torch.where(sums[:, 1] > 0, sums[:, 0] / sums[:, 1].clamp_min(1.0), 0.0).mul(sums[:, 2] / batch).sum()
     return ce + dice
