@@ -335,3 +335,27 @@ def test_cli_merge_writes_five_folds_and_says_which_fold_validates_what(raw):
     assert len(splits) == 4
     assert "4 folds, not nnU-Net's 5: only 4 patient groups can be validated" in proc.stdout + proc.stderr
     assert "brats_mets 2, lits 2" in proc.stderr
+
+
+def test_merge_checks_images_changed_since_conversion(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    """An image still as its converter wrote it is copied unread; one changed since (even with its mtime put back:
+    the ctime moves) is read, fails its recorded checksum and is then integrity-checked: refused, naming the file."""
+    trees = make_synth_trees(tmp_path_factory.getbasetemp() / "synth_native")
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    assert main(["convert", "brats-mets", str(trees["brats-mets"]), "-d", "591", "-j", "1"]) == 0
+    img = sorted((_dataset(tmp_path, 591) / "imagesTr").glob("*.nii.gz"))[0]
+    rc, err = run(capsys, "merge", "-d", 592, "-n", "Ok", 591, "-j", 1)
+    assert rc == 0, err
+    assert (tmp_path / "Dataset592_Ok" / "imagesTr" / f"brats_mets_{img.name}").read_bytes() == img.read_bytes()
+
+    data, st = bytearray(img.read_bytes()), img.stat()
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])  # same size, bytes flipped
+    img.write_bytes(bytes(data))
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    rc, err = run(capsys, "merge", "-d", 593, "-n", "Flipped", 591, "-j", 1)
+    assert rc == 2 and str(img) in err and "truncated or corrupt" in err, err
+
+    img.write_bytes(bytes(data[:middle]))  # cut off
+    rc, err = run(capsys, "merge", "-d", 594, "-n", "Cut", 591, "-j", 1)
+    assert rc == 2 and str(img) in err and "truncated or corrupt" in err, err

@@ -12,11 +12,13 @@ imagesTs``, the evaluation of ``labelsTs`` and every tool that lists ``imagesTr`
 source datasets being moved, reconverted or deleted, and a copy, unlike a hard link, cannot be changed by a later
 write to the converted dataset's file or change it. Copying costs little: placing the 67 images of
 ``scripts/benchmark_conversion.py``'s set (133 MB) took 0.10 s by copying vs 0.8 ms by linking, against the
-decompression every validating step needs. Each input file is read once: its bytes give the sha256 recorded in
-provenance.json and the copy; an image whose sha256 equals the one its converter recorded (the file it wrote after
-validating it) is not decompressed again, any other is integrity-checked (gzip CRC, header data size). Labels are
-always decompressed and checked, and rewritten in union ids (copied when the ids do not change); missing slots are
-zero-filled NIfTI files with the case's geometry.
+decompression every validating step needs. An image that is still the very file its converter wrote (size,
+mtime, ctime and inode as recorded in the converter's case marker: any write or copy changes them) was validated
+by the converter and has the sha256 it recorded: it is copied kernel-side without being read or decompressed.
+Any other image is read once (its bytes give the sha256 and the copy), and unless that sha256 is the recorded one,
+integrity-checked (gzip CRC, header data size) and its geometry compared with the label's. Labels are always
+decompressed and checked, and rewritten in union ids (copied when the ids do not change); missing slots are
+zero-filled NIfTI files with the label's header (the case's grid exactly).
 Resume and atomicity work as in conversion (:mod:`.writer`): markers per case, dataset.json written last.
 Re-merging into an existing merged dataset is a no-op or a resume when inputs and options are unchanged; a merge
 that would renumber its classes/channels, or change a dataset that was already planned or trained, needs
@@ -61,6 +63,7 @@ from nnunet_universal.dataset_conversion.splits import choose_holdout, fold_note
 from nnunet_universal.dataset_conversion.union import build_label_union, merged_slots
 from nnunet_universal.dataset_conversion.validation import check_geometry, normalize_label
 from nnunet_universal.dataset_conversion.volume_io import (
+    copy_if_unchanged,
     read_bytes,
     read_file,
     write_bytes,
@@ -91,6 +94,7 @@ class MergeJob:
     key: str
     origin: dict[str, str] = field(default_factory=dict)  # source dataset and case id (provenance)
     expected: dict[str, str] = field(default_factory=dict)  # input file -> sha256 its converter recorded
+    state: dict[str, list[int]] = field(default_factory=dict)  # input file -> its state when written (file_state)
 
     def sources(self) -> dict[str, str]:
         """The input files this case is made of, keyed as in provenance.json (``image:SLOT``, ``label``)."""
@@ -143,11 +147,11 @@ def _read_checked(path: str, case: str, expected: str | None) -> tuple[bytes, st
 def merge_case(job: MergeJob) -> Outcome:
     """Check one case's files (integrity, geometry, label ids), then copy/write its files and its marker.
 
-    Every input file is read once. The label is always decoded and checked (integrity, ids). An image whose
-    sha256 is the one its converter recorded (``job.expected``: the file it wrote after validating it) is not
-    decompressed again, and when the label is also as recorded, both lie on the case's reference grid by
-    construction; any other image is integrity-checked and its geometry compared with the label's. Outputs are
-    copies written from the bytes read (never hard links: a later write to one dataset cannot change the other).
+    The label is always decoded and checked (integrity, ids). An image still in the state its converter recorded
+    (``job.state``) is copied without being read; any other is read once and, unless its sha256 is the one its
+    converter recorded (``job.expected``), integrity-checked. Images as recorded with a label as recorded lie on the
+    case's reference grid by construction; otherwise their geometry is compared with the label's. Outputs are
+    copies (never hard links: a later write to one dataset cannot change the other).
     """
     layout, cid = Layout(Path(job.root)), job.case_id
     lab_bytes = read_bytes(job.label, cid)
@@ -176,10 +180,14 @@ def merge_case(job: MergeJob) -> Outcome:
             continue
         path = job.images[slot]
         if path.endswith(FILE_ENDING):
-            data, sha, recorded = _read_checked(path, cid, job.expected.get(path))
+            if path in job.expected and copy_if_unchanged(path, job.state.get(path), final, layout.tmp):
+                sha, recorded = job.expected[path], True  # the very file its converter wrote and recorded
+            else:
+                data, sha, recorded = _read_checked(path, cid, job.expected.get(path))
+                write_bytes(data, final, layout.tmp, sha)
             if not (recorded and lab_recorded):  # same converted case, both as validated: one grid by construction
                 check_geometry(seg, job.label, _reader(path, cid), path, cid)
-            outputs[rel], out_sha[rel] = "copy", write_bytes(data, final, layout.tmp, sha)
+            outputs[rel], out_sha[rel] = "copy", sha
         else:  # another file format: re-encode as .nii.gz
             src = read_file(path, cid)
             check_geometry(seg, job.label, src.volumes[0], path, cid)
@@ -202,14 +210,25 @@ def merge_case(job: MergeJob) -> Outcome:
     return finish_case(layout, cid, marker)
 
 
-def recorded_sha256(folder: Path) -> dict[str, str]:
-    """Output file -> sha256 as recorded by the converter (or merge) that wrote ``folder`` (its provenance.json);
-    empty where there is no such record."""
+def recorded_outputs(folder: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """What the converter that wrote ``folder`` recorded of each output file: its sha256, and its state right
+    after it was written (:func:`volume_io.file_state`), from the case markers (else sha256 from provenance.json,
+    else nothing)."""
+    sha: dict[str, str] = {}
+    state: dict[str, list[int]] = {}
     try:
-        cases = json.loads((folder / "provenance.json").read_text())["cases"]
-        return {str(folder / rel): sha for c in cases.values() for rel, sha in (c.get("sha256") or {}).items()}
+        markers = [json.loads(m.read_text()) for m in sorted(Layout(folder).markers.glob("*.json"))]
+        cases = [(m["provenance"], m.get("state") or {}) for m in markers]
+        if not cases:
+            cases = [(c, {}) for c in json.loads((folder / "provenance.json").read_text())["cases"].values()]
+        for prov, st in cases:
+            for rel, h in (prov.get("sha256") or {}).items():
+                sha[str(folder / rel)] = h
+                if rel in st:
+                    state[str(folder / rel)] = st[rel]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+        return {}, {}
+    return sha, state
 
 
 def merge_datasets(dataset_id: int, name: str, datasets: list[str], identical: list[str] | None = None,
@@ -275,7 +294,7 @@ def merge_datasets(dataset_id: int, name: str, datasets: list[str], identical: l
                "slots": list(slots) if slots else None, "holdout": int(holdout), "skip_bad": bool(skip_bad)}
 
     jobs, done = [], {}
-    recorded = {folder: recorded_sha256(folder) for folder, _, _ in inputs}
+    recorded = {folder: recorded_outputs(folder) for folder, _, _ in inputs}
     for mid, (folder, dj, meta, case) in planned.items():
         info = meta.cases[case]
         images, label = case_files(folder, dj, meta, case)
@@ -300,8 +319,9 @@ def merge_datasets(dataset_id: int, name: str, datasets: list[str], identical: l
         jobs.append(MergeJob(case_id=mid, split=split, root=str(root), slots=chans, case_slots=case_slots,
                              images=used, label=label, lut=lut, union_names=names, key=key,
                              origin={"dataset": folder.name, "case": case, "domain": info.domain},
-                             expected={p: recorded[folder][p] for p in [*used.values(), label]
-                                       if p in recorded[folder]}))
+                             expected={p: recorded[folder][0][p] for p in [*used.values(), label]
+                                       if p in recorded[folder][0]},
+                             state={p: recorded[folder][1][p] for p in used.values() if p in recorded[folder][1]}))
     _guard_overwrite(root, dataset_id, options, union.dataset_labels(), chans, layout, jobs,
                      set(done) | {j.case_id for j in jobs}, force)
     layout.prepare()  # nothing was written before this line

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -348,6 +349,42 @@ def _nifti_parts(arr: np.ndarray, geometry: Volume | sitk.Image, tmp: Path) -> t
         _WRITTEN_HEADERS.clear()
     _WRITTEN_HEADERS[key] = head
     return head, body
+
+
+def file_state(st: os.stat_result) -> list[int]:
+    """Size, mtime, ctime (ns) and inode of a file: any write to it, or to its metadata, changes them (ctime cannot
+    be set back by a user), and a copy elsewhere is another inode."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def copy_if_unchanged(src: str, state: list[int] | None, final: Path, tmp_dir: Path) -> bool:
+    """Copy ``src`` to ``final`` atomically if it is still in ``state`` (:func:`file_state`, checked on the open
+    file, so the bytes copied are those of that file); kernel-side copy, nothing read into Python. Returns False
+    (nothing written) when it changed or the state is unknown."""
+    if state is None:
+        return False
+    with open(src, "rb") as fin:
+        st = os.fstat(fin.fileno())
+        if file_state(st) != list(state):
+            return False
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(tmp_dir, final)
+        try:
+            with open(tmp, "wb") as fout:
+                offset = 0
+                try:
+                    while offset < st.st_size:
+                        sent = os.sendfile(fout.fileno(), fin.fileno(), offset, st.st_size - offset)
+                        if sent == 0:
+                            break
+                        offset += sent
+                except (AttributeError, OSError):  # no sendfile here: copy through Python
+                    fin.seek(offset)
+                    shutil.copyfileobj(fin, fout)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return True
 
 
 def write_image(arr: np.ndarray, geometry: Volume | sitk.Image, final: Path, tmp_dir: Path,

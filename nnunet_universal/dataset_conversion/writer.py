@@ -14,6 +14,7 @@ the sha256 of every source file and of every output (merge uses the latter to sk
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from nnunet_universal.dataset_conversion.validation import (
 from nnunet_universal.dataset_conversion.volume_io import (
     SourceFile,
     Volume,
+    file_state,
     write_image,
     write_source,
     write_zeros,
@@ -117,6 +119,7 @@ def convert_case(job: ConvertJob) -> Outcome:
                for f in case.source_files()}
     marker = {"key": job.key, "case": cid, "source_id": case.source_id, "group": case.group,
               "slots": [s for s in job.slots if s in images], "outputs": list(outputs),
+              "state": {rel: file_state(os.stat(layout.root / rel)) for rel in outputs},  # for merge's trust check
               "provenance": {"sources": sources, "outputs": outputs, "sha256": sha,
                              "reference_grid": relpath_or_abs(ref_path, root_in)}}
     return finish_case(layout, cid, marker)
