@@ -16,6 +16,7 @@ from nnunet_universal.dataset_conversion.layouts import LAYOUTS as CONVERT_LAYOU
 from nnunet_universal.dataset_conversion.layouts import SPACING_FILE
 from nnunet_universal.metadata import PLANS_NAME
 from nnunet_universal.registry import CONVERT_SOURCES, SLOTS, SYNTH_SOURCES
+from nnunet_universal.synthetic.shifts import INSTITUTION_SHIFTS
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -60,7 +61,8 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 
     out = synthesize_dataset(a.source, Path(a.output), cases=a.cases, seed=a.seed,
                              shape=tuple(a.shape) if a.shape else None,
-                             preview=Path(a.preview) if a.preview else None, lesion_scale=a.lesion_scale)
+                             preview=Path(a.preview) if a.preview else None, lesion_scale=a.lesion_scale,
+                             institution=a.institution)
     print(f"wrote synthetic {a.source} dataset ({len(out.spacings)} cases) to {out.top}")
     print(f"voxel spacing: {out.spacing_text()} (x, y, z; range over cases)")
     if out.spacing_file is not None:
@@ -248,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preview", help="also write a PNG with one slice per sequence and the label overlaid")
     s.add_argument("--lesion-scale", type=float, default=1.0,
                    help="multiply lesion radii (default 1; 2 makes lesions span several voxels at small shapes)")
+    s.add_argument("--institution", choices=sorted(INSTITUTION_SHIFTS), default=None,
+                   help="write the cases as another institution's scanner would (same layout and label protocol): "
+                        "'unseen' = a contrast curve, bias field, noise level and voxel size outside every "
+                        "training profile, for testing a model on new scans of a known domain (brain MR only)")
     s.set_defaults(func=_cmd_synth)
 
     s = add("convert", "convert a native public dataset to an nnU-Net raw dataset with universal metadata",

@@ -457,3 +457,19 @@ def test_institution_arguments():
     with pytest.raises(ValueError, match="positive"):
         InstitutionShift("x", noise=0.0)
     assert InstitutionShift("x", deltas=(("wm", -0.1),)).as_dict()["deltas"] == [["wm", -0.1]]
+
+
+def test_cli_institution_flag(tmp_path):
+    """`nnunet-universal synth --institution unseen` writes the source's layout with the unseen institution's
+    voxel size (thicker slices than the same subjects at the source's institution); an unknown name is refused."""
+    exe = Path(sys.executable).with_name("nnunet-universal")
+    for name, extra in (("own", []), ("unseen", ["--institution", "unseen"])):
+        r = subprocess.run([str(exe), "synth", "ucsf-bmsr", "-o", str(tmp_path / name), "--cases", "1", *extra],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    own, new = (sorted((tmp_path / n).rglob("*.nii.gz")) for n in ("own", "unseen"))
+    assert [p.relative_to(tmp_path / "own") for p in own] == [p.relative_to(tmp_path / "unseen") for p in new]
+    assert sitk.ReadImage(str(new[0])).GetSpacing()[2] > 1.2 * sitk.ReadImage(str(own[0])).GetSpacing()[2]
+    r = subprocess.run([str(exe), "synth", "ucsf-bmsr", "-o", str(tmp_path / "x"), "--institution", "nowhere"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'nowhere'" in r.stderr
