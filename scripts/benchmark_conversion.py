@@ -12,9 +12,9 @@ worker count), with a warm page cache:
     ``convert_<source>_j1``, beside ``copy_decompress_<source>``);
   * ``rerun``: the same conversions again (everything up to date: the resume check only);
   * ``merge``: ``nnunet-universal merge`` of the converted datasets (images copied);
-  * ``merge_images_by_copy`` / ``_by_link``: only placing the merged images, by copying them (what merge does,
-    besides reading them once for their checksum) or by hard-linking them (what merge did before: cheaper, but a
-    write to either file would change both).
+  * ``merge_images_by_copy`` / ``_by_link``: only placing the merged images, by copying them (what merge does
+    for images still as their converter wrote them) or by hard-linking them (what merge did before: cheaper, but
+    a write to either file would change both).
 Minimum (the least disturbed run on a shared machine) and median over repeats go to
 ``benchmarks/results/conversion.json`` with the ratios (convert + merge) / copy_decompress (the goal: <= 2) and
 (convert + merge) / copy.

@@ -426,6 +426,14 @@ def write_zeros(ref: Volume | sitk.Image, final: Path, layout: Layout, like: Sou
     """
     zeros = np.zeros(ref.GetSize()[::-1], np.uint8)
     header = like.header_for(zeros) if like is not None else None
-    if header is not None:
-        return write_image(zeros, ref, final, layout.tmp, label=True, header=header)
-    return write_bytes(zero_template(ref, layout).read_bytes(), final, layout.tmp)
+    if header is None:
+        return write_bytes(zero_template(ref, layout).read_bytes(), final, layout.tmp)
+    key = (header, zeros.shape)  # a case's missing slots are one file: compressed once
+    if key not in _ZEROS:
+        if len(_ZEROS) >= 8:
+            _ZEROS.clear()
+        _ZEROS[key] = gzip_bytes(header, memoryview(zeros).cast("B"), label=True)
+    return write_bytes(_ZEROS[key], final, layout.tmp)
+
+
+_ZEROS: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
