@@ -12,7 +12,9 @@ machine. Counted with a ``TorchDispatchMode`` (every ATen call below autograd: f
 * ``step``: one ``trainer.train_step(batch)`` (nnU-Net's own step for ``nnUNetTrainer``, ours for
   ``UniversalTrainer``: forward, loss, backward, gradient clipping, SGD) on the same batch, after one warm-up step;
 * ``tile``: ``predict_sliding_window_return_logits`` of one preprocessed case (our predictor: case-level routing
-  pass plus prediction pass, dataset-free, no mirroring) divided by its number of sliding-window tiles.
+  pass plus prediction pass, dataset-free, no mirroring) divided by its number of sliding-window tiles; the case
+  with the most voxels, as ``benchmark_speed.py`` times (per-case work such as nnU-Net's ``network.to(device)``
+  weighs less there than on a one-tile case).
 
 Ratios are universal / stock (JSON keys ``step_ops_ratio``, ``tile_ops_ratio``, with the raw counts ``step_ops``
 and ``tile_ops`` of each arm and the operations the universal step and tile dispatch beyond stock's, by name);
@@ -120,6 +122,19 @@ def first_case(trainer: Any) -> Any:
     return torch.from_numpy(np.ascontiguousarray(data[:])).float()
 
 
+def largest_case(trainer: Any) -> Any:
+    """(C, *spatial) float tensor: the preprocessed case with the most voxels, as ``benchmark_speed.py`` predicts (so
+    that the per-case work, e.g. nnU-Net moving the network to the device, is spread over as many tiles)."""
+    import numpy as np
+    import torch
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = str(trainer.preprocessed_dataset_folder)
+    dataset = infer_dataset_class(folder)(folder)
+    key = max(sorted(dataset.identifiers), key=lambda k: int(np.prod(dataset.load_case(k)[0].shape)))
+    return torch.from_numpy(np.ascontiguousarray(dataset.load_case(key)[0][:])).float()
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
@@ -182,7 +197,7 @@ def main() -> int:
         torch.manual_seed(0)
         trainer = bs._trainer(name, "cpu")
         steps = step_ops(trainer, dict(batch))
-        per_tile, tiles, tile_counts = tile_ops(predictor_for(trainer), first_case(trainer), with_counts=True)
+        per_tile, tiles, tile_counts = tile_ops(predictor_for(trainer), largest_case(trainer), with_counts=True)
         res[key] = {"step_ops": sum(steps.values()), "tile_ops": per_tile,
                     "step_ops_optimizer": optimizer_ops(trainer), "step_top": steps.most_common(15)}
         res["tiles"] = tiles
