@@ -483,3 +483,51 @@ def test_dataset_id_taken_and_bad_source(synth_trees, nnunet_dirs, capsys):
     rc, err = run(capsys, "convert", "ucsf-bmsr", synth_trees["lits"], "-d", 541)
     assert rc == 2 and "no cases found" in err
     assert os.environ["nnUNet_raw"] == str(nnunet_dirs["nnUNet_raw"])
+
+
+# ---- reading each file once: the voxels from the integrity check's decompression equal ITK's reading ------------
+
+def _nib_file(path: Path, arr: np.ndarray, nifti2: bool = False, big_endian: bool = False,
+              slope: float | None = None) -> None:
+    import nibabel as nib
+
+    affine = np.array([[-0.9, 0.1, 0, 12], [0.1, 0.9, 0, -7], [0, 0, 2.5, 30], [0, 0, 0, 1]])
+    img = (nib.Nifti2Image if nifti2 else nib.Nifti1Image)(arr, affine)
+    if big_endian:
+        img = img.__class__(arr.astype(arr.dtype.newbyteorder(">")), affine,
+                            img.header.as_byteswapped(">") if hasattr(img.header, "as_byteswapped") else None)
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)
+    nib.save(img, str(path))
+
+
+@pytest.mark.parametrize("kind", ["int16", "uint8", "float32", "float64", "int32_4d", "nifti2", "big_endian",
+                                  "scaled", "nii"])
+def test_read_file_once_matches_itk(kind, tmp_path):
+    from nnunet_universal.dataset_conversion.common import ConversionError
+    from nnunet_universal.dataset_conversion.volume_io import read_file
+
+    rng = np.random.default_rng(3)
+    shape = (7, 6, 5, 3) if kind.endswith("4d") else (7, 6, 5)  # file (x, y, z[, t]) order
+    dtype = {"uint8": np.uint8, "float32": np.float32, "float64": np.float64, "int32_4d": np.int32}.get(kind,
+                                                                                                    np.int16)
+    arr = (rng.normal(size=shape) * 100).astype(dtype)
+    path = tmp_path / ("x.nii" if kind == "nii" else "x.nii.gz")
+    _nib_file(path, arr, nifti2=kind == "nifti2", big_endian=kind == "big_endian",
+              slope=2.0 if kind == "scaled" else None)
+    try:
+        ref = sitk.ReadImage(str(path))
+    except RuntimeError:  # this ITK does not read the file (NIfTI-2 written by nibabel): neither does read_file
+        with pytest.raises(ConversionError, match="cannot be read"):
+            read_file(str(path), "c", scratch=tmp_path)
+        return
+    src = read_file(str(path), "c", scratch=tmp_path)
+    assert src.stored == path.read_bytes() and src.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    refs = [ref[:, :, :, k] for k in range(ref.GetSize()[3])] if ref.GetDimension() == 4 else [ref]
+    assert len(src.volumes) == len(refs)
+    for vol, r in zip(src.volumes, refs, strict=True):
+        expected = sitk.GetArrayFromImage(r)
+        assert vol.array.dtype == expected.dtype and np.array_equal(vol.array, expected), kind
+        assert vol.GetSize() == r.GetSize() and np.allclose(vol.GetSpacing(), r.GetSpacing())
+        assert np.allclose(vol.GetOrigin(), r.GetOrigin()) and np.allclose(vol.GetDirection(), r.GetDirection())
+    assert (src.header is None) == (kind == "scaled")  # scaled voxels: ITK's full reader, no header reuse

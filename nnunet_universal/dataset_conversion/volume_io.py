@@ -214,7 +214,7 @@ def _read_float_nifti(path: str, r: sitk.ImageFileReader, raw: bytes | None) -> 
         nifti1 = raw[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")  # sizeof_hdr 348: NIfTI-1
         nii = (nib.Nifti1Image if nifti1 else nib.Nifti2Image).from_bytes(raw)
     data = np.asanyarray(nii.dataobj)
-    if data.dtype == np.float64 and nii.get_data_dtype() == np.float32:
+    if data.dtype == np.float64 and r.GetPixelID() == sitk.sitkFloat32:  # ITK's pixel type (scaled ints: float32)
         data = data.astype(np.float32)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
