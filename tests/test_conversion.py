@@ -505,7 +505,7 @@ def _nib_file(path: Path, arr: np.ndarray, nifti2: bool = False, big_endian: boo
                                   "scaled", "nii"])
 def test_read_file_once_matches_itk(kind, tmp_path):
     from nnunet_universal.dataset_conversion.common import ConversionError
-    from nnunet_universal.dataset_conversion.volume_io import read_file
+    from nnunet_universal.dataset_conversion.volume_read import read_file
 
     rng = np.random.default_rng(3)
     shape = (7, 6, 5, 3) if kind.endswith("4d") else (7, 6, 5)  # file (x, y, z[, t]) order

@@ -1,7 +1,7 @@
 """Shared plumbing of ``convert`` and ``merge``: errors, fingerprints, output folders and their state folder.
 
 Every output file is first written under the dataset's hidden state folder (``.nnunet_universal/tmp``, same
-file system) and then moved into place with :func:`os.replace` (:mod:`.volume_io`), so a reader never sees a
+file system) and then moved into place with :func:`os.replace` (:mod:`.volume_write`), so a reader never sees a
 half-written file and nnU-Net's file listing (which would pick up any ``*.nii.gz`` in ``imagesTr``) never sees a
 temp file; a run's leftover temp files are dropped when the next run starts (:meth:`Layout.prepare`).
 """

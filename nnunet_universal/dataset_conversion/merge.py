@@ -62,10 +62,9 @@ from nnunet_universal.dataset_conversion.spec import LabelTable
 from nnunet_universal.dataset_conversion.splits import choose_holdout, fold_notes, make_splits
 from nnunet_universal.dataset_conversion.union import build_label_union, merged_slots
 from nnunet_universal.dataset_conversion.validation import check_geometry, normalize_label
-from nnunet_universal.dataset_conversion.volume_io import (
+from nnunet_universal.dataset_conversion.volume_read import read_bytes, read_file
+from nnunet_universal.dataset_conversion.volume_write import (
     copy_if_unchanged,
-    read_bytes,
-    read_file,
     write_bytes,
     write_image,
     write_zeros,
@@ -212,7 +211,7 @@ def merge_case(job: MergeJob) -> Outcome:
 
 def recorded_outputs(folder: Path) -> tuple[dict[str, str], dict[str, list[int]]]:
     """What the converter that wrote ``folder`` recorded of each output file: its sha256, and its state right
-    after it was written (:func:`volume_io.file_state`), from the case markers (else sha256 from provenance.json,
+    after it was written (:func:`volume_write.file_state`), from the case markers (else sha256 from provenance.json,
     else nothing)."""
     sha: dict[str, str] = {}
     state: dict[str, list[int]] = {}

@@ -1,6 +1,6 @@
 """Load a case's volumes and check them: readable, finite, not constant, one geometry, known label values.
 
-Files are read through :mod:`.volume_io` (read once, integrity-checked, decompressed once).
+Files are read through :mod:`.volume_read` (read once, integrity-checked, decompressed once).
 
 Geometry tolerances: size must match exactly; spacing, origin (mm) and direction cosines within
 ``atol=1e-4`` (+ ``rtol=1e-5``), the same order as nnU-Net's ``np.allclose`` checks. Outputs are written with the
@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from nnunet_universal.dataset_conversion.common import ConversionError
 from nnunet_universal.dataset_conversion.spec import ImageRef, LabelTable
-from nnunet_universal.dataset_conversion.volume_io import SourceFile, Volume, read_file, read_png
+from nnunet_universal.dataset_conversion.volume_read import SourceFile, Volume, read_file, read_png
 
 _ATOL, _RTOL = 1e-4, 1e-5
 _ROUND_TOL = 1e-3  # labels within 1e-3 of a table value are rounded
@@ -47,7 +47,7 @@ def load_ref(ref: ImageRef, case: str, cache: dict[str, SourceFile] | None = Non
     """Read one volume of ``case`` (a 3D file, a channel of a 4D file, or a PNG slice folder).
 
     ``cache``: files read so far by path (each file is read and decompressed once; their sha256 is kept there).
-    ``scratch``: a temp folder for header reads (:func:`volume_io.read_file`).
+    ``scratch``: a temp folder for header reads (:func:`volume_read.read_file`).
     """
     cache = {} if cache is None else cache
     if ref.kind == "png":

@@ -7,7 +7,7 @@ options). A rerun skips complete cases whose marker still matches and redoes the
 while cases are being (re)written and written last.
 Outputs are the source bytes where nothing changes (a 3D NIfTI on the case's reference grid; labels that already
 hold the output ids: a ``.nii.gz`` copied, a ``.nii`` gzipped) and are re-encoded otherwise (deflate level 1,
-:mod:`.volume_io`); optional sequences a case lacks are zero-filled. The marker and ``provenance.json`` record
+:mod:`.volume_write`); optional sequences a case lacks are zero-filled. The marker and ``provenance.json`` record
 the sha256 of every source file and of every output (merge uses the latter to skip re-checking unchanged files).
 """
 
@@ -44,14 +44,8 @@ from nnunet_universal.dataset_conversion.validation import (
     normalize_label,
     relpath_or_abs,
 )
-from nnunet_universal.dataset_conversion.volume_io import (
-    SourceFile,
-    Volume,
-    file_state,
-    write_image,
-    write_source,
-    write_zeros,
-)
+from nnunet_universal.dataset_conversion.volume_read import SourceFile, Volume
+from nnunet_universal.dataset_conversion.volume_write import file_state, write_image, write_source, write_zeros
 from nnunet_universal.metadata import CaseInfo, DomainInfo, UniversalMeta
 from nnunet_universal.nifti_integrity import is_nifti
 
