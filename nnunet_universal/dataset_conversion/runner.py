@@ -113,11 +113,12 @@ def _stop_pool(ex: ProcessPoolExecutor) -> None:
 
 
 def _context(fn: Callable[[Any], Outcome]) -> multiprocessing.context.BaseContext:
-    """``forkserver`` where available (workers fork from a clean server that has the job's module preloaded, so
-    later pools start fast and never inherit ITK's threads), else ``spawn``."""
+    """``forkserver`` where available (workers fork from a clean server that has the job's module and the main
+    module preloaded, so pools start fast, no worker re-imports the CLI, and none inherits ITK's threads), else
+    ``spawn``."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([fn.__module__])
+        ctx.set_forkserver_preload(["__main__", fn.__module__])
         return ctx
     return multiprocessing.get_context("spawn")
 
