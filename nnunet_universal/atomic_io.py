@@ -40,7 +40,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_dead_writers_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_TMP_TAG}{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -52,6 +53,38 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: marks our temp files' writer PID: ``.NAME.pidPID.RANDOM.tmp``
+_TMP_TAG = "pid"
+_cleaned: set[str] = set()
+
+
+def _remove_dead_writers_temps(folder: Path) -> None:
+    """Remove the temp files that killed writers left in ``folder`` (once per folder and process).
+
+    A ``kill -9`` between the temp file and the rename leaves ``.NAME.pidPID.*.tmp`` behind; nothing reads it, but
+    it would stay forever. Only files whose writer process no longer exists are removed, so a concurrent writer's
+    temp file is never touched."""
+    key = os.fspath(folder)
+    if key in _cleaned:
+        return
+    _cleaned.add(key)
+    try:
+        entries = [e.name for e in os.scandir(folder) if e.name.startswith(".") and e.name.endswith(".tmp")]
+    except OSError:
+        return
+    for name in entries:
+        parts = name.rsplit(".", 3)  # [".NAME", "pidPID", RANDOM (no dots), "tmp"]
+        pid = parts[1][len(_TMP_TAG):] if len(parts) == 4 and parts[1].startswith(_TMP_TAG) else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # its writer is gone: the file is an orphan
+            Path(folder, name).unlink(missing_ok=True)
+        except OSError:  # alive under another user (EPERM): leave it
+            pass
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike, indent: int = 2, fsync: bool = True) -> None:

@@ -783,6 +783,8 @@ def _kill_and_rerun(env: dict[str, str], args: list[object], out: Path, where: s
     rc, err = cli(env, *args)
     assert rc == 0, err
     assert _digest(out) == clean
+    orphans = [p for p in out.rglob(".*.tmp") if ".nnunet_universal" not in p.relative_to(out).parts]
+    assert not orphans, f"temp files of the killed run left beside the outputs: {orphans}"
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
@@ -845,3 +847,19 @@ def test_evaluate_refuses_misplaced_or_truncated_predictions(env, tmp_path):
     whole = gt.read_bytes()
     rc, err, path = evaluate(whole[: len(whole) // 2])
     assert rc != 0 and "truncated" in err and str(path) in err, err
+
+
+def test_atomic_writes_remove_only_dead_writers_temp_files(tmp_path):
+    """A temp file whose writer was killed is removed by the next write into its folder; a live writer's is not."""
+    from nnunet_universal.atomic_io import atomic_write_json
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f".a.json.pid{dead.pid}.k3x9_q2z.tmp"
+    alive = tmp_path / f".a.json.pid{os.getppid()}.m1n2b3v4.tmp"
+    other = tmp_path / ".notes.tmp"  # not ours: no writer tag
+    for p in (orphan, alive, other):
+        p.write_text("partial")
+    atomic_write_json({"x": 1}, tmp_path / "b.json")
+    assert not orphan.exists() and alive.exists() and other.exists()
+    assert json.loads((tmp_path / "b.json").read_text()) == {"x": 1}
