@@ -25,7 +25,11 @@ and ``nnunet-universal evaluate`` on the merge's held-out test cases (``--holdou
 single-dataset baselines get the merged split mapped back to their case ids), except the equal-compute arm, which
 trains the number-of-domains multiple of the epochs (as many iterations as all single-dataset models together).
 Arms whose ``checkpoint_final.pth`` exists are not retrained, and evaluations already in the results JSON are not
-redone, so an interrupted run continues where it stopped.
+redone, so an interrupted run continues where it stopped. ``--time-budget MINUTES`` makes that a plan: the run
+stops itself at the budget (the running command and its workers are stopped; a training resumes from its last
+checkpoint, saved every fifth of its epochs), writes the report, and the same command continues it, e.g. on a lent
+GPU, whose calls are limited to 15 minutes of device time: ``--size medium -device cuda --threads 8
+--time-budget 12``, repeated until it prints no "stopped after" line.
 
 Arms (``--arms``): ``universal`` (UniversalTrainer: harmonization, no prompts, hard routing; predicted
 dataset-free, with the domain given (oracle) and with ``--routing soft``), ``single`` (one stock nnU-Net per
@@ -235,6 +239,26 @@ def suite_of(sources: list[str] | tuple[str, ...]) -> str:
     return "shared" if "msd-braintumour" in sources else "mr"
 
 
+class BudgetExhausted(Exception):
+    """``--time-budget`` ran out: the running command was stopped; rerunning the same command continues."""
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the command's process group (nnU-Net's data-loader workers included), SIGKILL after ``grace`` s."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class Suite:
     """Paths, environment and command runner of one benchmark size in one work folder."""
 
@@ -244,6 +268,7 @@ class Suite:
         self.sources, self.identical = list(SUITES[suite].sources), list(SUITES[suite].identical)
         self.stock_trainer = stock_trainer
         self.device, self.threads = device, threads
+        self.deadline: float | None = None  # time.monotonic() after which no command may run (--time-budget)
         self.raw, self.pre = work / "nnUNet_raw", work / "nnUNet_preprocessed"
         # every suite is another dataset: its own results file (and, in main(), its own work folder)
         self.results_json = results / f"accuracy_{suite_name(size, suite)}.json"
@@ -286,12 +311,24 @@ class Suite:
         """Run a CLI command (stdout/stderr appended to logs/{log}.log); return its wall time in seconds."""
         logf = self.work / "logs" / f"{log}.log"
         logf.parent.mkdir(parents=True, exist_ok=True)
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise BudgetExhausted(f"time budget used up before {' '.join(cmd[:3])} ...")
         t = time.perf_counter()
         with open(logf, "a") as f:
             f.write(f"\n$ {' '.join(cmd)}\n")
             f.flush()
-            rc = subprocess.run(cmd, env={**self.env(seed, k), **(extra_env or {})}, stdout=f,
-                                stderr=subprocess.STDOUT).returncode
+            proc = subprocess.Popen(cmd, env={**self.env(seed, k), **(extra_env or {})}, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                _stop_group(proc)
+                f.write(f"\n[stopped: the time budget ran out after {time.perf_counter() - t:.0f} s]\n")
+                raise BudgetExhausted(f"time budget ran out during {' '.join(cmd[:3])} ... (see {logf})") from None
+            except BaseException:  # Ctrl-C: take the command's whole process group down with us
+                _stop_group(proc)
+                raise
         if rc != 0:
             raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {rc}); see {logf}")
         return time.perf_counter() - t
@@ -1421,6 +1458,10 @@ def main() -> int:
                         "the work folder (untrained arms are skipped; nothing is trained) and record them as "
                         "'<arm>|seed<n>|<mode>|all|unseen' (brain MR suites: mr, shared)")
     p.add_argument("--unseen-cases", type=int, default=10, help="cases per domain of the unseen set (default 10)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="stop after this many minutes of wall time (the running training or prediction is stopped; "
+                        "a training resumes from its last checkpoint, saved every fifth of its epochs, when the same "
+                        "command is run again): for a lent GPU's per-call limit, e.g. --time-budget 12 per call")
     p.add_argument("--allow-mixed-commits", action="store_true",
                    help="let the report put runs of different code commits into one table or comparison (their "
                         "titles list the commits); without it the report stops with the arms and commits")
@@ -1432,6 +1473,22 @@ def main() -> int:
     suite = "ct" if args.with_ct else args.suite or "mr"
     work = (args.work or REPO / "bench_work" / f"accuracy_{suite_name(args.size, suite)}").resolve()
     s = Suite(work, args.size, suite, args.threads, args.device, args.results.resolve(), args.stock_trainer)
+    if args.time_budget is not None:
+        if args.time_budget <= 0:
+            p.error(f"--time-budget must be positive (got {args.time_budget})")
+        s.deadline = time.monotonic() + 60 * args.time_budget
+    try:
+        _run_suite(s, args)
+    except BudgetExhausted as e:
+        print(f"{e}: stopped after the {args.time_budget:g}-minute budget; run the same command again to "
+              "continue (finished arms and evaluations are kept, trainings resume from their last checkpoint)",
+              flush=True)
+    _write_report(s, args)
+    return 0
+
+
+def _run_suite(s: Suite, args: argparse.Namespace) -> None:
+    """The training/prediction part of :func:`main` (everything but the report)."""
     if args.unseen and not args.report:
         t0 = time.perf_counter()
         unseen = prepare_unseen(s, args.unseen_cases)
@@ -1453,6 +1510,10 @@ def main() -> int:
                         run_arm(s, ARMS[name], seed, tuple(args.modes))
                     except RuntimeError as e:  # one failing arm must not stop the others; rerun retries it
                         print(f"arm {name} seed {seed} failed: {e}", flush=True)
+
+
+def _write_report(s: Suite, args: argparse.Namespace) -> None:
+    """Rewrite the Markdown tables from the results JSON (exit with a message when runs' commits are mixed)."""
     if s.results_json.is_file():
         md = s.results_json.with_suffix(".md")
         try:
@@ -1463,7 +1524,6 @@ def main() -> int:
         print(f"wrote {md}")
     elif args.report:
         sys.exit(f"{s.results_json} does not exist (run the benchmark first)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -330,3 +330,35 @@ def test_unseen_runs_every_trained_repeat_by_default(ba, tmp_path):
     for name in ("nnUNet_results_seed0", "nnUNet_results_seed2", "nnUNet_results_seed2_x3", "nnUNet_results_seedx"):
         (tmp_path / name).mkdir()
     assert ba.trained_seeds(s) == [0, 2]
+
+
+def test_time_budget_stops_the_running_command_and_its_children(ba, tmp_path):
+    """--time-budget: a command still running at the deadline is stopped with its process group (a training's
+    data-loader workers included), its log says so, and BudgetExhausted tells main to stop and report; a command
+    started after the deadline is not run at all."""
+    import time
+
+    s = ba.Suite(tmp_path / "work", "tiny", "mr", 1, "cpu", tmp_path / "res")
+    child_pid = tmp_path / "child.pid"
+    code = (f"import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+            f"time.sleep(60)']); open({str(child_pid)!r}, 'w').write(str(c.pid)); time.sleep(60)")
+    s.deadline = time.monotonic() + 3
+    t = time.monotonic()
+    with pytest.raises(ba.BudgetExhausted, match="ran out during"):
+        s.run([sys.executable, "-c", code], "long")
+    assert time.monotonic() - t < 30
+    pid = int(child_pid.read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], \
+        "the command's child survived the budget"
+    assert "the time budget ran out" in (tmp_path / "work" / "logs" / "long.log").read_text()
+    with pytest.raises(ba.BudgetExhausted, match="used up before"):
+        s.run([sys.executable, "-c", "open('ran', 'w')"], "late")
+    assert not Path("ran").exists()
+
+
+def test_time_budget_cli(tmp_path):
+    """The CLI rejects a non-positive budget with a usage error."""
+    r = subprocess.run([sys.executable, str(SCRIPT), "--size", "tiny", "--work", str(tmp_path), "--time-budget", "0",
+                        "--results", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--time-budget must be positive" in r.stderr
