@@ -17,7 +17,7 @@ worker count), with a warm page cache:
     a write to either file would change both).
 Minimum (the least disturbed run on a shared machine) and median over repeats go to
 ``benchmarks/results/conversion.json`` with the ratios (convert + merge) / copy_decompress (the goal: <= 2) and
-(convert + merge) / copy.
+(convert + merge) / copy, and the README's table to ``conversion.md`` beside it (same name, ``.md``).
 """
 
 from __future__ import annotations
@@ -178,6 +178,52 @@ def run(cases: int, shape: tuple[int, int, int] | None, workers: list[int], repe
     }
 
 
+def _commit() -> str:
+    """``git rev-parse --short HEAD`` of this checkout (``-dirty`` with uncommitted package/script changes)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "nnunet_universal", "scripts"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def markdown(result: dict) -> str:
+    """The README's table: seconds (best of the repeats, median in brackets) per step and worker count, and the
+    ratios to the two yardsticks."""
+    ws, lo, med = result["workers"], result["seconds_min"], result["seconds_median"]
+
+    def cell(key: str) -> str:
+        return f"{lo[key]:.2f} ({med[key]:.2f})" if key in lo else "—"
+
+    rows = [("plain copy of the same bytes", lambda w: cell("copy") if w == ws[0] else "—"),
+            ("copy + every file decompressed once", lambda w: cell("copy_decompress") if w == ws[0] else "—"),
+            ("convert (every source)", lambda w: cell(f"convert_j{w}")),
+            ("rerun with everything up to date", lambda w: cell(f"rerun_j{w}")),
+            ("merge", lambda w: cell(f"merge_j{w}")),
+            ("**(convert + merge) / (copy + one decompression)**", lambda w: (
+                f"**{result['ratio_vs_copy_decompress_min'][f'convert_plus_merge_j{w}']:.2f}×** "
+                f"({result['ratio_vs_copy_decompress_median'][f'convert_plus_merge_j{w}']:.2f}×)")),
+            ("(convert + merge) / plain copy",
+             lambda w: f"{result['ratio_vs_copy_min'][f'convert_plus_merge_j{w}']:.2f}×")]
+    lines = [f"Conversion and merge cost: {len(result['sources'])} sources ({', '.join(result['sources'])}) × "
+             f"{result['cases_per_source']} cases, {result['native_bytes'] / 1e6:.0f} MB of native files; seconds, "
+             f"best of {result['repeats']} (median); commit {result.get('commit', 'unknown')}, 1-minute load average "
+             f"at the end {result['machine']['load_average_1min_at_end']} on {result['machine']['cpus']} cores.", "",
+             "| step | " + " | ".join(f"-j {w}" for w in ws) + " |", "|---|" + "---|" * len(ws)]
+    lines += [f"| {name} | " + " | ".join(fn(w) for w in ws) + " |" for name, fn in rows]
+    per = result.get("convert_ratio_per_source_min", {})
+    if per:
+        lines += ["", "convert -j 1 / (copy + one decompression) per source: "
+                  + ", ".join(f"{s} {r:.2f}×" for s, r in per.items())]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=6, help="cases per source (default 6)")
@@ -192,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         result = run(a.cases, tuple(a.shape) if a.shape else None, a.workers, a.repeats, Path(tmp), a.sources)
+    result["commit"] = _commit()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
     print(json.dumps({k: result[k] for k in ("seconds_min", "ratio_vs_copy_decompress_min",
                                              "ratio_vs_copy_decompress_median", "convert_ratio_per_source_min",
                                              "ratio_vs_copy_min", "native_bytes")}, indent=2))
