@@ -327,3 +327,34 @@ def test_harmony_optimizer_scales_only_the_harmony_parameters():
         scheduler.step(epoch)
         expected = 0.01 * (1 - epoch / 10) ** 0.9
         assert fast_group["lr"] == pytest.approx(expected) and slow_group["lr"] == pytest.approx(0.1 * expected)
+
+
+def test_seed_from_the_environment(monkeypatch):
+    """NNUNET_UNIVERSAL_SEED seeds random, numpy and torch (same draws after the same seed) and is logged; a bad
+    value is refused with the variable's name; unset, nothing is seeded."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from nnunet_universal.trainers.schedule import apply_seed
+
+    logged: list[str] = []
+
+    class Stub:
+        def print_to_log_file(self, *args, **kwargs):
+            logged.append(" ".join(map(str, args)))
+
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    monkeypatch.delenv("NNUNET_UNIVERSAL_SEED", raising=False)
+    assert apply_seed(Stub()) is None and not logged
+    monkeypatch.setenv("NNUNET_UNIVERSAL_SEED", "7")
+    assert apply_seed(Stub()) == 7
+    first = draws()
+    apply_seed(Stub())
+    assert draws() == first and "NNUNET_UNIVERSAL_SEED=7" in logged[0]
+    monkeypatch.setenv("NNUNET_UNIVERSAL_SEED", "-1")
+    with pytest.raises(ValueError, match="NNUNET_UNIVERSAL_SEED='-1'"):
+        apply_seed(Stub())

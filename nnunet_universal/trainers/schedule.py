@@ -6,6 +6,11 @@ universal trainer, for tests, the demo and quick checks: ``NNUNET_UNIVERSAL_SCHE
 Unset or empty: nnU-Net's schedule. Set, it is announced as a WARNING line in the training log and on stderr
 (a variable left over from a quick run would otherwise silently shorten a real training).
 
+``NNUNET_UNIVERSAL_SEED=N`` seeds Python's, numpy's and torch's generators when the trainer is created (before the
+network's initialization), for repeatable quick runs and tests: with ``nnUNet_n_proc_DA=0`` (augmentation in the
+training process) a CPU run repeats itself; with augmentation workers or on a GPU it does not (nnU-Net's workers
+and cuDNN are not seeded). Unset: nnU-Net's unseeded behaviour.
+
 ``NNUNET_UNIVERSAL_VAL_MIRRORING=0`` turns off test-time mirroring in the final validation only (8x fewer
 forward passes in 3D; training augmentation and the model's saved mirroring axes are unchanged), for quick runs
 on a CPU such as the demo's.
@@ -19,6 +24,7 @@ from typing import Any, NamedTuple
 
 ENV_VAR = "NNUNET_UNIVERSAL_SCHEDULE"
 VAL_MIRRORING_ENV_VAR = "NNUNET_UNIVERSAL_VAL_MIRRORING"
+SEED_ENV_VAR = "NNUNET_UNIVERSAL_SEED"
 
 
 class Schedule(NamedTuple):
@@ -68,6 +74,29 @@ def apply_schedule(trainer: Any) -> Schedule | None:
     if getattr(trainer, "local_rank", 0) == 0:
         print(message, file=sys.stderr, flush=True)  # also when the log file is not watched
     return schedule
+
+
+def apply_seed(trainer: Any) -> int | None:
+    """Seed ``random``, numpy and torch from ``NNUNET_UNIVERSAL_SEED`` (logged); return the seed or None when unset."""
+    value = os.environ.get(SEED_ENV_VAR, "").strip()
+    if not value:
+        return None
+    try:
+        seed = int(value)
+        if not 0 <= seed < 2**32:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{SEED_ENV_VAR}={value!r}: use an integer from 0 to 2**32 - 1") from None
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    trainer.print_to_log_file(f"{SEED_ENV_VAR}={seed}: random, numpy and torch seeded", also_print_to_console=False)
+    return seed
 
 
 def validation_mirroring_from_env() -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_universal.trainers.schedule import apply_schedule, validation_mirroring_from_env
+from nnunet_universal.trainers.schedule import apply_schedule, apply_seed, validation_mirroring_from_env
 
 
 class nnUNetTrainerScheduled(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming)
@@ -17,6 +17,7 @@ class nnUNetTrainerScheduled(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming)
 
     def initialize(self) -> None:
         apply_schedule(self)  # before super(): the poly LR scheduler is built from num_epochs
+        apply_seed(self)  # before super() builds the network
         super().initialize()
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:

@@ -47,7 +47,7 @@ from nnunet_universal.trainers.online_eval import (
 )
 from nnunet_universal.trainers.progress import UniversalLocalLogger
 from nnunet_universal.trainers.sampling import DEFAULT_DOMAIN_ALPHA, domain_probabilities, domain_sampling_probabilities
-from nnunet_universal.trainers.schedule import apply_schedule
+from nnunet_universal.trainers.schedule import apply_schedule, apply_seed
 
 #: Network options implied by each objective: the joint baselines have one union head and nothing that is
 #: conditioned on the domain (a naive joint model has no notion of domain).
@@ -120,6 +120,7 @@ class UniversalTrainer(nnUNetTrainer):
                                    tuple(len(meta.domain_label_ids(d)) for d in self.domain_names))
         self.logger.local_logger = UniversalLocalLogger(self.domain_names)
         apply_schedule(self)
+        apply_seed(self)  # before initialize() builds the network
 
     # ---- network ---------------------------------------------------------------------------------
     @classmethod
