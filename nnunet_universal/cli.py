@@ -325,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network: nnU-Net's PlainConvUNet (plans nnUNetUniversalPlans) or ResidualEncoderUNet "
                         "(resenc-m/-l: nnUNetUniversalResEncUNetM/LPlans)")
     s.add_argument("-np", "--num-processes", type=int, default=2, help="preprocessing processes")
-    s.add_argument("--verify", action="store_true", help="run nnU-Net's dataset integrity check first")
+    s.add_argument("--verify", action="store_true",
+                   help="first check every image and label for truncation or a damaged gzip stream (which "
+                        "nnU-Net's own check reads as valid), then run nnU-Net's dataset integrity check")
     s.add_argument("--target-spacing", type=float, nargs="+",
                    help="override nnU-Net's target spacing (default: nnU-Net's choice)")
     s.add_argument("--gpu-memory-gb", type=float, default=None, help="VRAM target for planning (nnU-Net default 8)")

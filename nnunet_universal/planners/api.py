@@ -48,6 +48,22 @@ def check_splits_unchanged(raw_splits: Path, planned_splits: Path) -> None:
                 "with the old inputs and options.")
 
 
+def verify_files_complete(raw_folder: Path) -> int:
+    """Check every NIfTI image and label of a raw dataset for truncation or a damaged gzip stream (nnU-Net's
+    integrity check reads a cut-off file as valid: SimpleITK fills the rest with zeros); return the files checked.
+
+    Raises :class:`~nnunet_universal.nifti_integrity.CorruptImageError` naming the first bad file."""
+    from tqdm import tqdm
+
+    from nnunet_universal.nifti_integrity import check_file
+
+    files = sorted(p for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs") if (raw_folder / sub).is_dir()
+                   for p in (raw_folder / sub).iterdir() if p.name.endswith((".nii.gz", ".nii")))
+    for f in tqdm(files, desc="verify: files complete", unit="file", disable=None):
+        check_file(f)
+    return len(files)
+
+
 def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("3d_fullres",), preset: str = "default",
                         num_processes: int = 2, verify: bool = False,
                         target_spacing: tuple[float, ...] | None = None,
@@ -86,6 +102,7 @@ def plan_and_preprocess(dataset_id: int, configurations: Sequence[str] = ("3d_fu
     dataset_json = json.loads((raw_folder / "dataset.json").read_text())
     check_channel_names(dataset_json, load_universal(dataset_json, where=where), where)  # fail fast, clear message
     if verify:
+        verify_files_complete(raw_folder)
         verify_dataset_integrity(str(raw_folder), num_processes)
 
     check_splits_unchanged(raw_folder / "splits_final.json", Path(nnUNet_preprocessed) / dataset_name
