@@ -179,18 +179,11 @@ def run(cases: int, shape: tuple[int, int, int] | None, workers: list[int], repe
 
 
 def _commit() -> str:
-    """``git rev-parse --short HEAD`` of this checkout (``-dirty`` with uncommitted package/script changes)."""
-    import subprocess
+    """The checkout's commit, as every benchmark records it (``benchmark_accuracy.git_commit``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_accuracy import git_commit
 
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "nnunet_universal", "scripts"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
+    return git_commit()
 
 
 def markdown(result: dict) -> str:

@@ -33,7 +33,6 @@ import collections
 import json
 import os
 import platform
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -136,11 +135,11 @@ def largest_case(trainer: Any) -> Any:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The checkout's commit, as every benchmark records it (``benchmark_accuracy.git_commit``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_accuracy import git_commit
+
+    return git_commit(REPO)
 
 
 def to_markdown(res: dict) -> str:
