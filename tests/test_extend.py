@@ -309,26 +309,13 @@ def test_train_extension_with_pretrained_weights_and_predict_all_domains(extende
 
 # ---- extension trainers ------------------------------------------------------------------------------------
 
-def _old_domain_inputs(extended, root: Path) -> tuple[Path, dict[str, str]]:
-    """imagesTr files of one old case per old domain in the extended dataset's channel numbering (own slots only)."""
-    raw = extended["new_raw"]
-    uni = json.loads((raw / "dataset.json").read_text())["universal"]
-    inputs = root / "old_domain_inputs"
-    cases = {"mr_a_001": "mr_a", "mr_b_002": "mr_b"}
-    if not inputs.is_dir():
-        inputs.mkdir()
-        for case in cases:
-            for ch, slot in enumerate(uni["slots"]):
-                if slot in uni["cases"][case]["slots"]:
-                    shutil.copy(raw / "imagesTr" / f"{case}_{ch:04d}.nii.gz", inputs / f"{case}_{ch:04d}.nii.gz")
-    return inputs, cases
+#: one old case per old domain
+OLD_CASES = {"mr_a_001": "mr_a", "mr_b_002": "mr_b"}
 
 
-def _old_model_inputs(extended, root: Path, cases: dict[str, str]) -> Path:
-    """The same cases in the old model's channel numbering (4 slots)."""
-    raw = extended["old_raw"]
+def _case_inputs(raw: Path, cases: dict[str, str], inputs: Path) -> Path:
+    """imagesTr files of ``cases`` of raw dataset ``raw`` in its channel numbering (each case's own slots only)."""
     uni = json.loads((raw / "dataset.json").read_text())["universal"]
-    inputs = root / "old_model_inputs"
     if not inputs.is_dir():
         inputs.mkdir()
         for case in cases:
@@ -336,6 +323,16 @@ def _old_model_inputs(extended, root: Path, cases: dict[str, str]) -> Path:
                 if slot in uni["cases"][case]["slots"]:
                     shutil.copy(raw / "imagesTr" / f"{case}_{ch:04d}.nii.gz", inputs / f"{case}_{ch:04d}.nii.gz")
     return inputs
+
+
+def _old_domain_inputs(extended, root: Path) -> tuple[Path, dict[str, str]]:
+    """The old cases in the extended dataset's channel numbering."""
+    return _case_inputs(extended["new_raw"], OLD_CASES, root / "old_domain_inputs"), OLD_CASES
+
+
+def _old_model_inputs(extended, root: Path, cases: dict[str, str]) -> Path:
+    """The same cases in the old model's channel numbering (4 slots)."""
+    return _case_inputs(extended["old_raw"], cases, root / "old_model_inputs")
 
 
 def test_new_parts_trainer_freezes_the_old_model_and_defaults_to_a_quarter_schedule(extended, monkeypatch):
