@@ -189,11 +189,31 @@ def train(b: Bench, did: int, trainer: str, log: str, extension: bool = False) -
 
 
 def extend(b: Bench, old_model: Path, did: int, no_old_data: bool) -> None:
-    if list(b.raw.glob(f"Dataset{did}_*")) and (b.pre / b.dataset(did).name / "extension.json").is_file():
-        return
-    b.run([NU, "extend", "-m", str(old_model), str(SOURCES[NEW_SOURCE][0]), "-d", str(did), "-n",
-           "ExtBenchNoOld" if no_old_data else "ExtBenchExt", "--holdout", str(b.cfg["holdout"]), "-np", "1",
-           *(["--no-old-data"] if no_old_data else [])], "prepare")
+    if not (list(b.raw.glob(f"Dataset{did}_*")) and (b.pre / b.dataset(did).name / "extension.json").is_file()):
+        b.run([NU, "extend", "-m", str(old_model), str(SOURCES[NEW_SOURCE][0]), "-d", str(did), "-n",
+               "ExtBenchNoOld" if no_old_data else "ExtBenchExt", "--holdout", str(b.cfg["holdout"]), "-np", "1",
+               *(["--no-old-data"] if no_old_data else [])], "prepare")
+    check_same_test_cases(b, did)
+
+
+def test_cases(b: Bench, did: int) -> dict[str, set[str]]:
+    """Held-out case ids per domain of dataset ``did``."""
+    out: dict[str, set[str]] = {}
+    for case, info in _read_json(b.dataset(did) / "dataset.json")["universal"]["cases"].items():
+        if info["split"] == "test":
+            out.setdefault(info["domain"], set()).add(case)
+    return out
+
+
+def check_same_test_cases(b: Bench, did: int) -> None:
+    """The extended dataset must hold out the joint dataset's test cases of every domain it has (``extend`` and
+    ``merge`` share the hold-out rule), so that the extension and the from-scratch model are scored on the same
+    scans; a RuntimeError naming the difference otherwise."""
+    joint, ext = test_cases(b, JOINT_ID), test_cases(b, did)
+    for domain, cases in ext.items():
+        if cases != joint.get(domain):
+            raise RuntimeError(f"{b.dataset(did).name} holds out other {domain} cases than {b.dataset(JOINT_ID).name}: "
+                               f"{sorted(cases ^ joint.get(domain, set()))}")
 
 
 # ---- predict, evaluate ---------------------------------------------------------------------------------------
@@ -237,12 +257,14 @@ def evaluate(b: Bench, name: str, model: Path, did: int, domains: list[str], sta
     gt = b.work / "gt" / name
     shutil.rmtree(gt, ignore_errors=True)
     gt.mkdir(parents=True)
-    joint = b.dataset(JOINT_ID)
     eval_did = did if eval_did is None else eval_did
     own = b.dataset(eval_did)
     for f in sorted(out.glob("*.nii.gz")):  # the model's own dataset's labels (its union ids)
         src = own / "labelsTs" / f.name
-        os.link(src if src.is_file() else joint / "labelsTs" / f.name, gt / f.name)
+        if not src.is_file():
+            raise RuntimeError(f"{f.name} is not a held-out case of {own.name}: the scored cases must be test cases "
+                               "of the dataset whose labels score them")
+        os.link(src, gt / f.name)
     b.run([NU, "evaluate", str(out), "-d", str(eval_did), "--gt", str(gt), "-o", str(out / "evaluation")],
           f"{name}_evaluate")
     metrics = _read_json(out / "evaluation" / "metrics.json")

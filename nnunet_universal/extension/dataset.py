@@ -151,6 +151,7 @@ def build_extended_dataset(old_raw: Path | None, new_datasets: list[str], datase
         jobs_in.append((cid, info.split, images, label, ids, {"dataset": old_raw.name, "case": cid,
                                                                "domain": info.domain}))
     new_cases: dict[str, tuple[str, str]] = {}
+    rank_keys: dict[str, tuple[str, str]] = {}  # merge's hold-out key (domain, source group): the same test cases
     staged = []
     for folder, dj, m in inputs:
         for case, info in sorted(m.cases.items()):
@@ -159,8 +160,9 @@ def build_extended_dataset(old_raw: Path | None, new_datasets: list[str], datase
                 raise ConversionError(f"two cases map to id {mid!r}", case=case, file=folder,
                                       fix="rename one of the cases and reconvert")
             new_cases[mid] = (info.domain, mid.removesuffix(case) + (info.group or case))
+            rank_keys[mid] = (info.domain, info.group or case)
             staged.append((mid, folder, dj, m, case, info))
-    held = choose_holdout(new_cases, holdout)
+    held = choose_holdout(rank_keys, holdout)
     for mid, folder, dj, m, case, info in staged:
         images, label = case_files(folder, dj, m, case)
         split = "test" if mid in held else "train"

@@ -8,6 +8,9 @@ They read the plans' ``universal.extension`` block that ``extend`` writes, and d
   1000 x 250 (the extension starts from a trained model); ``NNUNET_UNIVERSAL_SCHEDULE`` still wins when set;
 * **what is trained** (``trainable``, ``extension/freeze.py``): everything, only what the extension added, or that
   plus U-Harmony's parameters;
+* **gate** (``extension/gate_calibration.py``): a new domain's gate row, which ``extend`` starts far below the old
+  ones, is calibrated once on the new domain's first training samples (its bias set so that the gate routes them
+  to it and the old domains' samples and prototypes not), then trained by the gate loss as before;
 * **loss** (``extension/losses.py``): old cases of a domain that gained classes are scored on the marginal of the
   domain's head; in no-old-data mode the old model's head outputs on the new scans are distillation targets for
   the old heads and the old domains' prototypes are replayed in the gate loss.
@@ -114,6 +117,7 @@ class UniversalTrainer_Extend(UniversalTrainer):
     def on_train_start(self) -> None:
         super().on_train_start()
         net = unwrap(self.network)
+        self._start_gate_calibration(net)
         self._prototype_snapshot = None
         if self._freeze is not None and self._freeze.frozen_prototype_rows is not None:
             rows = self._freeze.frozen_prototype_rows.to(net.router.prototypes.device)
@@ -121,13 +125,79 @@ class UniversalTrainer_Extend(UniversalTrainer):
                                         net.router.prototype_initialized[rows].clone())
 
     def train_step(self, batch: dict) -> dict:
+        self._step_phi = None
         out = super().train_step(batch)
         if self._prototype_snapshot is not None:  # old domains' prototypes stay the old model's
             rows, protos, init = self._prototype_snapshot
             router = unwrap(self.network).router
             router.prototypes[rows] = protos
             router.prototype_initialized[rows] = init
+        self._collect_gate_samples()
         return out
+
+    # ---- gate calibration (extension/gate_calibration.py) ------------------------------------------------
+    #: calibrate a new domain's gate row once this many of its training samples were seen (else at epoch end)
+    gate_calibration_samples: ClassVar[int] = 8
+
+    def _start_gate_calibration(self, net: torch.nn.Module) -> None:
+        """Collect the gate's inputs of the first training steps for the new domains' rows (fresh runs only: a run
+        continued with ``--c`` from epoch >= 1 was calibrated in its first epoch)."""
+        old = set(self._old_meta.domain_names)
+        self._calibrate = [d for d, n in enumerate(self.domain_names) if n not in old] \
+            if net.router is not None and self.current_epoch == 0 else []
+        self._gate_phi: list[torch.Tensor] = []
+        self._gate_domain: list[torch.Tensor] = []
+        self._step_phi = None
+        if self._calibrate:
+            def keep_phi(module, args, output):  # the step's batch: the first gate call of the training forward
+                if module.training and self._step_phi is None:
+                    self._step_phi = args[0].detach().float()
+            self._gate_hook = net.router.gate.register_forward_hook(keep_phi)
+
+    def _collect_gate_samples(self) -> None:
+        """After a training step: keep its batch's gate inputs and domains; calibrate once every new domain has
+        ``gate_calibration_samples`` samples (under DDP only at the epoch's end, on all ranks together)."""
+        phi, self._step_phi = self._step_phi, None
+        if not self._calibrate or phi is None:
+            return
+        self._gate_phi.append(phi)
+        self._gate_domain.append(self._step_domain.detach().to(phi.device))
+        domain = torch.cat(self._gate_domain)
+        if not self.is_ddp and all(int((domain == d).sum()) >= self.gate_calibration_samples
+                                   for d in self._calibrate):
+            self._calibrate_gate()
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        if self._calibrate and (self._gate_phi or self.is_ddp):
+            self._calibrate_gate()
+        super().on_train_epoch_end(train_outputs)
+
+    def _calibrate_gate(self) -> None:
+        """Set the bias of the new domains' gate rows from the samples collected so far (under DDP: rank 0's
+        values on every rank, after the first epoch, once)."""
+        import torch.distributed as dist
+
+        from nnunet_universal.extension.gate_calibration import calibrate_new_rows
+
+        router = unwrap(self.network).router
+        old = [d for d in range(len(self.domain_names)) if d not in self._calibrate]
+        done = []
+        if self._gate_phi:
+            done = calibrate_new_rows(router, torch.cat(self._gate_phi), torch.cat(self._gate_domain),
+                                      self._calibrate, old)
+        for c in done:
+            self.print_to_log_file(c.describe(self.domain_names))
+        if self.is_ddp:
+            dist.broadcast(router.gate.bias.data, src=0)
+            self._calibrate = []
+        else:
+            self._calibrate = [d for d in self._calibrate if d not in {c.domain for c in done}]
+        for d in self._calibrate:
+            self.print_to_log_file(f"gate row of new domain {self.domain_names[d]}: not calibrated yet (no training "
+                                   "sample of it, or its prototype not set, in the steps so far)")
+        self._gate_phi, self._gate_domain = [], []
+        if not self._calibrate:
+            self._gate_hook.remove()
 
     # ---- loss -------------------------------------------------------------------------------------------
     def _build_loss(self):
@@ -185,6 +255,7 @@ class UniversalTrainer_Extend(UniversalTrainer):
     def _batch_to_device(self, batch: dict, hide_slots: bool):
         """Also keeps the step's input for the teacher (distillation)."""
         data, target, domain, availability, keys = super()._batch_to_device(batch, hide_slots)
+        self._step_domain = domain
         if self.distill_weight > 0:
             self._ensure_teacher()
             self._teacher_input = (data, availability)

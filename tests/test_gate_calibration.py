@@ -1,0 +1,69 @@
+"""Gate-row calibration of a new domain (``extension/gate_calibration.py``) on a router grown like ``extend`` does."""
+
+from __future__ import annotations
+
+import torch
+
+from nnunet_universal.extension.gate_calibration import calibrate_new_rows, choose_bias, routing_thresholds
+from nnunet_universal.nn.gating import DomainRouter
+
+
+def _grown_router(seed: int = 0) -> tuple[DomainRouter, torch.Tensor, torch.Tensor]:
+    """Three domains; 0 and 1 trained (prototypes set), 2 new: gate row = mean of the old rows, bias 20 nats down,
+    prototype set from a first batch. Returns the router and 24 samples (8 per domain) around three centres."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, 16, generator=g) * 2
+    domain = torch.arange(3).repeat_interleave(8)
+    phi = centres[domain] + 0.3 * torch.randn(24, 16, generator=g)
+    r = DomainRouter(16, 3)
+    with torch.no_grad():
+        r.gate.weight[2] = r.gate.weight[:2].mean(0)
+        r.gate.bias[2] = r.gate.bias[:2].mean() - 10.0 - float(r.scale())
+    r.update_prototypes(phi, domain)
+    return r, phi, domain
+
+
+def test_new_row_starts_unroutable_and_is_calibrated_to_separate_the_domains():
+    r, phi, domain = _grown_router()
+    assert not bool((r.route(phi, hard=True).argmax(1) == 2).any())  # extend's start: never routed
+    done = calibrate_new_rows(r, phi, domain, new_domains=[2], old_domains=[0, 1])
+    assert len(done) == 1 and done[0].separable and done[0].bias_after > done[0].bias_before
+    assert torch.equal(r.route(phi, hard=True).argmax(1), domain)
+    assert (done[0].own_right, done[0].own_total) == (8, 8)
+    assert (done[0].others_right, done[0].others_total) == (16 + 2, 16 + 2)  # old samples and old prototypes
+    assert "gate row of new domain c" in done[0].describe(["a", "b", "c"])
+
+
+def test_old_prototypes_stand_in_for_old_data():
+    """No-old-data mode: only new-domain samples; the old prototypes keep the old domains routed."""
+    r, phi, domain = _grown_router(1)
+    mine = domain == 2
+    calibrate_new_rows(r, phi[mine], domain[mine], new_domains=[2], old_domains=[0, 1])
+    assert torch.equal(r.route(phi, hard=True).argmax(1), domain)
+
+
+def test_uninitialized_prototype_or_no_samples_leave_the_row_alone():
+    r, phi, domain = _grown_router()
+    before = r.gate.bias.clone()
+    assert calibrate_new_rows(r, phi[domain != 2], domain[domain != 2], [2], [0, 1]) == []
+    r.prototype_initialized[2] = False
+    assert calibrate_new_rows(r, phi, domain, [2], [0, 1]) == []
+    assert torch.equal(r.gate.bias, before)
+
+
+def test_threshold_is_the_bias_where_the_new_domain_takes_over():
+    r, phi, _ = _grown_router()
+    t = routing_thresholds(r, phi[:1], 2)
+    for delta, expect in ((-1e-3, False), (1e-3, True)):
+        with torch.no_grad():
+            r.gate.bias[2] = float(t) + delta
+        assert bool(r.route(phi[:1], hard=True).argmax(1) == 2) is expect
+
+
+def test_overlapping_thresholds_take_the_fewest_errors():
+    own = torch.tensor([0.0, 1.0, 2.0, 5.0])  # the new domain wants bias > each of these
+    others = torch.tensor([3.0, 4.0, 6.0, 7.0])  # every other sample wants bias < each of these
+    bias, separable = choose_bias(own, others)
+    assert not separable and 2.0 < bias < 3.0  # one error (the own 5.0) beats every other cut
+    bias, separable = choose_bias(torch.tensor([0.0, 1.0]), torch.tensor([3.0]))
+    assert separable and bias == 2.0
