@@ -20,7 +20,8 @@ Ratios are universal / stock (JSON keys ``step_ops_ratio``, ``tile_ops_ratio``, 
 and ``tile_ops`` of each arm and the operations the universal step and tile dispatch beyond stock's, by name);
 goals: <= 1.3 and <= 1.2. The trainers are built as ``nnUNetv2_train`` builds them, on
 ``scripts/benchmark_speed.py``'s synthetic dataset (``--shape`` as there). The CPU path of the U-Harmony layers is
-the C++ one (``nn/harmony_cpu.py``); on a GPU the compiled one dispatches its own glue. SGD runs one loop per
+the C++ one (``nn/harmony_cpu.py``: one registered operator per layer and direction, as an ATen kernel is); on a GPU
+the compiled one dispatches its own glue. SGD runs one loop per
 parameter on CPU tensors (5 operations each) but PyTorch's multi-tensor (foreach) implementation on CUDA ones;
 ``step_ops_optimizer`` counts the first, so that part of the ratio is a CPU artefact (the universal network has more
 parameter tensors: HarmonyNorm's polynomial, HarmonyRestore, heads, gate).
@@ -151,6 +152,10 @@ def to_markdown(res: dict) -> str:
     opt = (f"SGD's per-parameter loop (CPU tensors; one multi-tensor call per group on CUDA) is "
            f"{res['stock']['step_ops_optimizer']} of the stock step's operations and "
            f"{res['universal']['step_ops_optimizer']} of the universal one's.")
+    move = (f"nnU-Net's predictor calls `network.to(device)` for every case; where the network already is, that "
+            f"dispatches {res['stock'].get('case_move_ops', '?')} operations for nnU-Net's network and "
+            f"{res['universal'].get('case_move_ops', '?')} for ours (`UniversalUNet.to` returns at once), counted in "
+            f"the tile column divided by the {res['tiles']} tiles.")
     return "\n".join([
         f"Operations dispatched (ATen calls, forward + backward + optimizer), UniversalTrainer vs nnUNetTrainer, "
         f"same plans and batch; commit {res['commit']}, {res['machine']}. Tiles: {res['tiles']} per case.",
@@ -164,6 +169,8 @@ def to_markdown(res: dict) -> str:
         f"Most frequent operations of the universal step: {top}.",
         "",
         opt,
+        "",
+        move,
         "",
     ])
 
@@ -198,7 +205,8 @@ def main() -> int:
         steps = step_ops(trainer, dict(batch))
         per_tile, tiles, tile_counts = tile_ops(predictor_for(trainer), largest_case(trainer), with_counts=True)
         res[key] = {"step_ops": sum(steps.values()), "tile_ops": per_tile,
-                    "step_ops_optimizer": optimizer_ops(trainer), "step_top": steps.most_common(15)}
+                    "step_ops_optimizer": optimizer_ops(trainer), "step_top": steps.most_common(15),
+                    "case_move_ops": move_ops(trainer)}
         res["tiles"] = tiles
         counts[key] = (steps, tile_counts)
     res["step_ops_ratio"] = res["universal"]["step_ops"] / res["stock"]["step_ops"]
@@ -217,6 +225,15 @@ def main() -> int:
     atomic_write_bytes(args.results / "ops_cpu.md", to_markdown(res).encode())
     print(to_markdown(res))
     return 0
+
+
+def move_ops(trainer: Any) -> int:
+    """Operations of ``network.to(device)`` where the network already is, under inference mode: what nnU-Net's
+    predictor dispatches for it once per case (part of every tile count: divided by the tiles)."""
+    import torch
+
+    with torch.inference_mode():
+        return sum(count_ops(lambda: trainer.network.to(trainer.device)).values())
 
 
 def optimizer_ops(trainer: Any) -> int:

@@ -253,3 +253,26 @@ def test_single_head_equals_the_one_hot_mixture():
         assert net._single is None
         assert all(map(torch.equal, net(x), net(x, routing=torch.tensor([[0.2, 0.3, 0.5]]))))
         net.clear_context()
+
+
+def test_network_to_where_it_already_is_dispatches_nothing():
+    """nnU-Net's predictor calls ``network.to(device)`` for every case: a no-op move dispatches no operation (it
+    was two per tensor), a real one still moves and casts everything."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from count_ops import count_ops
+
+    net = _small_net()
+    assert net.to(torch.device("cpu")) is net
+    n_tensors = len(list(net.parameters())) + len(list(net.buffers()))
+    with torch.inference_mode():  # as nnU-Net's predictor runs it
+        assert sum(count_ops(lambda: net.to(torch.device("cpu"))).values()) == 0
+        assert sum(count_ops(lambda: net.to("cpu", torch.float32)).values()) == 0
+        assert sum(count_ops(lambda: torch.nn.Module.to(net, "cpu")).values()) >= n_tensors  # what it saves
+    net.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in net.parameters())
+    assert net.router.prototype_initialized.dtype == torch.bool  # non-float buffers keep their dtype
+    net.to(dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in net.parameters())

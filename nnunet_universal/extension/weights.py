@@ -15,9 +15,10 @@ initialized so that the old model's function is unchanged at step 0 for old-doma
   the old rows, its bias lowered by ``offset + s`` (s: the router's similarity scale; an old domain's routing
   log-weight ``log_softmax(gate) + s cos`` is at least its gate term minus s, and the new domain's uninitialized
   prototype adds 0), so its routing weight starts below ``exp(-offset)`` for any input: hard routing of
-  old-domain inputs is unchanged and soft routing changes by less than that. The gate has to learn the new
-  domain (the trainer's gate loss; its prototype is set from its first training batch): check the per-epoch
-  gate accuracy in the training log;
+  old-domain inputs is unchanged and soft routing changes by less than that. The extension trainer then sets
+  the row's bias from the new domain's first training samples (``extension/gate_calibration.py``: the gate loss
+  alone cannot climb ``offset + s`` nats in a short schedule) and the gate loss refines it; the training log
+  says what the calibration did and gives the per-epoch gate accuracy;
 * prototypes ``(D, F)``: old rows copied (zero in a new slot's column); a new domain's prototype is not
   initialized (``prototype_initialized`` False: similarity 0, set from its first training batch);
 * prompts (``UniversalTrainer_Prompts``): per-slot and per-domain columns and rows mapped the same way, new ones

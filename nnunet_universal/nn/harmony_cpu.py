@@ -11,8 +11,11 @@ the build is cached under ``TORCH_EXTENSIONS_DIR``). If building fails (one warn
 fails too (it does without a C++ compiler; a second warning). ``NNUNET_UNIVERSAL_FUSED=0`` turns off this path and
 the compiled one (:func:`~nnunet_universal.nn.harmony_fused.turned_off`).
 
-Arguments are the fused path's: (B, C, N) tensors with per-channel parameters; the outputs are written into
-caller-provided tensors (no copy of the activation).
+The kernels are PyTorch operators (``torch.ops.nnunet_universal_harmony.*``, CPU kernels registered by the C++
+file): a layer's forward or backward is one dispatched operation on the activation in its own (B, C, ...) shape,
+which allocates its outputs and sums the parameters' gradients over the batch itself, as an ATen kernel would
+(``scripts/count_ops.py`` counts dispatched operations: the Python binding this replaced cost about a dozen per
+layer in views, allocations and sums around it).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def _flags() -> list[str]:
 
 
 def extension() -> Any | None:
-    """The built extension module, or None when it cannot be built (warned once)."""
+    """The operators' namespace (``torch.ops.nnunet_universal_harmony``), or None when the library cannot be built
+    (warned once)."""
     if "module" not in _STATE:
         _STATE["module"] = None
         quiet = logging.getLogger("torch.utils.cpp_extension")  # "No CUDA runtime is found": irrelevant here
@@ -50,8 +54,9 @@ def extension() -> Any | None:
             from torch.utils.cpp_extension import load
 
             cap = torch.backends.cpu.get_cpu_capability().lower()
-            _STATE["module"] = load(name=f"nnunet_universal_harmony_cpu_{cap}", sources=[str(_SOURCE)],
-                                    extra_cflags=_flags(), verbose=False)
+            load(name=f"nnunet_universal_harmony_ops_{cap}", sources=[str(_SOURCE)], extra_cflags=_flags(),
+                 is_python_module=False, verbose=False)
+            _STATE["module"] = torch.ops.nnunet_universal_harmony
         except Exception as err:  # noqa: BLE001 (no compiler, no ninja, a failed build: fall back, never fail)
             logger.warning("U-Harmony C++ CPU kernels unavailable (%s: %s); fp32 CPU tensors use the torch.compile "
                            "path (harmony_fused), or the eager path if that fails too", type(err).__name__,
@@ -67,53 +72,38 @@ def serves(x: Tensor) -> bool:
             and extension() is not None)
 
 
-#: What stands for None (the kernels only read its size); one tensor instead of an allocation per call.
-_NONE = torch.empty(0)
+def _none_if_empty(t: Tensor) -> Tensor | None:
+    return t if t.numel() else None
 
 
-def _f32(t: Tensor | None) -> Tensor:
-    """A contiguous fp32 tensor for the extension; an empty one stands for None. Tensors that already are contiguous
-    fp32 are passed as they are (no ``to``/``contiguous`` dispatched: host time per layer)."""
-    if t is None:
-        return _NONE
-    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+def norm_forward(x: Tensor, w: Tensor, b: Tensor, coef: Tensor | None, eps: float,
+                 limit: float) -> tuple[Tensor, Tensor, Tensor]:
+    """HarmonyNorm forward of x (B, C, ...): (out like x, mean (B, C, 1), rstd (B, C, 1)); w, b (C,) or (C, 1),
+    coef (C, J+1) monomial coefficients or None."""
+    return extension().norm_forward(x, w, b, coef, eps, limit)
 
 
-def _vec(t: Tensor) -> Tensor:
-    """Per-channel parameters (C,) or (C, 1) as a flat contiguous fp32 vector."""
-    t = _f32(t)
-    return t if t.ndim == 1 else t.view(-1)
-
-
-def norm_forward(x: Tensor, w: Tensor, b: Tensor, coef: Tensor | None, eps: float, limit: float,
-                 out: Tensor) -> tuple[Tensor, Tensor]:
-    """HarmonyNorm forward of x (B, C, N) into ``out`` (B, C, N); returns (mean, rstd), each (B, C, 1)."""
-    mean, rstd = extension().norm_forward(x, _vec(w), _vec(b), _f32(coef), eps, limit, out)
-    return mean, rstd
-
-
-def norm_backward(x: Tensor, g: Tensor, mean: Tensor, rstd: Tensor, w: Tensor, dcoef: Tensor | None, limit: float,
-                  grad_x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-    """HarmonyNorm backward into ``grad_x``; returns (dw, db) per (B, C) and the power sums (B, C, J+1) or None."""
-    gw, gb, gc = extension().norm_backward(x, g, _f32(mean), _f32(rstd), _vec(w), _f32(dcoef), limit, grad_x)
-    return gw, gb, (gc if dcoef is not None else None)
+def norm_backward(x: Tensor, g: Tensor, mean: Tensor, rstd: Tensor, w: Tensor, dcoef: Tensor | None,
+                  limit: float) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """HarmonyNorm backward: (grad_x like x, dw (C,), db (C,), power sums (C, J+1) or None), the parameters'
+    gradients summed over the batch; dcoef (C, J): P' coefficients or None."""
+    gx, gw, gb, gc = extension().norm_backward(x, g, mean, rstd, w, dcoef, limit)
+    return gx, gw, gb, _none_if_empty(gc)
 
 
 def restore_forward(x: Tensor, mu: Tensor, sigma: Tensor, w_eps: Tensor, b: Tensor, qcoef: Tensor | None,
-                    rcoef: Tensor | None, mix: Tensor | None, limit: float, min_den: float, bound: float,
-                    out: Tensor) -> None:
-    """HarmonyRestore forward of x (B, C, N) into ``out``; mu, sigma (B, C); parameters per channel."""
-    extension().restore_forward(x, _f32(mu), _f32(sigma), _vec(w_eps), _vec(b), _f32(qcoef), _f32(rcoef),
-                                _f32(mix), limit, min_den, bound, out)
+                    rcoef: Tensor | None, mix: Tensor | None, limit: float, min_den: float, bound: float) -> Tensor:
+    """HarmonyRestore forward of x (B, C, ...) (a new tensor like x); mu, sigma per (B, C); parameters per
+    channel."""
+    return extension().restore_forward(x, mu, sigma, w_eps, b, qcoef, rcoef, mix, limit, min_den, bound)
 
 
 def restore_backward(x: Tensor, g: Tensor, mu: Tensor, sigma: Tensor, w_eps: Tensor, b: Tensor,
                      qcoef: Tensor | None, rcoef: Tensor | None, mix: Tensor | None, limit: float, min_den: float,
-                     bound: float, grad_x: Tensor) -> tuple[Tensor | None, ...]:
-    """HarmonyRestore backward into ``grad_x``; returns (dmu, dsigma, dw, db, dgamma, ddelta, dmix) per (B, C)
-    ((B, C, J+1) for dgamma/ddelta; None where the layer has no polynomial or mix)."""
-    gmu, gsig, gw, gb, ggam, gdel, gmix = extension().restore_backward(
-        x, g, _f32(mu), _f32(sigma), _vec(w_eps), _vec(b), _f32(qcoef), _f32(rcoef), _f32(mix), limit, min_den, bound,
-        grad_x)
+                     bound: float) -> tuple[Tensor | None, ...]:
+    """HarmonyRestore backward: (grad_x like x, dmu, dsigma per (B, C), dw, db (C,), dgamma, ddelta (C, J+1), dmix
+    (C,)); the parameters' gradients summed over the batch, None where the layer has no polynomial or mix."""
+    gx, gmu, gsig, gw, gb, ggam, gdel, gmix = extension().restore_backward(
+        x, g, mu, sigma, w_eps, b, qcoef, rcoef, mix, limit, min_den, bound)
     poly = qcoef is not None and rcoef is not None
-    return gmu, gsig, gw, gb, ggam if poly else None, gdel if poly else None, gmix if mix is not None else None
+    return gx, gmu, gsig, gw, gb, ggam if poly else None, gdel if poly else None, gmix if mix is not None else None

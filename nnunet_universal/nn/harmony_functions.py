@@ -61,6 +61,11 @@ def _shaped(t: Tensor, shape: tuple[int, ...]) -> Tensor:
     return t.view(shape)
 
 
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; no operation dispatched when it already is (``Tensor.to`` dispatches even then)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _as3(stat: Tensor, batch: int) -> Tensor:
     """Per-(sample, channel) statistics (B*C, 1) or (B, C, 1) as (B, C, 1), viewed only when needed."""
     return stat if stat.ndim == 3 else stat.view(batch, -1, 1)
@@ -145,13 +150,9 @@ class HarmonyNormFunction(torch.autograd.Function):
             ctx.basis, ctx.poly = basis, coef
             coef = coef.mm(basis[0])
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if out_dtype == torch.float32 and harmony_cpu.serves(x):  # C++ loops, written straight into out
+            if out_dtype == torch.float32 and harmony_cpu.serves(x):  # one C++ operator, its own output tensor
                 # the statistics stay (B, C, 1) as the kernels return them (every reader views them as it needs)
-                batch, c = x.shape[:2]
-                shape3 = (batch, c, x.numel() // max(batch * c, 1))
-                out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view: in-place users follow
-                mean, rstd = harmony_cpu.norm_forward(x.contiguous().view(shape3), weight, bias, coef, eps, limit,
-                                                      out.view(shape3))
+                out, mean, rstd = harmony_cpu.norm_forward(x, weight, bias, coef, eps, limit)
                 ctx.save_for_backward(x, mean, rstd, weight, coef)
                 ctx.limit = limit
                 ctx.mark_non_differentiable(mean, rstd)
@@ -220,17 +221,12 @@ class HarmonyNormFunction(torch.autograd.Function):
                 dcoef_c = ctx.poly.mm(ctx.basis[2]).to(cd)
             else:
                 dcoef_c = coef[:, 1:].to(cd) * _orders(order, cd, x.device)
-            if harmony_cpu.serves(x) and grad_out.dtype == torch.float32:
-                batch, c = x.shape[:2]
-                shape3 = (batch, c, x.numel() // max(batch * c, 1))
-                grad_x = torch.empty(shape3, dtype=x.dtype, device=x.device)
-                gw, gb, gc = harmony_cpu.norm_backward(x.contiguous().view(shape3),
-                                                       grad_out.contiguous().view(shape3), _as3(mean, batch),
-                                                       _as3(rstd, batch), weight, dcoef_c, limit, grad_x)
+            if harmony_cpu.serves(x) and grad_out.dtype == torch.float32:  # one operator, batch sums inside
+                grad_x, gw, gb, gc = harmony_cpu.norm_backward(x, grad_out, mean, rstd, weight, dcoef_c, limit)
                 need = ctx.needs_input_grad
-                return (grad_x.view(x.shape), gw.sum(0).to(weight.dtype) if need[1] else None,
-                        gb.sum(0).to(weight.dtype) if need[2] else None,
-                        gc.sum(0).to(coef.dtype) if gc is not None and need[3] else None, None, None, None)
+                return (grad_x, _as_dtype(gw, weight.dtype) if need[1] else None,
+                        _as_dtype(gb, weight.dtype) if need[2] else None,
+                        _as_dtype(gc, coef.dtype) if gc is not None and need[3] else None, None, None, None)
             if harmony_fused.enabled(x):  # x, g as they are; the batch sums inside the compiled function
                 batch = x.shape[0]
                 fused = harmony_fused.run("norm_backward_nd", x, grad_out, _as3(mean, batch), _as3(rstd, batch),
@@ -359,25 +355,6 @@ class HarmonyRestoreFunction(torch.autograd.Function):
         return u, clamped, num, _guard(den, min_den), t
 
     @staticmethod
-    def _grads(per_row: tuple, need: tuple, x: Tensor, mu: Tensor, sigma: Tensor, weight: Tensor, bias: Tensor,
-               gamma: Tensor | None, delta: Tensor | None, mix: Tensor | None, batch: int, order: int) -> tuple:
-        """Autograd's gradient tuple from per-row gradients (dx, dmu, dsigma, dw, db, dgamma, ddelta, dmix)."""
-        gx, g_mu, g_sigma, g_w, g_b, g_gamma, g_delta, g_mix = per_row
-        grads: list[Tensor | None] = [None] * 13
-        grads[0] = _shaped(gx, x.shape) if need[0] else None
-        grads[1] = _shaped(g_mu, mu.shape).to(mu.dtype) if need[1] else None
-        grads[2] = _shaped(g_sigma, sigma.shape).to(sigma.dtype) if need[2] else None
-        grads[3] = _shaped(g_w, (batch, -1)).sum(0).to(weight.dtype) if need[3] else None
-        grads[4] = _shaped(g_b, (batch, -1)).sum(0).to(bias.dtype) if need[4] else None
-        if gamma is not None and g_gamma is not None and need[5]:
-            grads[5] = _shaped(g_gamma, (batch, -1, order + 1)).sum(0).to(gamma.dtype)
-        if delta is not None and g_delta is not None and need[6]:
-            grads[6] = _shaped(g_delta, (batch, -1, order + 1)).sum(0).to(delta.dtype)
-        if mix is not None and g_mix is not None and need[7]:
-            grads[7] = _shaped(g_mix, (batch, -1)).sum(0).to(mix.dtype)
-        return tuple(grads)
-
-    @staticmethod
     def forward(ctx: Any, x: Tensor, mu: Tensor, sigma: Tensor, weight: Tensor, bias: Tensor,
                 gamma: Tensor | None, delta: Tensor | None, mix: Tensor | None, eps: float, limit: float,
                 min_den: float, out_dtype: torch.dtype, bound: float,
@@ -388,13 +365,10 @@ class HarmonyRestoreFunction(torch.autograd.Function):
             ctx.basis = basis
             gamma, delta = gamma.mm(basis[0]), delta.mm(basis[0])
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if out_dtype == torch.float32 and harmony_cpu.serves(x):  # C++ loops, written straight into out
-                batch, c = x.shape[:2]
-                shape3 = (batch, c, x.numel() // max(batch * c, 1))
-                out = torch.empty(x.shape, dtype=out_dtype, device=x.device)  # not a view (see HarmonyNorm)
-                harmony_cpu.restore_forward(x.contiguous().view(shape3), mu, sigma,
-                                            *HarmonyRestoreFunction._cpp_params(weight, bias, gamma, delta, mix, eps),
-                                            limit, min_den, bound, out.view(shape3))
+            if out_dtype == torch.float32 and harmony_cpu.serves(x):  # one C++ operator, its own output tensor
+                out = harmony_cpu.restore_forward(
+                    x, mu, sigma, *HarmonyRestoreFunction._cpp_params(weight, bias, gamma, delta, mix, eps), limit,
+                    min_den, bound)
                 ctx.save_for_backward(x, mu, sigma, weight, bias, gamma, delta, mix)
                 ctx.consts = (eps, limit, min_den, bound)
                 return out
@@ -447,16 +421,23 @@ class HarmonyRestoreFunction(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             cd = _compute_dtype(x)
             order = gamma.shape[1] - 1 if gamma is not None else 0
-            if harmony_cpu.serves(x) and grad_out.dtype == torch.float32:
-                batch, c = x.shape[:2]
-                shape3 = (batch, c, x.numel() // max(batch * c, 1))
-                grad_x = torch.empty(shape3, dtype=x.dtype, device=x.device)
-                sums = harmony_cpu.restore_backward(
-                    x.contiguous().view(shape3), grad_out.contiguous().view(shape3), mu, sigma,
-                    *HarmonyRestoreFunction._cpp_params(weight, bias, gamma, delta, mix, eps),
-                    limit, min_den, bound, grad_x)
-                return HarmonyRestoreFunction._grads((grad_x.view(x.shape), *sums), need, x, mu, sigma, weight, bias,
-                                                     gamma, delta, mix, batch, order)
+            if harmony_cpu.serves(x) and grad_out.dtype == torch.float32:  # one operator, batch sums inside
+                gx, g_mu, g_sigma, g_w, g_b, g_gamma, g_delta, g_mix = harmony_cpu.restore_backward(
+                    x, grad_out, mu, sigma, *HarmonyRestoreFunction._cpp_params(weight, bias, gamma, delta, mix, eps),
+                    limit, min_den, bound)
+                grads: list[Tensor | None] = [None] * 13
+                grads[0] = gx if need[0] else None
+                grads[1] = _as_dtype(_shaped(g_mu, mu.shape), mu.dtype) if need[1] else None
+                grads[2] = _as_dtype(_shaped(g_sigma, sigma.shape), sigma.dtype) if need[2] else None
+                grads[3] = _as_dtype(g_w, weight.dtype) if need[3] else None
+                grads[4] = _as_dtype(g_b, bias.dtype) if need[4] else None
+                if gamma is not None and g_gamma is not None and need[5]:
+                    grads[5] = _as_dtype(g_gamma, gamma.dtype)
+                if delta is not None and g_delta is not None and need[6]:
+                    grads[6] = _as_dtype(g_delta, delta.dtype)
+                if mix is not None and g_mix is not None and need[7]:
+                    grads[7] = _as_dtype(g_mix, mix.dtype)
+                return tuple(grads)
             if harmony_fused.enabled(x):  # x, g as they are; the batch sums inside the compiled function
                 fused = harmony_fused.run("restore_backward_nd", x, grad_out, _stat3(mu, cd), _stat3(sigma, cd),
                                           *HarmonyRestoreFunction._nd_params(weight, bias, gamma, delta, mix, eps, cd),

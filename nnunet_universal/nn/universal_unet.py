@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -389,6 +390,26 @@ class UniversalUNet(nn.Module):
         for norm in self._stat_norms:
             if norm is not None:
                 norm.stats = None
+
+    # ---- device moves ----------------------------------------------------------------------------------
+    def to(self, *args: Any, **kwargs: Any) -> UniversalUNet:
+        """``nn.Module.to``, returning at once when every parameter and buffer already is where (and, for floating
+        point ones, in the dtype) it asks: nnU-Net's predictor calls ``network.to(device)`` for every case, which
+        otherwise dispatches two operations per tensor (about 750 here, host time per case)."""
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if memory_format is None and (device is not None or dtype is not None) and self._placed(device, dtype):
+            return self
+        return super().to(*args, **kwargs)
+
+    def _placed(self, device: torch.device | None, dtype: torch.dtype | None) -> bool:
+        if device is not None and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        for t in itertools.chain(self.parameters(), self.buffers()):
+            if device is not None and t.device != device:
+                return False
+            if dtype is not None and (t.is_floating_point() or t.is_complex()) and t.dtype != dtype:
+                return False
+        return True
 
     # ---- context for nnU-Net's predictor, which calls network(x) -------------------------------------
     def set_context(self, domain: int | None = None, routing: Tensor | None = None,

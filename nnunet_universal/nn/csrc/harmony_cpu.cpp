@@ -5,8 +5,14 @@
 // voxels whose temporaries stay in L1, so a layer costs two or three sweeps over its activation and no
 // allocation. Built on first use by torch.utils.cpp_extension (harmony_cpu.py); without a compiler the
 // chunked eager path of harmony_functions.py is used instead.
+//
+// Registered as PyTorch operators (namespace nnunet_universal_harmony, CPU kernels; the end of this file): each
+// layer's forward or backward is one dispatched operation that takes the activation in its own shape (B, C, ...)
+// and allocates its outputs, as an ATen kernel does, instead of a Python binding around which the caller allocates,
+// views and sums (a dozen dispatched operations per layer: host time, README "Benchmarks").
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -400,11 +406,88 @@ std::vector<at::Tensor> restore_backward(const at::Tensor& x, const at::Tensor& 
   return {gmu, gsig, gw, gb, ggam, gdel, gmix};
 }
 
+// ---- operator entry points: any (B, C, ...) shape, outputs allocated here ----------------------------------
+
+// contiguous fp32 (B, C, N) view of a (B, C, ...) activation
+at::Tensor rows3(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "harmony_cpu: expected a (B, C, ...) tensor, got ", x.dim(), " dimensions");
+  const int64_t B = x.size(0), C = x.size(1);
+  return x.contiguous().view({B, C, B * C ? x.numel() / (B * C) : 0});
+}
+
+// per-channel parameter (C,) or (C, 1) as a flat contiguous fp32 vector
+at::Tensor flat(const at::Tensor& t) { return t.to(at::kFloat).contiguous().view({-1}); }
+
+// an optional tensor as contiguous fp32, an empty one standing for None
+at::Tensor opt_f32(const std::optional<at::Tensor>& t, const at::Tensor& like) {
+  return t.has_value() ? t->to(at::kFloat).contiguous() : at::empty({0}, like.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> op_norm_forward(const at::Tensor& x, const at::Tensor& w,
+                                                               const at::Tensor& b,
+                                                               const std::optional<at::Tensor>& coef, double eps,
+                                                               double limit) {
+  auto x3 = rows3(x);
+  auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto stats = norm_forward(x3, flat(w), flat(b), opt_f32(coef, x), eps, limit, out.view(x3.sizes()));
+  return {out, stats[0], stats[1]};
+}
+
+// (grad_x, dw (C,), db (C,), dcoef (C, J+1) or empty): the parameters' gradients summed over the batch
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> op_norm_backward(
+    const at::Tensor& x, const at::Tensor& g, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& w,
+    const std::optional<at::Tensor>& dcoef, double limit) {
+  auto x3 = rows3(x);
+  auto grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto r = norm_backward(x3, rows3(g), mean.to(at::kFloat).contiguous(), rstd.to(at::kFloat).contiguous(), flat(w),
+                         opt_f32(dcoef, x), limit, grad_x.view(x3.sizes()));
+  return {grad_x, r[0].sum(0), r[1].sum(0), r[2].numel() ? r[2].sum(0) : r[2]};
+}
+
+at::Tensor op_restore_forward(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& sigma,
+                              const at::Tensor& w_eps, const at::Tensor& b, const std::optional<at::Tensor>& q,
+                              const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& mix, double limit,
+                              double min_den, double bound) {
+  auto x3 = rows3(x);
+  auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  restore_forward(x3, mu.to(at::kFloat).contiguous(), sigma.to(at::kFloat).contiguous(), flat(w_eps), flat(b),
+                  opt_f32(q, x), opt_f32(r, x), opt_f32(mix, x), limit, min_den, bound, out.view(x3.sizes()));
+  return out;
+}
+
+// (grad_x, dmu (B, C), dsigma (B, C), dw (C,), db (C,), dgamma (C, J+1), ddelta (C, J+1), dmix (C,)); the
+// parameters' gradients summed over the batch, empty where the layer has no polynomial or mix
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+op_restore_backward(const at::Tensor& x, const at::Tensor& g, const at::Tensor& mu, const at::Tensor& sigma,
+                    const at::Tensor& w_eps, const at::Tensor& b, const std::optional<at::Tensor>& q,
+                    const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& mix, double limit,
+                    double min_den, double bound) {
+  auto x3 = rows3(x);
+  auto grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto o = restore_backward(x3, rows3(g), mu.to(at::kFloat).contiguous(), sigma.to(at::kFloat).contiguous(),
+                            flat(w_eps), flat(b), opt_f32(q, x), opt_f32(r, x), opt_f32(mix, x), limit, min_den, bound,
+                            grad_x.view(x3.sizes()));
+  auto per_channel = [](const at::Tensor& t) { return t.numel() ? t.sum(0) : t; };
+  return {grad_x, o[0], o[1], per_channel(o[2]), per_channel(o[3]), per_channel(o[4]), per_channel(o[5]),
+          per_channel(o[6])};
+}
+
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("norm_forward", &norm_forward, "HarmonyNorm forward (fp32, (B, C, N))");
-  m.def("norm_backward", &norm_backward, "HarmonyNorm backward (fp32, (B, C, N))");
-  m.def("restore_forward", &restore_forward, "HarmonyRestore forward (fp32, (B, C, N))");
-  m.def("restore_backward", &restore_backward, "HarmonyRestore backward (fp32, (B, C, N))");
+TORCH_LIBRARY(nnunet_universal_harmony, m) {
+  m.def("norm_forward(Tensor x, Tensor w, Tensor b, Tensor? coef, float eps, float limit) -> (Tensor, Tensor, Tensor)");
+  m.def("norm_backward(Tensor x, Tensor g, Tensor mean, Tensor rstd, Tensor w, Tensor? dcoef, float limit) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("restore_forward(Tensor x, Tensor mu, Tensor sigma, Tensor w_eps, Tensor b, Tensor? q, Tensor? r, "
+        "Tensor? mix, float limit, float min_den, float bound) -> Tensor");
+  m.def("restore_backward(Tensor x, Tensor g, Tensor mu, Tensor sigma, Tensor w_eps, Tensor b, Tensor? q, "
+        "Tensor? r, Tensor? mix, float limit, float min_den, float bound) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(nnunet_universal_harmony, CPU, m) {
+  m.impl("norm_forward", &op_norm_forward);
+  m.impl("norm_backward", &op_norm_backward);
+  m.impl("restore_forward", &op_restore_forward);
+  m.impl("restore_backward", &op_restore_backward);
 }
