@@ -441,6 +441,7 @@ def test_new_parts_extension_predicts_old_domains_as_before(extended):
           "-o", str(out_ct), "-device", "cpu", "--disable-tta"], extended["env"])
     rec = json.loads(next(out_ct.glob("*.routing.json")).read_text())
     assert rec["inferred_domain"] == "ct", rec
+    assert rec["extension"]["mode"] == "with-old-data" and rec["extension"]["new_domains"] == ["ct"]
     inputs, cases = _old_domain_inputs(extended, root)
     old_inputs = _old_model_inputs(extended, root, cases)
     out_new, out_old = root / "pred_new_parts", root / "pred_old_model"
@@ -514,3 +515,5 @@ def test_no_old_data_extension(extended):
     for case in [*cases, "ct_case"]:
         rec = json.loads((out / f"{case}.routing.json").read_text())
         assert list(rec["routing"]) == ["mr_a", "mr_b", "ct"]
+        assert rec["extension"] == {"mode": "no-old-data", "from_dataset": extended["old_raw"].name,
+                                    "new_domains": ["ct"]}

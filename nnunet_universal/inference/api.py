@@ -11,6 +11,10 @@ missing slots, preprocess with the plans' own preprocessor, predict with :class:
      "routing": {"mr_a": 0.62, "mr_b": 0.37, "ct": 0.01}, "applied": {"mr_a": 1.0, "mr_b": 0.0, "ct": 0.0},
      "slots": ["T1c", "FLAIR"]}
 
+A model grown by ``nnunet-universal extend`` adds ``"extension": {"mode": "with-old-data" | "no-old-data",
+"from_dataset": ..., "new_domains": [...]}`` (the plans' extension block), so a record says when its old-domain heads
+were trained without the old data.
+
 An uncertain case whose runner-up domain annotates other labels (``conflicting``) also gets the runner-up's
 label map, ``uncertain_alternatives/{domain}/{case}{ending}`` (``domain_maps/`` with ``save_domain_maps``),
 named in the record's ``alternative``. ``routing`` holds the gate's weights, ``applied`` the head weights the

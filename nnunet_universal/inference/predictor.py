@@ -208,6 +208,10 @@ class UniversalPredictor(nnUNetPredictor):
         rec["applied"] = {n: round(float(w), 6) for n, w in zip(names, applied, strict=True)}
         if slots is not None:
             rec["slots"] = list(slots)
+        ext = self.plans_manager.plans.get("universal", {}).get("extension")
+        if ext:  # a model grown by 'nnunet-universal extend': how (no-old-data mode is a weaker model of old domains)
+            rec["extension"] = {"mode": ext.get("mode", "with-old-data"), "from_dataset": ext.get("from_dataset"),
+                                "new_domains": ext.get("new_domains", [])}
         return rec
 
     def predict_logits_from_preprocessed_data(self, data: torch.Tensor) -> torch.Tensor:
