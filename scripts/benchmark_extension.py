@@ -323,6 +323,27 @@ def _routing(entry: dict, domain: str) -> str:
     return f"{sum(c['routing'] == domain for c in rows)}/{len(rows)}" if rows else "–"
 
 
+def paired_interval(a: dict, b: dict, domain: str, draws: int = 10000) -> tuple[float, float, float, int] | None:
+    """Mean paired difference of case Dice, run ``a`` minus run ``b``, over ``domain``'s test cases both scored, with
+    a 95 % bootstrap interval over those cases (fixed seed): (mean, lo, hi, cases). One run per model: the interval
+    is the test set's uncertainty, not the run-to-run variance of training."""
+    import numpy as np
+
+    va = {c["case"]: c["mean_dice"] for c in a["cases"] if c["domain"] == domain and c["mean_dice"] is not None}
+    vb = {c["case"]: c["mean_dice"] for c in b["cases"] if c["domain"] == domain and c["mean_dice"] is not None}
+    d = np.array([va[k] - vb[k] for k in sorted(va.keys() & vb.keys())
+                  if not (math.isnan(va[k]) or math.isnan(vb[k]))])
+    if len(d) == 0:
+        return None
+    boot = d[np.random.default_rng(0).integers(0, len(d), (draws, len(d)))].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi), len(d)
+
+
+def _interval(x: tuple[float, float, float, int] | None) -> str:
+    return "–" if x is None else f"{100 * x[0]:+.1f} ({100 * x[1]:+.1f} to {100 * x[2]:+.1f}, {x[3]} cases)"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -383,6 +404,17 @@ def report(results: dict) -> str:
                          + ", ".join(f"{d} {_delta(a, b)}" for d, a, b in forget) + ")")
     lines += ["", "Goals (issue 19: ≤ 30 % of the from-scratch iterations, new domain within 2 Dice points of "
               "from scratch, every old domain within 1 point of its pre-extension Dice):", "", *goals, ""]
+    if before and joint:
+        lines += ["Paired differences per test case (Dice points, 95 % bootstrap interval over the cases; one run per "
+                  "model, so the run-to-run variance of training is not in them):", ""]
+        for name in order:
+            r = runs.get(name)
+            if r is None or name in ("old", "joint"):
+                continue
+            parts = [f"{d} vs before {_interval(paired_interval(r, before, d))}" for d in old_domains]
+            parts.append(f"{new} vs from scratch {_interval(paired_interval(r, joint, new))}")
+            lines.append(f"- {labels[name]}: " + "; ".join(parts))
+        lines.append("")
     if "no_old_data" in runs:
         lines += ["The no-old-data variant trains on the new domain's data only (the old cases never seen by the "
                   "extension; the old model's head outputs on the new scans are the old heads' targets).", ""]
