@@ -67,3 +67,25 @@ def test_overlapping_thresholds_take_the_fewest_errors():
     assert not separable and 2.0 < bias < 3.0  # one error (the own 5.0) beats every other cut
     bias, separable = choose_bias(torch.tensor([0.0, 1.0]), torch.tensor([3.0]))
     assert separable and bias == 2.0
+
+
+def test_row_fit_uses_a_feature_the_bias_cannot():
+    """New-domain samples look like domain 1 except for one feature the old rows give no weight (a new slot's
+    availability): the bias alone cannot separate them, the fitted row does, and domain 1 stays routed to 1."""
+    r, phi, domain = _grown_router(2)
+    phi = phi.clone()
+    phi[domain == 2] = phi[domain == 1] + 0.01 * torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
+    phi = torch.cat([phi, (domain == 2).float()[:, None]], dim=1)  # (24, 17): the new slot's availability
+    r2 = DomainRouter(17, 3)
+    with torch.no_grad():
+        r2.gate.weight.zero_()
+        r2.gate.weight[:, :16] = r.gate.weight
+        r2.gate.bias.copy_(r.gate.bias)
+        r2.log_scale.copy_(r.log_scale)
+    r2.update_prototypes(phi, domain)
+    done = calibrate_new_rows(r2, phi, domain, new_domains=[2], old_domains=[0, 1])
+    assert not done[0].separable
+    assert torch.equal(r2.route(phi, hard=True).argmax(1), domain)
+    assert (done[0].own_right, done[0].others_right) == (8, 18)
+    assert torch.equal(r2.gate.weight[:2], r.gate.weight.new_zeros(2, 17).index_copy(
+        1, torch.arange(16), r.gate.weight[:2]))  # the old rows untouched
