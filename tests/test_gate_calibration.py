@@ -83,8 +83,9 @@ def test_row_fit_uses_a_feature_the_bias_cannot():
         r2.gate.bias.copy_(r.gate.bias)
         r2.log_scale.copy_(r.log_scale)
     r2.update_prototypes(phi, domain)
-    done = calibrate_new_rows(r2, phi, domain, new_domains=[2], old_domains=[0, 1])
-    assert not done[0].separable
+    assert not calibrate_new_rows(r2.__class__(17, 3), phi, domain, [2], [0, 1])  # no prototype: no-op
+    done = calibrate_new_rows(r2, phi, domain, new_domains=[2], old_domains=[0, 1], fit_l2=1e-3)
+    assert not done[0].separable and done[0].fitted and "row then fitted" in done[0].describe(["a", "b", "c"])
     assert torch.equal(r2.route(phi, hard=True).argmax(1), domain)
     assert (done[0].own_right, done[0].others_right) == (8, 18)
     assert torch.equal(r2.gate.weight[:2], r.gate.weight.new_zeros(2, 17).index_copy(

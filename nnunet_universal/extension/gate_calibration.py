@@ -16,9 +16,12 @@ is set in two steps, every other row left as it is:
    their scans, which is all there is in no-old-data mode) wants ``b_n < t_i``. ``b_n`` is the midpoint of the
    gap between the two sets when they separate, else the threshold with the fewest errors (each set's error rate
    weighted equally; ties to the middle);
-2. **row**: from there, ``(W_n, b_n)`` minimize the gate loss's cross-entropy of the routing log-weights on the
-   same samples (each domain's samples weighted equally), plus ``l2 ||W_n - W_n^0||^2`` to stay near the start
-   (L-BFGS, a few dozen iterations on a few dozen samples: milliseconds).
+2. **row** (optional, ``fit_l2``; the trainers' ``gate_row_fit_l2``, off by default): from there, ``(W_n, b_n)``
+   minimize the gate loss's cross-entropy of the routing log-weights on the same samples (each domain's samples
+   weighted equally), plus ``l2 ||W_n - W_n^0||^2`` to stay near the start (L-BFGS, a few dozen iterations on a
+   few dozen samples: milliseconds). Off by default: with ``l2 = 1e-3`` it separated the first samples but
+   generalized badly (``scripts/benchmark_extension.py`` at 4a89630: the new-parts extension, whose old rows and
+   similarity scale stay frozen, ended up routing every old-domain test case to the new domain).
 
 The gate loss then trains the row as before.
 """
@@ -46,11 +49,13 @@ class Calibration:
     others_right: int
     others_total: int
     separable: bool
+    fitted: bool = False
 
     def describe(self, names: list[str]) -> str:
         how = "separable by the bias alone" if self.separable else "not separable by the bias alone"
+        fit = "; row then fitted to the routing loss" if self.fitted else ""
         return (f"gate row of new domain {names[self.domain]}: bias {self.bias_before:.2f} -> {self.bias_after:.2f} "
-                f"({how}; row then fitted to the routing loss); routes {self.own_right}/{self.own_total} of its "
+                f"({how}{fit}); routes {self.own_right}/{self.own_total} of its "
                 f"samples and {self.others_right}/{self.others_total} other samples and old prototypes correctly")
 
 
@@ -122,10 +127,10 @@ def fit_row(router: DomainRouter, phi: Tensor, domain: Tensor, n: int, l2: float
 
 @torch.no_grad()
 def calibrate_new_rows(router: DomainRouter, phi: Tensor, domain: Tensor, new_domains: list[int],
-                       old_domains: list[int]) -> list[Calibration]:
+                       old_domains: list[int], fit_l2: float | None = None) -> list[Calibration]:
     """Set the gate bias of every new domain with samples in ``phi`` (N, F) / ``domain`` (N,) and an initialized
-    prototype (module docstring); returns what was done per domain. The old domains' initialized prototypes are
-    added as samples of their domains."""
+    prototype (module docstring, step 1), then with ``fit_l2`` also fit its row (step 2, that L2 weight); returns
+    what was done per domain. The old domains' initialized prototypes are added as samples of their domains."""
     phi, domain = phi.detach().float(), domain.detach().long().to(phi.device)
     protos = [d for d in old_domains if bool(router.prototype_initialized[d])]
     if protos:
@@ -141,8 +146,9 @@ def calibrate_new_rows(router: DomainRouter, phi: Tensor, domain: Tensor, new_do
         bias, separable = choose_bias(t[mine], t[~mine])
         before = float(router.gate.bias[n])
         router.gate.bias[n] = bias
-        fit_row(router, phi, domain, n)
+        if fit_l2 is not None:
+            fit_row(router, phi, domain, n, l2=fit_l2)
         routed = router.route(phi, hard=True).argmax(1) == n
         done.append(Calibration(n, before, float(router.gate.bias[n]), int(routed[mine].sum()), int(mine.sum()),
-                                int((~routed[~mine]).sum()), int((~mine).sum()), separable))
+                                int((~routed[~mine]).sum()), int((~mine).sum()), separable, fit_l2 is not None))
     return done

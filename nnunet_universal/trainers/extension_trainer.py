@@ -138,6 +138,9 @@ class UniversalTrainer_Extend(UniversalTrainer):
     # ---- gate calibration (extension/gate_calibration.py) ------------------------------------------------
     #: calibrate a new domain's gate row once this many of its training samples were seen (else at epoch end)
     gate_calibration_samples: ClassVar[int] = 8
+    #: after the bias, also fit the row to the routing loss with this L2 weight (None: bias only; see
+    #: extension/gate_calibration.py for why it is off)
+    gate_row_fit_l2: ClassVar[float | None] = None
 
     def _start_gate_calibration(self, net: torch.nn.Module) -> None:
         """Collect the gate's inputs of the first training steps for the new domains' rows (fresh runs only: a run
@@ -184,7 +187,7 @@ class UniversalTrainer_Extend(UniversalTrainer):
         done = []
         if self._gate_phi:
             done = calibrate_new_rows(router, torch.cat(self._gate_phi), torch.cat(self._gate_domain),
-                                      self._calibrate, old)
+                                      self._calibrate, old, fit_l2=self.gate_row_fit_l2)
         for c in done:
             self.print_to_log_file(c.describe(self.domain_names))
         if self.is_ddp:
