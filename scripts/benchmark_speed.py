@@ -327,7 +327,7 @@ def to_markdown(res: dict) -> str:
              f"arm, arms alternating. Times: fastest (median) run; the ratio uses the fastest runs, the least "
              f"disturbed by other processes on a shared machine (median ratio in brackets). "
              f"Inference case: {_case_text(res)}. "
-             f"Command: `{res['command']}` ({res['wall_s'] / 60:.1f} min).", "",
+             f"Command: `{res['command']}` ({res['wall_s'] / 60:.1f} min), commit {res.get('commit', 'unknown')}.", "",
              "| | nnUNetTrainer | UniversalTrainer | ratio | goal |", "|---|---|---|---|---|",
              f"| parameters | {s['train']['n_params']:,} | {u['train']['n_params']:,} | "
              f"{u['train']['n_params'] / s['train']['n_params']:.2f}x | |",
@@ -392,6 +392,10 @@ def main() -> int:
         return 0
 
     t0 = time.perf_counter()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_accuracy import git_commit
+
+    commit = git_commit()  # the code measured: the checkout at the start (-dirty with uncommitted package changes)
     prepare(args.work, args.cases, tuple(args.shape) if args.shape else None)
     make_batch(args.work, args.device)
     runs = []
@@ -409,7 +413,8 @@ def main() -> int:
                 _run_worker(args, arm, what, args.out / f"speed_{args.device}_profile_{arm}.txt")
     import torch
 
-    res = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    res = {"commit": commit,
+           "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
            + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
            "device": args.device, "threads": args.threads, "torch": torch.__version__,
            "command": " ".join(["python", "scripts/benchmark_speed.py", *sys.argv[1:]]),
