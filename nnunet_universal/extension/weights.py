@@ -7,7 +7,10 @@ initialized so that the old model's function is unchanged at step 0 for old-doma
 * first convolution ``(F0, C, *k)``: a column per slot; a new slot's columns are **zero** (for old-domain inputs
   the new slot is missing, i.e. zero, anyway; zero weights also keep new-domain inputs from starting with noise);
 * heads ``heads.heads.{s}`` ``(sum_d (1 + K_d), F_s, 1..)``: old channels moved to their new place; a new
-  domain's channels keep the fresh He init of the new network; a new class of an old domain copies that domain's
+  domain's channels start as the old domain's whose class names overlap most (background from its background,
+  each class from the class of the same name; e.g. a new metastasis dataset's ET from an old one's ET), the rest
+  keep the fresh He init of the new network (a new domain's routing weight starts below ``exp(-offset)``, so this
+  does not change the old model's function at step 0); a new class of an old domain copies that domain's
   background row with its bias lowered by ``offset`` (its logit is the background's minus ``offset``, so the
   domain's softmax changes by at most ``exp(-offset)``);
 * gate ``router.gate`` ``(D, F)``: the gate's embedding phi ends in the slot-availability vector (one entry per
@@ -51,6 +54,7 @@ class GrowthMap:
     domains: list[int]  # old domain d -> new domain index
     head_channels: list[int]  # old head channel -> new head channel
     new_class_channels: dict[int, int]  # new head channel of a new class of an old domain -> that domain's bg channel
+    borrowed_channels: dict[int, int]  # new domain's head channel -> old head channel it starts from (class names)
     num_slots: tuple[int, int]
     num_domains: tuple[int, int]
     num_head_channels: tuple[int, int]
@@ -77,8 +81,34 @@ class GrowthMap:
                 if c not in old.domains[d].labels:
                     new_class[offsets[d] + 1 + names_new.index(c)] = offsets[d]
             old_total += 1 + len(old.domains[d].labels)
-        return cls(slots, domains, head, new_class, (len(old.slots), len(new.slots)),
+        borrowed = _borrowed_head_channels(old, new, offsets)
+        return cls(slots, domains, head, new_class, borrowed, (len(old.slots), len(new.slots)),
                    (len(old.domains), len(new.domains)), (old_total, start))
+
+
+def _borrowed_head_channels(old: UniversalMeta, new: UniversalMeta, offsets: dict[str, int]) -> dict[int, int]:
+    """For each new domain, the old domain whose class names overlap most (Jaccard; ties: the first) lends its
+    head: new background <- its background, each class of the same name <- its channel. {new ch: old ch}."""
+    old_offsets, start = {}, 0
+    for d in old.domain_names:
+        old_offsets[d] = start
+        start += 1 + len(old.domains[d].labels)
+    out: dict[int, int] = {}
+    for n in new.domain_names:
+        if n in old.domains:
+            continue
+        names = set(new.domains[n].labels)
+        score = {d: len(names & set(old.domains[d].labels)) / len(names | set(old.domains[d].labels))
+                 for d in old.domain_names}
+        src = max(old.domain_names, key=lambda d: score[d]) if score else None
+        if src is None or score[src] == 0:
+            continue
+        out[offsets[n]] = old_offsets[src]
+        src_names = list(old.domains[src].labels)
+        for k, c in enumerate(new.domains[n].labels):
+            if c in old.domains[src].labels:
+                out[offsets[n] + 1 + k] = old_offsets[src] + 1 + src_names.index(c)
+    return out
 
 
 def _first_conv_keys(net: nn.Module) -> set[str]:
@@ -127,9 +157,11 @@ def grow_state_dict(old_sd: dict[str, Tensor], new_net: nn.Module, old_meta: Uni
             t = _scatter(target, src, 0, g.head_channels)
             for ch, bg in g.new_class_channels.items():
                 t[ch] = t[bg] - (offset if key.endswith(".bias") else 0.0)
+            for ch, old_ch in g.borrowed_channels.items():
+                t[ch] = src[old_ch].to(t.dtype)
             out[key] = t
-            done[key] = "old heads' channels moved; new domains' heads fresh; new classes of old domains start " \
-                        f"{offset} below background"
+            done[key] = "old heads' channels moved; new domains' heads from the old domain with the most classes of " \
+                        f"the same name, else fresh; new classes of old domains start {offset} below background"
         elif key == "router.gate.weight":  # (D, F): phi ends in the availability vector (slots)
             prefix = src.shape[1] - s_old
             if target.shape[1] - s_new != prefix:
