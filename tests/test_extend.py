@@ -159,7 +159,7 @@ def extended(tmp_path_factory):
     pre = dirs["nnUNet_preprocessed"] / new_raw.name
     init = next(pre.glob("extension_init_*.pth"))
     assert f"-pretrained_weights {init}" in proc.stdout
-    assert "-tr UniversalTrainer_ExtendNewParts" in proc.stdout
+    assert "-tr UniversalTrainer_ExtendNewParts -p" in proc.stdout  # the default: the best measured
     return {"root": root, "dirs": dirs, "env": env, "train_env": train_env, "old_raw": old_raw,
             "old_model": old_model, "new_raw": new_raw, "pre": pre, "init": init, "extend_stdout": proc.stdout}
 
