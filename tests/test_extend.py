@@ -142,8 +142,9 @@ def extended(tmp_path_factory):
     base = {k: v for k, v in os.environ.items() if k != "nnUNet_extTrainer"}
     env = {**base, **{k: str(v) for k, v in dirs.items()}, "OMP_NUM_THREADS": "1", "nnUNet_def_n_proc": "1",
            "nnUNet_compile": "f", SAMPLES_ENV: "20000"}
+    # seeded: three-step trainings decide routing assertions (one of four unseeded runs routed a case otherwise)
     train_env = {**env, "nnUNet_extTrainer": ext_trainer_value(""), "nnUNet_n_proc_DA": "0", SCHEDULE_ENV: SCHEDULE,
-                 "NNUNET_UNIVERSAL_VAL_MIRRORING": "0"}
+                 "NNUNET_UNIVERSAL_VAL_MIRRORING": "0", "NNUNET_UNIVERSAL_SEED": "0"}
     _run([_bin("nnunet-universal"), "plan", "-d", str(OLD_ID), "-c", "3d_fullres", "-np", "1"], env)
     plans_file = dirs["nnUNet_preprocessed"] / old_raw.name / f"{PLANS_NAME}.json"
     plans = json.loads(plans_file.read_text())
