@@ -392,8 +392,7 @@ def main() -> int:
         return 0
 
     t0 = time.perf_counter()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from benchmark_accuracy import git_commit
+    from benchmark_accuracy import git_commit  # a sibling script (this script's folder is on sys.path)
 
     commit = git_commit()  # the code measured: the checkout at the start (-dirty with uncommitted package changes)
     prepare(args.work, args.cases, tuple(args.shape) if args.shape else None)

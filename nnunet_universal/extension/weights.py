@@ -66,11 +66,8 @@ class GrowthMap:
             raise ValueError(f"the extended model drops {missing} of the old model; extensions only add")
         slots = [new.slots.index(s) for s in old.slots]
         domains = [new.domain_names.index(d) for d in old.domain_names]
-        offsets, start = {}, 0
-        for d in new.domain_names:
-            offsets[d] = start
-            start += 1 + len(new.domains[d].labels)
-        head, new_class, old_total = [], {}, 0
+        offsets, start = _head_offsets(new)
+        head, new_class = [], {}
         for d in old.domain_names:
             names_new = list(new.domains[d].labels)
             if [new.domains[d].labels[c] for c in old.domains[d].labels] != list(old.domains[d].labels.values()):
@@ -80,19 +77,25 @@ class GrowthMap:
             for c in names_new:
                 if c not in old.domains[d].labels:
                     new_class[offsets[d] + 1 + names_new.index(c)] = offsets[d]
-            old_total += 1 + len(old.domains[d].labels)
         borrowed = _borrowed_head_channels(old, new, offsets)
         return cls(slots, domains, head, new_class, borrowed, (len(old.slots), len(new.slots)),
-                   (len(old.domains), len(new.domains)), (old_total, start))
+                   (len(old.domains), len(new.domains)), (_head_offsets(old)[1], start))
+
+
+def _head_offsets(meta: UniversalMeta) -> tuple[dict[str, int], int]:
+    """Each domain's first head channel (its background; the heads' layout: per domain 1 + K_d channels, in
+    domain order) and the total number of head channels."""
+    offsets, start = {}, 0
+    for d in meta.domain_names:
+        offsets[d] = start
+        start += 1 + len(meta.domains[d].labels)
+    return offsets, start
 
 
 def _borrowed_head_channels(old: UniversalMeta, new: UniversalMeta, offsets: dict[str, int]) -> dict[int, int]:
     """For each new domain, the old domain whose class names overlap most (Jaccard; ties: the first) lends its
     head: new background <- its background, each class of the same name <- its channel. {new ch: old ch}."""
-    old_offsets, start = {}, 0
-    for d in old.domain_names:
-        old_offsets[d] = start
-        start += 1 + len(old.domains[d].labels)
+    old_offsets = _head_offsets(old)[0]
     out: dict[int, int] = {}
     for n in new.domain_names:
         if n in old.domains:

@@ -74,7 +74,7 @@ def _as3(stat: Tensor, batch: int) -> Tensor:
 def _to_basis(grad: Tensor, basis_t: Tensor) -> Tensor:
     """Gradient of monomial coefficients (C, J+1) -> of basis coefficients: ``grad @ M.T``, in the gradient's dtype
     (the forward's product ran in the caller's autocast dtype, as autograd's backward of it would)."""
-    return grad.mm(basis_t if basis_t.dtype == grad.dtype else basis_t.to(grad.dtype))
+    return grad.mm(_as_dtype(basis_t, grad.dtype))
 
 
 def _stat3(stat: Tensor, cd: torch.dtype) -> Tensor:
@@ -327,7 +327,7 @@ class HarmonyRestoreFunction(torch.autograd.Function):
         """(w + eps, b, gamma, delta, mix) for the C++ kernels: per channel as they are ((C,), (C, K)); the kernels
         read them flat, so no (C, 1) views are made (host time per layer)."""
         f32 = torch.float32
-        w = weight if weight.dtype == f32 else weight.to(f32)
+        w = _as_dtype(weight, f32)
         return (w + eps if eps else w, bias, gamma if gamma is not None and delta is not None else None,
                 delta if gamma is not None and delta is not None else None, mix)
 

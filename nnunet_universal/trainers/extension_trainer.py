@@ -125,7 +125,6 @@ class UniversalTrainer_Extend(UniversalTrainer):
                                         net.router.prototype_initialized[rows].clone())
 
     def train_step(self, batch: dict) -> dict:
-        self._step_phi = None
         out = super().train_step(batch)
         if self._prototype_snapshot is not None:  # old domains' prototypes stay the old model's
             rows, protos, init = self._prototype_snapshot
