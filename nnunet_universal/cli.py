@@ -101,8 +101,12 @@ def _cmd_extend(a: argparse.Namespace) -> int:
 
     out = extend_model(Path(a.model), a.datasets, a.dataset_id, a.name, holdout=a.holdout, fold=a.fold,
                        checkpoint=a.checkpoint, num_processes=a.num_processes, no_old_data=a.no_old_data)
-    mode = ("NO-OLD-DATA mode: only the new data; the old domains are kept by distillation from the old model\n"
-            if a.no_old_data else "")
+    mode = ("NO-OLD-DATA mode: only the new data; the old parts stay frozen (old domains' outputs unchanged) and a "
+            "scan is routed to a new domain only with that domain's new sequence(s)\n" if a.no_old_data else "")
+    for d in out.get("no_new_slot", []):
+        mode += (f"WARNING: new domain {d} brings no sequence the old model lacks: without the old data its gate row "
+                 "is set from the old domains' prototypes alone, which is not reliable (measured); extend with the "
+                 "old data, or predict old-domain scans with --domain\n")
     print(f"{mode}wrote {out['raw']}, plans {out['plans']} (preprocessed) and the initial checkpoint {out['init']}\n"
           f"train the extension with (25 % of nnU-Net's epochs; -pretrained_weights is optional, the trainer starts "
           f"from that checkpoint):\n  {out['train']}\n"
@@ -311,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-np", "--num-processes", type=int, default=2)
     s.add_argument("--no-old-data", action="store_true",
                    help="the old training data are not available: the extended dataset holds only the new data, "
-                        "trained with -tr UniversalTrainer_ExtendNoOldData (the old model's predictions on the new "
-                        "scans are soft targets for the old heads); the mode is recorded in the dataset's provenance "
-                        "and the model's plans")
+                        "trained with -tr UniversalTrainer_ExtendNoOldData (only the new parts train, the old "
+                        "domains' outputs stay the old model's; the gate sends a scan to a new domain only with its "
+                        "new sequence(s)); the mode is recorded in the dataset's provenance and the model's plans")
     s.set_defaults(func=_cmd_extend)
 
     s = add("plan", "fingerprint, plan and preprocess a merged dataset (plans: nnUNetUniversalPlans)",

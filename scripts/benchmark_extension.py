@@ -16,7 +16,8 @@ BrainMetShare-like), through the commands a user runs, each as a subprocess:
 3. ``nnunet-universal extend -m OLD brainmetshare`` (and ``--no-old-data``), then ``nnunet-universal train`` of each
    extension variant for ``EXT_FRACTION`` of the from-scratch epochs (at most 30 %): ``full``
    (UniversalTrainer_Extend), ``new_parts`` (UniversalTrainer_ExtendNewParts), ``no_old_data``
-   (UniversalTrainer_ExtendNoOldData on the new data only); ``new_parts_harmony``
+   (UniversalTrainer_ExtendNoOldData: the new parts on the new data only), ``no_old_data_all``
+   (UniversalTrainer_ExtendNoOldDataAll: everything, distillation); ``new_parts_harmony``
    (UniversalTrainer_ExtendNewPartsHarmony) with ``--variants``;
 4. ``nnunet-universal predict`` (dataset-free) of every model on the held-out test cases of the domains it knows
    (images linked by slot name into each model's channel numbering) and ``nnunet-universal evaluate``.
@@ -80,9 +81,11 @@ VARIANTS = {v.name: v for v in (
     Variant("new_parts_harmony", "UniversalTrainer_ExtendNewPartsHarmony", EXT_ID,
             "extension, new parts + U-Harmony parameters"),
     Variant("no_old_data", "UniversalTrainer_ExtendNoOldData", NOOLD_ID,
-            "extension WITHOUT the old data (distillation from the old model)"),
+            "extension WITHOUT the old data, only the new parts (new-slot gate prior)"),
+    Variant("no_old_data_all", "UniversalTrainer_ExtendNoOldDataAll", NOOLD_ID,
+            "extension WITHOUT the old data, everything trained (distillation from the old model)"),
 )}
-DEFAULT_VARIANTS = ("full", "new_parts", "no_old_data")
+DEFAULT_VARIANTS = ("full", "new_parts", "no_old_data", "no_old_data_all")
 
 
 def extension_epochs(epochs: int) -> int:
@@ -367,7 +370,7 @@ def report(results: dict) -> str:
              f"its held-out test cases ({cfg['holdout']} per domain) of the case's mean Dice over its classes, "
              f"dataset-free (routing by the gate). {cfg['threads']} thread(s), {cfg['device']}. "
              f"Commits: {', '.join(commits)}.", ""]
-    head = ["model", "iterations (% of scratch)", "train wall s",
+    head = ["model", "iterations (% of scratch)", "train wall s", "trained at",
             *[f"{d} Dice (Δ vs before)" for d in old_domains], f"{new} Dice (Δ vs scratch)", "routing (test cases)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = ["old", "joint", *[v for v in VARIANTS if v in runs]]
@@ -381,7 +384,8 @@ def report(results: dict) -> str:
         ext = name not in ("old", "joint")
         it = r["iterations"][-1] if r["iterations"] else 0
         cells = [labels[name], f"{it} ({100 * it / scratch_iters:.0f} %)" + (" + old model's" if ext else ""),
-                 f"{r['train_wall_s'][-1]:.0f}" if r["train_wall_s"] else "–"]
+                 f"{r['train_wall_s'][-1]:.0f}" if r["train_wall_s"] else "–",
+                 ", ".join(c[:7] for c in r["train_commit"].split(","))]
         for d in old_domains:
             v = _domain_dice(r, d)
             ref = _domain_dice(before, d) if before and name != "old" else None
@@ -415,9 +419,11 @@ def report(results: dict) -> str:
             parts.append(f"{new} vs from scratch {_interval(paired_interval(r, joint, new))}")
             lines.append(f"- {labels[name]}: " + "; ".join(parts))
         lines.append("")
-    if "no_old_data" in runs:
-        lines += ["The no-old-data variant trains on the new domain's data only (the old cases never seen by the "
-                  "extension; the old model's head outputs on the new scans are the old heads' targets).", ""]
+    if any(name.startswith("no_old_data") for name in runs):
+        lines += ["The no-old-data variants train on the new domain's data only (the old cases are never seen by the "
+                  "extension); their gate sends a scan to the new domain only when its new slot is present. The one "
+                  "training everything has the old model's head outputs on the new scans as the old heads' "
+                  "targets.", ""]
     return "\n".join(lines)
 
 

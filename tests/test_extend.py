@@ -470,8 +470,9 @@ def test_new_parts_extension_predicts_old_domains_as_before(extended):
 
 def test_no_old_data_extension(extended):
     """``extend --no-old-data``: only the new data (the old raw dataset is not read), the mode recorded in the
-    dataset, plans and model; ``UniversalTrainer_ExtendNoOldData`` distils the old heads; predict runs on every
-    domain."""
+    dataset, plans and model. The default ``UniversalTrainer_ExtendNoOldData`` trains only the new parts with the
+    new-slot prior on the gate: every old-domain scan keeps the old model's domain, the new domain's scan is routed
+    to it; ``UniversalTrainer_ExtendNoOldDataAll`` distils the old heads; predict runs on every domain."""
     env = extended["env"]
     old_raw = extended["old_raw"]
     hidden = old_raw.with_name(old_raw.name + "_away")
@@ -481,7 +482,8 @@ def test_no_old_data_extension(extended):
                      str(NOOLD_ID), "-n", "ExtNoOld", "--holdout", "1", "-np", "1", "--no-old-data"], env)
     finally:
         hidden.rename(old_raw)
-    assert "NO-OLD-DATA" in proc.stdout and "-tr UniversalTrainer_ExtendNoOldData" in proc.stdout
+    assert "NO-OLD-DATA" in proc.stdout and "-tr UniversalTrainer_ExtendNoOldData " in proc.stdout
+    assert "-tr UniversalTrainer_ExtendNoOldDataAll" in proc.stdout and "WARNING" not in proc.stdout
     raw = extended["dirs"]["nnUNet_raw"] / f"Dataset{NOOLD_ID}_ExtNoOld"
     dj = json.loads((raw / "dataset.json").read_text())
     uni = dj["universal"]
@@ -496,25 +498,34 @@ def test_no_old_data_extension(extended):
     assert nc["normalization_schemes"] == [*oc["normalization_schemes"], "CTNormalization"]
     assert plans["foreground_intensity_properties_per_channel"]["0"] == \
         old_plans["foreground_intensity_properties_per_channel"]["0"]
-    _run([_bin("nnUNetv2_train"), str(NOOLD_ID), "3d_fullres", "0", "-tr", "UniversalTrainer_ExtendNoOldData",
-          "-p", PLANS_NAME, "-device", "cpu"], extended["train_env"])
-    model = (extended["dirs"]["nnUNet_results"] / raw.name
-             / f"UniversalTrainer_ExtendNoOldData__{PLANS_NAME}__3d_fullres")
-    log = next((model / "fold_0").glob("training_log_*.txt")).read_text()
-    assert "no-old-data mode" in log and "soft targets" in log
-    assert json.loads((model / "plans.json").read_text())["universal"]["extension"]["mode"] == "no-old-data"
-    inputs, cases = _old_domain_inputs(extended, extended["root"])
+    root = extended["root"]
+    inputs, cases = _old_domain_inputs(extended, root)
     ct_case = next(c for c, i in uni["cases"].items() if i["split"] == "test")
     ct_slot = uni["slots"].index("CT")
-    shutil.copy(raw / "imagesTs" / f"{ct_case}_{ct_slot:04d}.nii.gz", inputs.parent / "noold_ct_0004.nii.gz")
-    out = extended["root"] / "pred_no_old"
-    _run([_bin("nnunet-universal"), "predict", "-m", str(model), "-i", str(inputs), "-o", str(out), "-device", "cpu",
-          "--disable-tta"], env)
-    ct_file = inputs.parent / "noold_ct_0004.nii.gz"
-    _run([_bin("nnunet-universal"), "predict", "-m", str(model), "--image", f"CT={ct_file}", "--case-id", "ct_case",
-          "-o", str(out), "-device", "cpu", "--disable-tta"], env)
-    for case in [*cases, "ct_case"]:
-        rec = json.loads((out / f"{case}.routing.json").read_text())
-        assert list(rec["routing"]) == ["mr_a", "mr_b", "ct"]
-        assert rec["extension"] == {"mode": "no-old-data", "from_dataset": extended["old_raw"].name,
-                                    "new_domains": ["ct"]}
+    ct_file = root / "noold_ct_0004.nii.gz"
+    shutil.copy(raw / "imagesTs" / f"{ct_case}_{ct_slot:04d}.nii.gz", ct_file)
+    out_old = root / "pred_noold_old_model"
+    _run([_bin("nnunet-universal"), "predict", "-m", str(extended["old_model"]), "-i",
+          str(_old_model_inputs(extended, root, cases)), "-o", str(out_old), "-device", "cpu", "--disable-tta"], env)
+    for trainer, log_says in (("UniversalTrainer_ExtendNoOldData", ["trainable=new", "new-slot prior: +10 nats"]),
+                              ("UniversalTrainer_ExtendNoOldDataAll", ["no-old-data mode", "soft targets",
+                                                                       "new-slot prior: +10 nats"])):
+        _run([_bin("nnUNetv2_train"), str(NOOLD_ID), "3d_fullres", "0", "-tr", trainer, "-p", PLANS_NAME,
+              "-device", "cpu"], extended["train_env"])
+        model = extended["dirs"]["nnUNet_results"] / raw.name / f"{trainer}__{PLANS_NAME}__3d_fullres"
+        log = next((model / "fold_0").glob("training_log_*.txt")).read_text()
+        assert all(s in log for s in log_says), (trainer, log)
+        assert json.loads((model / "plans.json").read_text())["universal"]["extension"]["mode"] == "no-old-data"
+        out = root / f"pred_{trainer}"
+        _run([_bin("nnunet-universal"), "predict", "-m", str(model), "-i", str(inputs), "-o", str(out), "-device",
+              "cpu", "--disable-tta"], env)
+        _run([_bin("nnunet-universal"), "predict", "-m", str(model), "--image", f"CT={ct_file}", "--case-id",
+              "ct_case", "-o", str(out), "-device", "cpu", "--disable-tta"], env)
+        for case in [*cases, "ct_case"]:
+            rec = json.loads((out / f"{case}.routing.json").read_text())
+            assert list(rec["routing"]) == ["mr_a", "mr_b", "ct"]
+            assert rec["extension"] == {"mode": "no-old-data", "from_dataset": extended["old_raw"].name,
+                                        "new_domains": ["ct"]}
+            expect = "ct" if case == "ct_case" else \
+                json.loads((out_old / f"{case}.routing.json").read_text())["inferred_domain"]
+            assert rec["inferred_domain"] == expect, (trainer, case, rec)

@@ -93,3 +93,57 @@ def test_row_fit_uses_a_feature_the_bias_cannot():
     assert (done[0].own_right, done[0].others_right) == (8, 18)
     assert torch.equal(r2.gate.weight[:2], r.gate.weight.new_zeros(2, 17).index_copy(
         1, torch.arange(16), r.gate.weight[:2]))  # the old rows untouched
+
+
+def _no_old_data_case() -> tuple[DomainRouter, torch.Tensor, torch.Tensor]:
+    """Domain 2 (new, with a new slot) looks like domain 1 in every other feature; old samples scatter widely around
+    their prototypes. Returns a grown router (17 features, the last one the new slot's availability, zero weight in
+    every row), the samples (24, 17) and their domains; calibration sees only domain 2's samples and the
+    prototypes, as in no-old-data mode."""
+    r, phi, domain = _grown_router(5)
+    g = torch.Generator().manual_seed(6)
+    phi = phi.clone()
+    phi[domain == 2] = phi[domain == 1] + 0.3 * torch.randn(8, 16, generator=g)
+    phi[domain != 2] += 1.5 * torch.randn(16, 16, generator=g)  # old scans far from their prototypes
+    phi = torch.cat([phi, (domain == 2).float()[:, None]], dim=1)
+    torch.manual_seed(7)
+    r2 = DomainRouter(17, 3)
+    with torch.no_grad():
+        r2.gate.weight.zero_()
+        r2.gate.weight[:, :16] = r.gate.weight
+        r2.gate.bias.copy_(r.gate.bias)
+        r2.log_scale.copy_(r.log_scale)
+    with torch.no_grad():  # old prototypes: the old model's (before the scatter); the new one from its samples
+        for d in range(2):
+            r2.prototypes[d] = torch.cat([r.prototypes[d], torch.zeros(1)])
+        r2.prototypes[2] = phi[domain == 2].mean(0)
+        r2.prototype_initialized[:] = True
+    return r2, phi, domain
+
+
+def test_new_slot_prior_keeps_old_scans_routed_without_old_data():
+    """No-old-data mode: with only the new samples and the old prototypes, the new slot's availability (0 for every
+    old-domain scan) carries the decision; the old rows are untouched; a new-domain scan without its new slot is
+    no longer routed to it (the stated price)."""
+    r, phi, domain = _no_old_data_case()
+    mine = domain == 2
+    old_rows = r.gate.weight[:2].detach().clone()
+    before = r.route(phi[~mine], hard=True).argmax(1)  # the old model's decisions (some 0/1 mix-ups: its own)
+    assert not bool((before == 2).any())
+    done = calibrate_new_rows(r, phi[mine], domain[mine], [2], [0, 1], slot_prior={2: [16]}, margin=10.0)
+    assert done[0].slot_margin == 10.0 and "new-slot prior: +10 nats" in done[0].describe(["a", "b", "c"])
+    assert float(r.gate.weight.detach()[2, 16]) == 10.0 and torch.equal(r.gate.weight[:2], old_rows)
+    assert torch.equal(r.route(phi[~mine], hard=True).argmax(1), before)  # every old scan: the same domain as before
+    assert bool((r.route(phi[mine], hard=True).argmax(1) == 2).all())
+    hidden = phi[mine].clone()
+    hidden[:, 16] = 0.0
+    assert not bool((r.route(hidden, hard=True).argmax(1) == 2).any())
+
+
+def test_without_the_prior_prototypes_alone_misroute_old_scans():
+    """The same data without the prior: the bias between the new samples and the prototypes sends old scans that lie
+    off their prototype to the new domain (why the prior exists)."""
+    r, phi, domain = _no_old_data_case()
+    mine = domain == 2
+    calibrate_new_rows(r, phi[mine], domain[mine], [2], [0, 1])
+    assert bool((r.route(phi[~mine], hard=True).argmax(1) == 2).any())

@@ -19,8 +19,10 @@ trains everything or only the new parts); the old domains' cases are in the exte
 sampler replays them (p(domain) ∝ n^0.5, as in any universal training).
 
 No-old-data mode (``no_old_data``): the extended dataset holds only the new data (the old one need not be in
-$nnUNet_raw); ``UniversalTrainer_ExtendNoOldData`` keeps the old domains through distillation from the old
-model. The mode is written into the dataset's provenance, the plans' extension block (copied into the model
+$nnUNet_raw); ``UniversalTrainer_ExtendNoOldData`` trains only the new parts (the old domains keep the old model's
+function) and routes a scan to a new domain only when that domain's new slots are present (the new-slot prior of
+``extension/gate_calibration.py``); ``UniversalTrainer_ExtendNoOldDataAll`` trains everything with distillation
+from the old model. The mode is written into the dataset's provenance, the plans' extension block (copied into the model
 folder) and ``extension.json``.
 """
 
@@ -98,7 +100,8 @@ def _network(trainer_cls: type, plans: dict, dataset_json: dict, configuration: 
 #: extension trainers by what they train (``trainers/extension_trainer.py``)
 EXTENSION_TRAINERS = {"all": "UniversalTrainer_Extend", "new": "UniversalTrainer_ExtendNewParts",
                       "new+harmony": "UniversalTrainer_ExtendNewPartsHarmony",
-                      "no-old-data": "UniversalTrainer_ExtendNoOldData"}
+                      "no-old-data": "UniversalTrainer_ExtendNoOldData",
+                      "no-old-data, everything (distillation)": "UniversalTrainer_ExtendNoOldDataAll"}
 
 
 def extend_model(model_dir: Path, new_datasets: list[str], dataset_id: int, name: str, holdout: int = 0,
@@ -108,7 +111,8 @@ def extend_model(model_dir: Path, new_datasets: list[str], dataset_id: int, name
 
     ``no_old_data``: the extended dataset holds only the new data (module docstring).
     Returns ``{"raw": folder, "plans": file, "init": checkpoint, "train": the nnUNetv2_train command line,
-    "trainers": {what is trained: trainer}}``.
+    "trainers": {what is trained: trainer}, "mode": ..., "no_new_slot": new domains without a new slot (no-old-data
+    mode: their gate row has no prior)}``.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprint_dataset, preprocess_dataset
     from nnunetv2.paths import nnUNet_preprocessed
@@ -192,13 +196,11 @@ def extend_model(model_dir: Path, new_datasets: list[str], dataset_id: int, name
                               "dataset_json": new_dj, "device": "cpu"},
                 "extension": {**extension, "offset": offset, "grown": grown}}, tmp)
     tmp.replace(init)
-    trainers = {k: v for k, v in EXTENSION_TRAINERS.items() if (k == "no-old-data") == no_old_data}
-    if no_old_data:
-        trainers["new"] = EXTENSION_TRAINERS["new"]  # frozen old parts need no old data either
-    # with the old data: only the new parts, the best measured (scripts/benchmark_extension.py: new domain within
-    # 1 point of from scratch at 27 % of its iterations, old domains unchanged); without: distillation (new parts
-    # only was not measured in that mode)
+    trainers = {k: v for k, v in EXTENSION_TRAINERS.items() if k.startswith("no-old-data") == no_old_data}
+    # only the new parts, with or without the old data: the best measured (scripts/benchmark_extension.py)
     default = trainers["no-old-data" if no_old_data else "new"]
+    no_new_slot = [d for d in extension["new_domains"]
+                   if not set(meta.domains[d].slots) - set(old_meta.slots)] if no_old_data else []
     command = (f"nnUNetv2_train {dataset_id} {configuration} FOLD -tr {default} -p {plans_name} "
                f"-pretrained_weights {init}")
     atomic_write_json({**{k: v for k, v in extension.items() if k != "old_universal"}, "offset": offset,
@@ -206,4 +208,5 @@ def extend_model(model_dir: Path, new_datasets: list[str], dataset_id: int, name
                        "train": command, "trainers": trainers,
                        "slots": meta.slots, "domains": {d: asdict(v) for d, v in meta.domains.items()}},
                       out_dir / "extension.json")
-    return {"raw": root, "plans": plans_file, "init": init, "train": command, "trainers": trainers, "mode": mode}
+    return {"raw": root, "plans": plans_file, "init": init, "train": command, "trainers": trainers, "mode": mode,
+            "no_new_slot": no_new_slot}

@@ -23,6 +23,16 @@ is set in two steps, every other row left as it is:
    generalized badly (``scripts/benchmark_extension.py`` at 4a89630: the new-parts extension, whose old rows and
    similarity scale stay frozen, ended up routing every old-domain test case to the new domain).
 
+**No-old-data mode** (``slot_prior``): the only stand-ins for old-domain scans are the old domains' prototypes,
+a handful of means, and a bias set between them and the new samples routed real old scans to the new domain
+(``scripts/benchmark_extension.py`` at add2983: 0 of 20 old-domain test cases kept). One feature is exact without
+any old scan: the availability of a slot the old model did not have is 0 for every old-domain input, whatever the
+encoder learns. So before step 1 the new row's weights on the new domain's new slots are set to ``margin`` nats
+(split over its new slots), and the bias is set from the new domain's samples that have all of those slots: a scan
+is routed to the new domain only with its new sequence(s) present, and an old-domain scan would need a score
+``margin / 2`` nats beyond the prototypes' to be sent there. A new domain without a new slot gets no prior (the
+bias is then set from the prototypes alone: not reliable; ``extend`` says so).
+
 The gate loss then trains the row as before.
 """
 
@@ -50,12 +60,16 @@ class Calibration:
     others_total: int
     separable: bool
     fitted: bool = False
+    #: nats put on the new domain's new slots' availability (no-old-data prior; 0: none)
+    slot_margin: float = 0.0
 
     def describe(self, names: list[str]) -> str:
         how = "separable by the bias alone" if self.separable else "not separable by the bias alone"
         fit = "; row then fitted to the routing loss" if self.fitted else ""
+        prior = (f"; new-slot prior: +{self.slot_margin:g} nats when its new slot(s) are present, bias set from "
+                 "its samples that have them") if self.slot_margin else ""
         return (f"gate row of new domain {names[self.domain]}: bias {self.bias_before:.2f} -> {self.bias_after:.2f} "
-                f"({how}{fit}); routes {self.own_right}/{self.own_total} of its "
+                f"({how}{fit}{prior}); routes {self.own_right}/{self.own_total} of its "
                 f"samples and {self.others_right}/{self.others_total} other samples and old prototypes correctly")
 
 
@@ -126,11 +140,26 @@ def fit_row(router: DomainRouter, phi: Tensor, domain: Tensor, n: int, l2: float
 
 
 @torch.no_grad()
+def set_slot_prior(router: DomainRouter, new: int, columns: list[int], margin: float) -> None:
+    """No-old-data prior (module docstring): gate row ``new`` gets ``margin / len(columns)`` on each of ``columns``
+    (the phi columns of its new slots' availability), so a sample with all of them present scores ``margin``
+    nats more for it than the same sample without."""
+    if margin <= 0:
+        raise ValueError(f"the new-slot margin must be > 0 nats, got {margin}")
+    router.gate.weight[new, columns] = margin / len(columns)
+
+
+@torch.no_grad()
 def calibrate_new_rows(router: DomainRouter, phi: Tensor, domain: Tensor, new_domains: list[int],
-                       old_domains: list[int], fit_l2: float | None = None) -> list[Calibration]:
+                       old_domains: list[int], fit_l2: float | None = None,
+                       slot_prior: dict[int, list[int]] | None = None, margin: float = 10.0) -> list[Calibration]:
     """Set the gate bias of every new domain with samples in ``phi`` (N, F) / ``domain`` (N,) and an initialized
     prototype (module docstring, step 1), then with ``fit_l2`` also fit its row (step 2, that L2 weight); returns
-    what was done per domain. The old domains' initialized prototypes are added as samples of their domains."""
+    what was done per domain. The old domains' initialized prototypes are added as samples of their domains.
+
+    ``slot_prior``: new domain -> phi columns of its new slots' availability (no-old-data mode): the row's weights
+    there are set to ``margin`` nats first and the bias is chosen on the domain's samples with all of them present.
+    """
     phi, domain = phi.detach().float(), domain.detach().long().to(phi.device)
     protos = [d for d in old_domains if bool(router.prototype_initialized[d])]
     if protos:
@@ -142,13 +171,20 @@ def calibrate_new_rows(router: DomainRouter, phi: Tensor, domain: Tensor, new_do
         mine = domain == n
         if not bool(mine.any()) or not bool(router.prototype_initialized[n]):
             continue
-        t = routing_thresholds(router, phi, n)
-        bias, separable = choose_bias(t[mine], t[~mine])
         before = float(router.gate.bias[n])
+        columns = (slot_prior or {}).get(n) or []
+        own = mine
+        if columns:
+            set_slot_prior(router, n, columns, margin)
+            present = mine & (phi[:, columns] > 0.5).all(dim=1)
+            own = present if bool(present.any()) else mine
+        t = routing_thresholds(router, phi, n)
+        bias, separable = choose_bias(t[own], t[~mine])
         router.gate.bias[n] = bias
         if fit_l2 is not None:
             fit_row(router, phi, domain, n, l2=fit_l2)
         routed = router.route(phi, hard=True).argmax(1) == n
         done.append(Calibration(n, before, float(router.gate.bias[n]), int(routed[mine].sum()), int(mine.sum()),
-                                int((~routed[~mine]).sum()), int((~mine).sum()), separable, fit_l2 is not None))
+                                int((~routed[~mine]).sum()), int((~mine).sum()), separable, fit_l2 is not None,
+                                float(margin) if columns else 0.0))
     return done

@@ -5,6 +5,7 @@ from nnunet_universal.trainers.extension_trainer import (  # noqa: F401
     UniversalTrainer_ExtendNewParts,
     UniversalTrainer_ExtendNewPartsHarmony,
     UniversalTrainer_ExtendNoOldData,
+    UniversalTrainer_ExtendNoOldDataAll,
 )
 from nnunet_universal.trainers.scheduled import nnUNetTrainerScheduled  # noqa: F401
 from nnunet_universal.trainers.universal_trainer import UniversalTrainer  # noqa: F401

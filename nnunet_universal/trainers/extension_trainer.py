@@ -11,9 +11,12 @@ They read the plans' ``universal.extension`` block that ``extend`` writes, and d
 * **gate** (``extension/gate_calibration.py``): a new domain's gate row, which ``extend`` starts far below the old
   ones, is calibrated once on the new domain's first training samples (its bias set so that the gate routes them
   to it and the old domains' samples and prototypes not), then trained by the gate loss as before;
+  In no-old-data mode the row first gets ``gate_new_slot_margin`` nats on the availability of the new domain's new
+  slots (the one feature that is exact for old-domain scans without any of them: 0);
 * **loss** (``extension/losses.py``): old cases of a domain that gained classes are scored on the marginal of the
-  domain's head; in no-old-data mode the old model's head outputs on the new scans are distillation targets for
-  the old heads and the old domains' prototypes are replayed in the gate loss.
+  domain's head; in no-old-data mode the old domains' prototypes are replayed in the gate loss and, when the old
+  heads train (``UniversalTrainer_ExtendNoOldDataAll``), the old model's head outputs on the new scans are
+  distillation targets for them.
 
 Trainers (what they train; ``nnunet-universal extend`` prints which to use):
 
@@ -22,8 +25,11 @@ Trainers (what they train; ``nnunet-universal extend`` prints which to use):
   rows and prototypes; cheap, old domains' predictions exactly unchanged;
 * ``UniversalTrainer_ExtendNewPartsHarmony``: the same plus U-Harmony's parameters (the paper's modality
   adaptation); these are shared, so old domains drift;
-* ``UniversalTrainer_ExtendNoOldData``: everything, on the new data only (``extend --no-old-data``), with
-  distillation from the old model and prototype replay.
+* ``UniversalTrainer_ExtendNoOldData``: on the new data only (``extend --no-old-data``): the new parts, as
+  ``UniversalTrainer_ExtendNewParts`` (old domains' outputs exactly unchanged), with the new-slot prior on the gate
+  and prototype replay; the best measured without the old data (``scripts/benchmark_extension.py``);
+* ``UniversalTrainer_ExtendNoOldDataAll``: the same data, everything trained, with distillation from the old model
+  (old domains drift: measured).
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ class UniversalTrainer_Extend(UniversalTrainer):
     distill_temperature: ClassVar[float] = 2.0
     #: old domains' prototypes in the gate loss (no-old-data mode)
     prototype_replay: ClassVar[bool] = False
+    #: nats on a new domain's new slots' availability in its gate row (no-old-data mode; None: no prior)
+    gate_new_slot_margin: ClassVar[float | None] = None
 
     # ---- start, schedule, freezing --------------------------------------------------------------------
     def initialize(self) -> None:
@@ -150,11 +158,28 @@ class UniversalTrainer_Extend(UniversalTrainer):
         self._gate_phi: list[torch.Tensor] = []
         self._gate_domain: list[torch.Tensor] = []
         self._step_phi = None
+        self._slot_prior = self._new_slot_columns(net) if self._calibrate and self.gate_new_slot_margin else {}
         if self._calibrate:
             def keep_phi(module, args, output):  # the step's batch: the first gate call of the training forward
                 if module.training and self._step_phi is None:
                     self._step_phi = args[0].detach().float()
             self._gate_hook = net.router.gate.register_forward_hook(keep_phi)
+
+    def _new_slot_columns(self, net: torch.nn.Module) -> dict[int, list[int]]:
+        """New domain -> the phi columns of its slots that the old model did not have (phi ends in the
+        slot-availability vector, in the extended dataset's slot order)."""
+        meta = self._plans_meta()
+        prefix = net.router.gate.in_features - len(meta.slots)
+        out = {}
+        for d in self._calibrate:
+            new_slots = [s for s in meta.domains[self.domain_names[d]].slots if s not in self._old_meta.slots]
+            if new_slots:
+                out[d] = [prefix + meta.slots.index(s) for s in new_slots]
+            else:
+                self.print_to_log_file(f"new domain {self.domain_names[d]} brings no new slot: no new-slot prior, its "
+                                       "gate row is set from the old prototypes alone (not reliable without the "
+                                       "old data)")
+        return out
 
     def _collect_gate_samples(self) -> None:
         """After a training step: keep its batch's gate inputs and domains; calibrate once every new domain has
@@ -186,11 +211,13 @@ class UniversalTrainer_Extend(UniversalTrainer):
         done = []
         if self._gate_phi:
             done = calibrate_new_rows(router, torch.cat(self._gate_phi), torch.cat(self._gate_domain),
-                                      self._calibrate, old, fit_l2=self.gate_row_fit_l2)
+                                      self._calibrate, old, fit_l2=self.gate_row_fit_l2, slot_prior=self._slot_prior,
+                                      margin=self.gate_new_slot_margin or 0.0)
         for c in done:
             self.print_to_log_file(c.describe(self.domain_names))
         if self.is_ddp:
             dist.broadcast(router.gate.bias.data, src=0)
+            dist.broadcast(router.gate.weight.data, src=0)
             self._calibrate = []
         else:
             self._calibrate = [d for d in self._calibrate if d not in {c.domain for c in done}]
@@ -307,12 +334,23 @@ class UniversalTrainer_ExtendNewPartsHarmony(UniversalTrainer_Extend):
 
 
 class UniversalTrainer_ExtendNoOldData(UniversalTrainer_Extend):
-    """Extension without the old training data (``extend --no-old-data``): everything trained on the new data, the
-    old model's head outputs on the new scans as soft targets for the old heads (distillation), the old domains'
-    prototypes replayed in the gate loss."""
+    """Extension without the old training data (``extend --no-old-data``; the default there): only what the extension
+    added is trained, on the new data (old domains' outputs exactly the old model's once routed to them); the new
+    domains' gate rows get the new-slot prior (``extension/gate_calibration.py``) and the old domains' prototypes
+    are replayed in the gate loss."""
 
-    distill_weight: ClassVar[float] = 1.0
+    trainable: ClassVar[str] = "new"
     prototype_replay: ClassVar[bool] = True
+    gate_new_slot_margin: ClassVar[float | None] = 10.0
+
+
+class UniversalTrainer_ExtendNoOldDataAll(UniversalTrainer_ExtendNoOldData):
+    """No-old-data extension training everything on the new data: the old model's head outputs on the new scans are
+    soft targets for the old heads (distillation); new-slot prior and prototype replay as the default. The old
+    domains drift (measured)."""
+
+    trainable: ClassVar[str] = "all"
+    distill_weight: ClassVar[float] = 1.0
 
 
 #: every extension trainer (registry for the shim, the docs and the tests)
@@ -321,4 +359,5 @@ EXTENSION_TRAINERS: tuple[type[UniversalTrainer_Extend], ...] = (
     UniversalTrainer_ExtendNewParts,
     UniversalTrainer_ExtendNewPartsHarmony,
     UniversalTrainer_ExtendNoOldData,
+    UniversalTrainer_ExtendNoOldDataAll,
 )
