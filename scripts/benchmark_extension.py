@@ -3,6 +3,8 @@
     .venv/bin/python scripts/benchmark_extension.py --size small            # run (resumes; skips finished steps)
     .venv/bin/python scripts/benchmark_extension.py --size tiny --work /tmp/ext_tiny --results /tmp/ext_res  # smoke
     .venv/bin/python scripts/benchmark_extension.py --size small --report   # Markdown from the results JSON only
+    .venv/bin/python scripts/benchmark_extension.py --size small --seed 1   # a repeat (own work folder, results)
+    .venv/bin/python scripts/benchmark_extension.py --size small --combine  # every repeat: run-level intervals
 
 The three synthetic brain MR domains of ``benchmark_accuracy.py``'s ``mr`` suite (BraTS-METS-like, UCSF-BMSR-like,
 BrainMetShare-like), through the commands a user runs, each as a subprocess:
@@ -27,6 +29,12 @@ against the joint model from scratch, the routing accuracy, and the compute (ite
 issue's goal: at <= 30 % of the from-scratch iterations, the new domain within 2 Dice points of from-scratch and every
 old domain within 1 point of its pre-extension Dice.
 
+Repeats (``--seed N``): the whole pipeline again with ``NNUNET_UNIVERSAL_SEED=N`` for every training (the same
+synthetic data and test cases), in ``bench_work/extension_<size>_seed<N>``, results in
+``extension_<size>_seed<N>.json/.md``. ``--combine`` reads ``extension_<size>.json`` and every seed file and writes
+``extension_<size>_runs.md``: per variant and domain the mean over runs, and the goal's differences with a
+hierarchical bootstrap interval (runs resampled, then test cases) that includes the run-to-run variance of training.
+
 Resumable: a model whose ``checkpoint_final.pth`` exists is not retrained (``--c`` after an interruption), an
 evaluation already in the results JSON is not redone. Every run entry records ``train_commit`` and
 ``predict_commit`` (``git rev-parse HEAD``, ``-dirty`` with uncommitted changes in the package or scripts).
@@ -44,6 +52,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_accuracy import _edit_features, _read_json, _write_json, _write_text, git_commit  # noqa: E402
@@ -88,6 +98,11 @@ VARIANTS = {v.name: v for v in (
 DEFAULT_VARIANTS = ("full", "new_parts", "no_old_data", "no_old_data_all")
 
 
+def results_name(size: str, seed: int | None = None) -> str:
+    """``extension_<size>.json`` (the first run, unseeded) or ``extension_<size>_seed<N>.json`` (a repeat)."""
+    return f"extension_{size}.json" if seed is None else f"extension_{size}_seed{seed}.json"
+
+
 def extension_epochs(epochs: int) -> int:
     """Epochs of an extension: ``EXT_FRACTION`` of the from-scratch epochs, rounded up, never above 30 %."""
     return max(1, min(math.ceil(epochs * EXT_FRACTION), math.floor(epochs * EXT_MAX_FRACTION)))
@@ -96,11 +111,12 @@ def extension_epochs(epochs: int) -> int:
 class Bench:
     """Paths, environment and command runner of one benchmark size."""
 
-    def __init__(self, work: Path, size: str, threads: int, device: str, results: Path) -> None:
-        self.work, self.size, self.cfg = work, size, SIZES[size]
+    def __init__(self, work: Path, size: str, threads: int, device: str, results: Path,
+                 seed: int | None = None) -> None:
+        self.work, self.size, self.cfg, self.seed = work, size, SIZES[size], seed
         self.threads, self.device = threads, device
         self.raw, self.pre, self.res = work / "nnUNet_raw", work / "nnUNet_preprocessed", work / "nnUNet_results"
-        self.results_json = results / f"extension_{size}.json"
+        self.results_json = results / results_name(size, seed)
         self.plans = "nnUNetUniversalPlans" + ("" if self.cfg["base_features"] == 32 else
                                                f"_f{self.cfg['base_features']}")
 
@@ -118,6 +134,8 @@ class Bench:
                  NNUNET_UNIVERSAL_SCHEDULE=f"{s[0]}:{s[1]}:{s[2]}", NNUNET_UNIVERSAL_VAL_MIRRORING="0",
                  OMP_NUM_THREADS=str(self.threads), nnUNet_n_proc_DA="0",
                  nnUNet_extTrainer=ext_trainer_value(os.environ.get("nnUNet_extTrainer", "")))
+        if self.seed is not None:
+            e["NNUNET_UNIVERSAL_SEED"] = str(self.seed)
         return e
 
     def run(self, cmd: list[str], log: str, extension: bool = False) -> float:
@@ -282,7 +300,7 @@ def evaluate(b: Bench, name: str, model: Path, did: int, domains: list[str], sta
              "predict_commit": predict_commit, "predict_wall_s": wall, "cases": cases}
     results = _read_json(b.results_json, {})
     results.setdefault("runs", {})[name] = entry
-    results["config"] = {"size": b.size, **b.cfg, "schedule": list(b.cfg["schedule"]),
+    results["config"] = {"size": b.size, "seed": b.seed, **b.cfg, "schedule": list(b.cfg["schedule"]),
                          "extension_schedule": list(b.schedule(True)), "plans": b.plans, "threads": b.threads,
                          "device": b.device, "old_domains": [SOURCES[s][1] for s in OLD_SOURCES],
                          "new_domain": SOURCES[NEW_SOURCE][1]}
@@ -427,6 +445,113 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- several runs ----------------------------------------------------------------------------------------------
+
+def _case_matrix(entries: list[dict], domain: str) -> tuple[list[str], np.ndarray]:
+    """Runs x cases matrix of case Dice over ``domain``'s test cases scored (not NaN) in every one of ``entries``."""
+
+    per = [{c["case"]: c["mean_dice"] for c in e["cases"] if c["domain"] == domain and c["mean_dice"] is not None
+            and not math.isnan(c["mean_dice"])} for e in entries]
+    cases = sorted(set.intersection(*(set(v) for v in per))) if per else []
+    return cases, np.array([[v[c] for c in cases] for v in per], dtype=float).reshape(len(per), len(cases))
+
+
+def run_level_interval(a: list[dict], b: list[dict], domain: str, draws: int = 10000,
+                       ) -> tuple[float, float, float, int, int] | None:
+    """Difference of mean case Dice over ``domain``, runs ``a`` minus runs ``b`` (``a[k]`` and ``b[k]`` from the same
+    repeat: the extension of repeat k starts from its old model k), with a hierarchical paired bootstrap 95 %
+    interval: per draw the repeats are resampled with replacement, then the test cases (fixed seed). Returns (mean,
+    lo, hi, runs, cases); with one run the interval is over the test cases only (no training variance in it); None
+    when no test case of ``domain`` is scored on both sides."""
+
+    if len(a) != len(b) or not a:
+        raise ValueError("run_level_interval needs the same number (>= 1) of runs on both sides, paired by repeat")
+    ca, ma = _case_matrix(a, domain)
+    cb, mb = _case_matrix(b, domain)
+    cases = sorted(set(ca) & set(cb))
+    if not cases:
+        return None
+    diff = ma[:, [ca.index(c) for c in cases]] - mb[:, [cb.index(c) for c in cases]]  # runs x cases
+    rng = np.random.default_rng(0)
+    runs = diff[rng.integers(0, diff.shape[0], (draws, diff.shape[0]))].mean(axis=1)  # draws x cases
+    boot = np.take_along_axis(runs, rng.integers(0, len(cases), (draws, len(cases))), axis=1).mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(diff.mean()), float(lo), float(hi), diff.shape[0], len(cases)
+
+
+def combined_report(files: list[tuple[str, dict]]) -> str:
+    """Markdown over every run of the benchmark (``--combine``): per model the mean Dice over runs, and the goal's
+    differences with run-level intervals (:func:`run_level_interval`)."""
+    cfg = files[0][1]["config"]
+    old_domains, new = cfg["old_domains"], cfg["new_domain"]
+    for name, res in files[1:]:
+        c = res["config"]
+        if (c["old_domains"], c["new_domain"], c["schedule"], c["holdout"]) != \
+                (old_domains, new, cfg["schedule"], cfg["holdout"]):
+            raise ValueError(f"{name} is another configuration than {files[0][0]}: not combined")
+    names = ["old", "joint", *[v for v in VARIANTS if any(v in r["runs"] for _, r in files)]]
+    labels = {"old": "old model (before the extension)", "joint": "joint model from scratch (all three)",
+              **{k: v.label for k, v in VARIANTS.items()}}
+    lines = [f"# Extension benchmark ({cfg['size']}), every run: {len(files)} run(s)", "",
+             "Runs: " + "; ".join(f"`{n}` (seed {r['config'].get('seed')})" for n, r in files) + ". Each run trains "
+             "its own old model, joint model and extensions on the same data and test cases "
+             f"({cfg['holdout']} per domain); an extension is compared with the old model and the joint model of its "
+             "own run. Dice % per domain: mean over runs of the mean over test cases, dataset-free.", ""]
+    head = ["model", "runs", "trained at", *[f"{d} Dice (Δ vs before)" for d in old_domains],
+            f"{new} Dice (Δ vs scratch)", "routed right (all runs)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    goals = []
+    for name in names:
+        both = [(r["runs"][name], r["runs"].get("old"), r["runs"].get("joint")) for _, r in files
+                if name in r["runs"]]
+        entries = [e for e, _, _ in both]
+        commits = dict.fromkeys(c[:7] for e in entries for c in e["train_commit"].split(","))
+        cells = [labels[name], str(len(entries)), ", ".join(commits)]
+        rows = []
+        for d in [*old_domains, new]:
+            if name == "old" and d == new:
+                cells.append("–")
+                continue
+            vals = [_domain_dice(e, d) for e in entries]
+            mean = sum(vals) / len(vals) if None not in vals else None
+            ref_key = 2 if d == new else 1
+            refs = [x[ref_key] for x in both]
+            paired = name not in ("old", "joint") or (name == "joint" and d != new)
+            if paired and None not in refs:
+                ri = run_level_interval(entries, refs, d)
+                rows.append((d, ri))
+                cells.append(f"{_pct(mean)} ({f'{100 * ri[0]:+.1f}' if ri else '–'})")
+            else:
+                cells.append(_pct(mean))
+        domains = old_domains + ([] if name == "old" else [new])
+        right = {d: sum(c["routing"] == d for e in entries for c in e["cases"] if c["domain"] == d) for d in domains}
+        total = {d: sum(c["domain"] == d and c["routing"] is not None for e in entries for c in e["cases"])
+                 for d in domains}
+        cells.append(", ".join(f"{d} {right[d]}/{total[d]}" for d in domains))
+        lines.append("| " + " | ".join(cells) + " |")
+        if name not in ("old", "joint") and rows:
+            parts = []
+            for d, ri in rows:
+                if ri is None:
+                    continue
+                what = "vs from scratch" if d == new else "vs before"
+                span = (f"run-level {100 * ri[1]:+.1f} to {100 * ri[2]:+.1f}" if ri[3] >= 2
+                        else f"one run: case-level {100 * ri[1]:+.1f} to {100 * ri[2]:+.1f}")
+                per_run = [_delta(_domain_dice(e, d), _domain_dice(x[2 if d == new else 1], d))
+                           for e, x in zip(entries, both, strict=True)]
+                goal = 0.02 if d == new else 0.01
+                held = sum(1 for e, x in zip(entries, both, strict=True)
+                           if _domain_dice(e, d) is not None and _domain_dice(x[2 if d == new else 1], d) is not None
+                           and _domain_dice(e, d) >= _domain_dice(x[2 if d == new else 1], d) - goal)
+                parts.append(f"{d} {what} {100 * ri[0]:+.1f} ({span}; per run {', '.join(per_run)}; within "
+                             f"{100 * goal:.0f} point{'s' if goal > 0.01 else ''} in {held} of {ri[3]} runs)")
+            goals.append(f"- {labels[name]}: " + "; ".join(parts))
+    lines += ["", "Goal differences (issue 19: new domain within 2 Dice points of from scratch, every old domain "
+              "within 1 point of before; mean over runs of the paired per-case differences, 95 % hierarchical "
+              "bootstrap interval: repeats resampled, then test cases):", "", *goals, ""]
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small",
@@ -438,9 +563,24 @@ def main() -> int:
     p.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of extension_<size>.json/.md")
     p.add_argument("--report", action="store_true", help="only (re)write the Markdown from the JSON")
+    p.add_argument("--seed", type=int, default=None,
+                   help="a repeat: NNUNET_UNIVERSAL_SEED for every training, its own work folder and results file")
+    p.add_argument("--combine", action="store_true",
+                   help="only write extension_<size>_runs.md from every run's results (run-level intervals)")
     args = p.parse_args()
-    work = (args.work or REPO / "bench_work" / f"extension_{args.size}").resolve()
-    b = Bench(work, args.size, args.threads, args.device, args.results.resolve())
+    if args.combine:
+        files = sorted(args.results.resolve().glob(f"extension_{args.size}_seed*.json"))
+        first = args.results.resolve() / results_name(args.size)
+        files = ([first] if first.is_file() else []) + files
+        if not files:
+            sys.exit(f"no extension_{args.size}*.json in {args.results} (run the benchmark first)")
+        md = args.results.resolve() / f"extension_{args.size}_runs.md"
+        _write_text(md, combined_report([(f.name, _read_json(f)) for f in files]))
+        print(f"wrote {md}")
+        return 0
+    suffix = "" if args.seed is None else f"_seed{args.seed}"
+    work = (args.work or REPO / "bench_work" / f"extension_{args.size}{suffix}").resolve()
+    b = Bench(work, args.size, args.threads, args.device, args.results.resolve(), args.seed)
     if not args.report:
         t0 = time.perf_counter()
         run(b, args.variants)

@@ -47,3 +47,41 @@ def test_report_states_goals_and_paired_intervals(tmp_path):
     assert "dom_a vs before -5.0 (-5.0 to -5.0, 5 cases)" in md
     assert "dom_c vs from scratch -14.0 (-14.0 to -14.0, 5 cases)" in md
     assert "run-to-run variance of training is not in them" in md
+
+
+def test_combine_reports_run_level_intervals_over_repeats(tmp_path):
+    """``--combine``: two repeats whose new-parts extension trails from scratch by 1 and 3 points: the mean over runs
+    (-2.0), each run's difference, how many runs meet the goal, and a run-level interval wider than either run's
+    zero-width case-level one."""
+    first = _results()
+    second = _results()
+    second["config"]["seed"] = 1
+    for c in second["runs"]["new_parts"]["cases"]:
+        if c["domain"] == NEW:
+            c["mean_dice"] -= 0.02
+    (tmp_path / "extension_small.json").write_text(json.dumps(first))
+    (tmp_path / "extension_small_seed1.json").write_text(json.dumps(second))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--size", "small", "--combine", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "extension_small_runs.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- extension, only the new parts trained:"))
+    new = line.split("dom_c vs from scratch ")[1]
+    assert new.startswith("-2.0 (run-level -3.0 to -1.0; per run -1.0, -3.0; within 2 points in 1 of 2 runs)"), new
+    assert "dom_a vs before +0.0 (run-level +0.0 to +0.0" in line
+    assert "| extension, only the new parts trained | 2 |" in md
+
+
+def test_run_level_interval_needs_paired_runs():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import benchmark_extension as be
+
+    a = [_entry("x", {"dom_a": 0.5}, 1)]
+    try:
+        be.run_level_interval(a, a + a, "dom_a")
+    except ValueError as e:
+        assert "paired by repeat" in str(e)
+    else:
+        raise AssertionError("unpaired runs were accepted")
+    one = be.run_level_interval(a, [_entry("y", {"dom_a": 0.4}, 1)], "dom_a")
+    assert one is not None and abs(one[0] - 0.1) < 1e-9 and one[3:] == (1, 5)
