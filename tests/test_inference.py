@@ -311,6 +311,7 @@ def test_dataset_free_prediction_reuses_the_routing_pass_encodings(mirroring):
     case = _toy_case()
     case[0] += 0.3 * torch.randn(case.shape[1:])
     pred = _predictor(UniversalPredictor, net)
+    pred.one_pass = False  # the two-pass path (soft routing, or NNUNET_UNIVERSAL_ONE_PASS=0)
     pred.use_mirroring, pred.allowed_mirroring_axes = mirroring, (0, 1, 2)
     passes = 1 + 7 * mirroring  # network calls per tile in the prediction pass
 
@@ -322,6 +323,69 @@ def test_dataset_free_prediction_reuses_the_routing_pass_encodings(mirroring):
     assert len(encoded) == 3 + 3 * passes
     assert torch.equal(cached, plain)
     assert net._encoding_cache is None  # released after the case
+
+
+@pytest.mark.parametrize("mirroring", [False, True])
+def test_one_pass_prediction_equals_the_two_pass_one(mirroring):
+    """Hard routing (the default) in one sliding window: every tile is encoded once per network call (no routing
+    pass), the routing and the logits are bit-identical to the two-pass prediction (with and without the encoding
+    cache), nothing is kept after the case; the gate's bias sends the case to either domain in turn."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(0)
+    backbone = PlainConvUNet(2, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 1, 3, 1, True, nn.InstanceNorm3d,
+                             {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+                             deep_supervision=False)
+    backbone.apply(backbone.initialize)
+    net = UniversalUNet(backbone, [[1], [2]], 3, 2, NetworkOptions())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    encoded = []
+    net.encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    passes = 1 + 7 * mirroring
+    two = _predictor(UniversalPredictor, net)
+    two.one_pass = False
+    one = _predictor(UniversalPredictor, net)
+    assert one.one_pass and net.options.routing == "hard"
+    case = _toy_case()
+    case[0] += 0.3 * torch.randn(case.shape[1:])
+    inferred = set()
+    for bias in (-20.0, 20.0):
+        with torch.no_grad():  # route the case to domain 0, then to domain 1
+            net.router.gate.bias[1] = bias
+        for p in (one, two):
+            p.use_mirroring, p.allowed_mirroring_axes = mirroring, (0, 1, 2)
+        encoded.clear()
+        a = one.predict_logits_from_preprocessed_data(case)
+        assert len(encoded) == 3 * passes  # 3 tiles, no routing pass
+        assert net._case_pass is None and net._encoding_cache is None
+        for cache_mb in (1024, 0):
+            two.encoding_cache_mb = cache_mb
+            b = two.predict_logits_from_preprocessed_data(case)
+            assert torch.equal(a, b) and a.shape == b.shape and a.dtype == b.dtype
+            assert torch.equal(one.last_routing, two.last_routing)
+            assert torch.equal(one.last_applied, two.last_applied)
+        inferred.add(int(one.last_applied.argmax()))
+        assert one.routing_record("toy")["rule"] == "hard"
+    assert inferred == {0, 1}
+
+
+def test_soft_routing_keeps_the_two_pass_prediction():
+    """Soft routing mixes the heads by the case's weights: it needs them before the tiles, so no one pass."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(0)
+    backbone = PlainConvUNet(2, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 1, 3, 1, True, nn.InstanceNorm3d,
+                             {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+                             deep_supervision=False)
+    net = UniversalUNet(backbone, [[1], [2]], 3, 2, NetworkOptions(routing="soft"))
+    encoded = []
+    net.encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    pred = _predictor(UniversalPredictor, net)
+    pred.encoding_cache_mb = 0
+    out = pred.predict_logits_from_preprocessed_data(_toy_case())
+    assert out.shape[0] == 3 and len(encoded) == 3 + 3  # routing pass + prediction pass
 
 
 def test_encoding_cache_mismatch_is_caught_and_the_case_predicted_again(monkeypatch, caplog):
@@ -340,6 +404,7 @@ def test_encoding_cache_mismatch_is_caught_and_the_case_predicted_again(monkeypa
     case[0] += 0.3 * torch.randn(case.shape[1:])
     pred = _predictor(UniversalPredictor, net)
     plain_pred = _predictor(UniversalPredictor, net)
+    pred.one_pass = plain_pred.one_pass = False  # the two-pass path
     plain_pred.encoding_cache_mb = 0
     plain = plain_pred.predict_logits_from_preprocessed_data(case)
     real_routing = predictor_module.case_routing

@@ -55,6 +55,30 @@ def _on_device(net: torch.nn.Module, device: torch.device) -> bool:
     return all(t.device == device for t in itertools.chain(net.parameters(), net.buffers()))
 
 
+class _ChannelsOverride:
+    """nnU-Net's label manager with another ``num_segmentation_heads`` (the channels of the sliding window's results
+    buffer); everything else forwarded."""
+
+    def __init__(self, label_manager, channels: int) -> None:
+        self._label_manager = label_manager
+        self.num_segmentation_heads = channels
+
+    def __getattr__(self, name: str):
+        return getattr(self._label_manager, name)
+
+
+@contextlib.contextmanager
+def _results_channels(predictor: nnUNetPredictor, channels: int):
+    """For the duration: nnU-Net's sliding window (which sizes its results buffer by the label manager's
+    ``num_segmentation_heads``) aggregates ``channels`` channels."""
+    original = predictor.label_manager
+    predictor.label_manager = _ChannelsOverride(original, channels)
+    try:
+        yield
+    finally:
+        predictor.label_manager = original
+
+
 class UniversalPredictor(nnUNetPredictor):
     """nnU-Net predictor for universal models: case-level routing (dataset-free) or a given domain (oracle).
 
@@ -71,6 +95,10 @@ class UniversalPredictor(nnUNetPredictor):
         self._fold_applied: list[torch.Tensor] = []
         self.last_availability: torch.Tensor | None = None
         self._tile_cache = None  # the case's encoding cache while its sliding window runs
+        self._tile_pass = None  # the case's embedding while its one-pass sliding window runs
+        #: dataset-free prediction with hard routing in one sliding window (nn/case_embedding.py); False (or
+        #: NNUNET_UNIVERSAL_ONE_PASS=0): a routing pass first, then the sliding window with the chosen head
+        self.one_pass = os.environ.get("NNUNET_UNIVERSAL_ONE_PASS", "1") != "0"
         #: memory for encoder outputs shared by the routing and prediction passes (dataset-free mode);
         #: 0 turns the sharing off (every tile is then encoded twice)
         self.encoding_cache_mb = int(os.environ.get("NNUNET_UNIVERSAL_ENCODING_CACHE_MB", DEFAULT_CACHE_MB))
@@ -255,6 +283,9 @@ class UniversalPredictor(nnUNetPredictor):
                 d = self.meta.domain_index(self.oracle_domain)
                 routing = torch.nn.functional.one_hot(torch.tensor(d), len(self.meta.domains)).float()
                 context = {"domain": d}
+            elif self.gated and self.one_pass and net.options.routing == "hard" \
+                    and getattr(net, "supports_case_pass", False):
+                return self._predict_one_pass(net, input_image, availability)
             elif self.gated:
                 if hasattr(net, "encoding_cache"):  # the routing pass's encoder outputs serve the prediction pass
                     cache = stack.enter_context(net.encoding_cache(self.encoding_cache_mb * 2**20))
@@ -285,8 +316,33 @@ class UniversalPredictor(nnUNetPredictor):
                 logits = super().predict_sliding_window_return_logits(input_image)
             return logits
 
+    def _predict_one_pass(self, net: nn.Module, input_image: torch.Tensor, availability: torch.Tensor) -> torch.Tensor:
+        """Dataset-free prediction under hard routing in one sliding window (``nn/case_embedding.py``): nnU-Net's
+        sliding window aggregates every head's log-probabilities (its results buffer sized for them for the
+        call) while the network sums the tiles' ``phi``; then the case's routing is decided and the chosen head's
+        union channels are taken from the aggregate. Equal to the two-pass prediction (tested), one encoder pass
+        and no cached encoder output less. input_image: (C, *spatial) -> (U, *spatial) logits."""
+        with contextlib.ExitStack() as stack:
+            case = stack.enter_context(net.case_pass())
+            net.set_context(availability=availability.to(self.device))
+            stack.callback(net.clear_context)
+            self._tile_pass = case
+            stack.callback(setattr, self, "_tile_pass", None)
+            stack.enter_context(_results_channels(self, net.heads.num_pass_channels))
+            aggregated = super().predict_sliding_window_return_logits(input_image)
+            routing = net.routing_weights(case.mean()[None]).float()[0].cpu()  # (D,)
+        decision = decide_routing(routing, "hard", net.options.routing_confidence,
+                                  [self.meta.domain_label_ids(n) for n in self.meta.domain_names])
+        self._fold_routings.append(routing)
+        self._fold_applied.append(decision.applied)
+        logger.debug("case routing %s (one pass), availability %s", routing.tolist(), availability.tolist())
+        return net.heads.union_from_all(aggregated, decision.inferred)
+
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Stock per-tile prediction; tells the encoding cache that the next network call is the tile itself."""
+        """Stock per-tile prediction; tells the encoding cache or the case's embedding that the next network call
+        is the tile itself."""
+        if self._tile_pass is not None:
+            self._tile_pass.expect_tile()
         if self._tile_cache is not None:
             self._tile_cache.expect_tile()
         return super()._internal_maybe_mirror_and_predict(x)

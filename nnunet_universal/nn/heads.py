@@ -94,6 +94,35 @@ class DomainHeads(nn.Module):
             union = torch.matmul(self._single_map(domain, logits.device), probs.flatten(2))  # (B, U, N)
             return union.clamp_min_(MIN_PROBABILITY).log_().view(logits.shape[0], -1, *logits.shape[2:])
 
+    @property
+    def num_pass_channels(self) -> int:
+        """Channels of :meth:`all_log_probs`: every head's channels and one constant channel."""
+        return sum(self.sizes) + 1
+
+    def all_log_probs(self, logits: Tensor) -> Tensor:
+        """(B, sum(1+K_d), *s) -> (B, sum(1+K_d) + 1, *s): every head's log-probabilities (floored at
+        ``MIN_PROBABILITY`` like :meth:`single`) and a last channel ``log(MIN_PROBABILITY)``.
+
+        What the one-pass dataset-free prediction aggregates over the tiles before the case's domain is known:
+        :meth:`union_from_all` then picks one head. Every channel holds the same values as :meth:`single` gives
+        that head's union channels (softmax of the same view, floor, log; the union map only copies), and the
+        constant channel the value :meth:`single` gives the union channels the domain does not annotate.
+        """
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            parts = [torch.softmax(p if p.dtype == torch.float32 else p.float(), dim=1) for p in self.split(logits)]
+            floor = parts[0].new_full((logits.shape[0], 1, *logits.shape[2:]), MIN_PROBABILITY)
+            return torch.cat([*parts, floor], dim=1).clamp_min_(MIN_PROBABILITY).log_()
+
+    def union_from_all(self, aggregated: Tensor, domain: int) -> Tensor:
+        """(sum(1+K_d) + 1, *s) channels of :meth:`all_log_probs` (aggregated over tiles by any per-channel linear
+        rule) -> (U, *s) union channels of ``domain``'s head, as :meth:`single` would have given them: its channel
+        ``k`` goes to its union id, background to 0, every other union channel takes the constant channel."""
+        index = torch.full((self.union_map.shape[0],), self.num_pass_channels - 1, dtype=torch.long)
+        index[0] = self.offsets[domain]
+        for k, uid in enumerate(self.domains[domain]):
+            index[uid] = self.offsets[domain] + 1 + k
+        return aggregated.index_select(0, index.to(aggregated.device))
+
     def _single_map(self, domain: int, device: torch.device) -> Tensor:
         """The (U, 1 + K_d) columns of ``union_map`` of one domain, made once per device."""
         key = (domain, device)

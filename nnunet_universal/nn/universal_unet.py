@@ -34,6 +34,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from nnunet_universal.metadata import NetworkOptions, read_plans_universal
 from nnunet_universal.nn.availability import derive_availability
+from nnunet_universal.nn.case_embedding import CaseEmbedding
 from nnunet_universal.nn.encoding_cache import CachedEncoding, EncodingCache
 from nnunet_universal.nn.gating import DomainRouter, uniform_routing
 from nnunet_universal.nn.harmony import MAX_ORDER, STABLE_MAX_ORDER, HarmonyNorm, HarmonyRestore, stats_bc1
@@ -345,6 +346,7 @@ class UniversalUNet(nn.Module):
         self._single: int | None = None  # the context routes every sample to this one domain (host-side)
         self._mask_memo: tuple | None = None
         self._encoding_cache: EncodingCache | None = None
+        self._case_pass: CaseEmbedding | None = None
         # style statistics of the style normalizations' inputs, for the gate's embedding (gated nets only: HarmonyNorm
         # computes them anyway, an InstanceNorm needs an extra reduction per forward that nothing else needs)
         self._styles: list[Tensor | None] = []
@@ -454,6 +456,35 @@ class UniversalUNet(nn.Module):
         finally:
             self._encoding_cache.clear()
             self._encoding_cache = None
+
+    @property
+    def supports_case_pass(self) -> bool:
+        """Whether :meth:`case_pass` applies: a gate, per-domain heads, and a decoder that does not depend on the
+        routing (no task prompt)."""
+        return self.router is not None and not self.union_head and self.task_prompt is None
+
+    @contextlib.contextmanager
+    def case_pass(self) -> Iterator[CaseEmbedding]:
+        """One-pass dataset-free inference (``nn/case_embedding.py``): while active, ``forward(x)`` without a domain
+        or routing (in the context or given) returns every head's log-probabilities (B, sum(1+K_d) + 1, *spatial)
+        (:meth:`DomainHeads.all_log_probs`) and adds the ``phi`` of the tiles announced on the yielded
+        :class:`CaseEmbedding`."""
+        if not self.supports_case_pass:
+            raise ValueError("case_pass needs a gated network with per-domain heads and no task prompt")
+        self._case_pass = CaseEmbedding()
+        try:
+            yield self._case_pass
+        finally:
+            self._case_pass = None
+
+    def _forward_case_pass(self, x: Tensor, availability: Tensor | None) -> Tensor | list[Tensor]:
+        _, _, availability = self._resolve(x, None, None, availability, context_weights=False)
+        collect = self._case_pass.take_expect()
+        skips, phi = self._encode(x, availability, need_phi=collect)
+        if collect:
+            self._case_pass.add(phi)
+        outs = [self.heads.all_log_probs(self.heads.logits(f, i)) for i, f in enumerate(self._decode(skips))]
+        return outs if self.decoder.deep_supervision else outs[0]
 
     def _caching(self) -> bool:
         return self._encoding_cache is not None and not self.training and not torch.is_grad_enabled()
@@ -598,6 +629,8 @@ class UniversalUNet(nn.Module):
             if domain is None:
                 raise ValueError("forward(train=True) needs the true domain of every sample")
             return self._forward_train(x, domain, availability)
+        if self._case_pass is not None and domain is None and routing is None:
+            return self._forward_case_pass(x, availability)
         # the context routes every sample to one domain (oracle, hard routing): that head alone, no weights
         single = None
         if domain is None and routing is None and not self.union_head and self.task_prompt is None:
