@@ -13,8 +13,12 @@ measurement (so that peak memory belongs to one arm alone):
   Gaussian weighting, without / with nnU-Net's mirroring TTA; for ours ``UniversalPredictor`` with case-level
   routing, i.e. dataset-free mode).
   Preprocessing and export are the same code for both and are left out, so the ratio is the network's cost.
-* ``infer_nocache`` (ours only): ``infer`` without the encoding cache that keeps the routing pass's encoder outputs
-  for the prediction pass (``NNUNET_UNIVERSAL_ENCODING_CACHE_MB=0``: less memory, every tile encoded twice).
+  Ours predicts in one sliding window (hard routing, the default: every head aggregated, the routing decided at
+  the end; ``nn/case_embedding.py``).
+* ``infer_two_pass`` / ``infer_two_pass_nocache`` (ours only): the two-pass prediction it replaced (a routing pass,
+  then the sliding window with the chosen head; ``NNUNET_UNIVERSAL_ONE_PASS=0``, what soft routing uses), with the
+  encoding cache that keeps the routing pass's encoder outputs for the prediction pass and without it
+  (``NNUNET_UNIVERSAL_ENCODING_CACHE_MB=0``: every tile encoded twice).
 * peak memory of the timed steps (after the warm-up, as on a GPU): on CPU the peak RSS (``VmHWM``, reset after the
   warm-up) of the subprocess, and its increase over the RSS before the first step (removes the interpreter + torch
   + network + data baseline, which is the same for both arms; what remains is activations, gradients, optimizer
@@ -25,8 +29,9 @@ measurement (so that peak memory belongs to one arm alone):
 Arms alternate (A B B A ...) for ``--rounds`` rounds so that load changes on a shared machine hit both; the ratios
 use the fastest timed run of each arm (the least disturbed by other processes, as ``timeit`` does), medians are
 reported beside them. Writes ``benchmarks/results/speed_{device}.json`` and ``.md`` (ratios universal / stock,
-goals: step <= 1.10x, inference <= 1.05x, peak memory <= 1.15x). ``--profile`` adds torch.profiler tables (self CPU
-time) of both arms' training step and inference (``speed_{device}_profile_{arm}_{train,infer}.txt``).
+goals: step <= 1.10x, inference <= 1.05x, peak memory of training and inference <= 1.15x). ``--profile`` adds
+torch.profiler tables (self CPU time) of both arms' training step and inference
+(``speed_{device}_profile_{arm}_{train,infer}.txt``).
 """
 
 from __future__ import annotations
@@ -45,10 +50,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ARMS = ("nnUNetTrainer", "UniversalTrainer")
 WHATS = ("train", "infer", "infer_tta")  # training step; sliding window without / with mirroring (nnU-Net default)
-#: the universal arm only: dataset-free inference without the encoding cache (``NNUNET_UNIVERSAL_ENCODING_CACHE_MB=0``),
-#: the memory-for-time trade of the routing pass's cached encoder outputs
-UNIVERSAL_ONLY = ("infer_nocache",)
-GOALS = {"train_step": 1.10, "inference": 1.05, "peak_memory": 1.15}
+#: the universal arm only: the two-pass dataset-free inference (``NNUNET_UNIVERSAL_ONE_PASS=0``) with and without the
+#: encoding cache (``NNUNET_UNIVERSAL_ENCODING_CACHE_MB=0``)
+UNIVERSAL_ONLY = ("infer_two_pass", "infer_two_pass_nocache")
+GOALS = {"train_step": 1.10, "inference": 1.05, "peak_memory": 1.15, "peak_memory_inference": 1.15}
 DATASET_ID, DATASET_NAME = 590, "SpeedBench"
 SOURCES = (("brats-mets", 591), ("ucsf-bmsr", 592), ("brainmetshare", 593))
 
@@ -169,7 +174,9 @@ def worker(work: Path, arm: str, what: str, device: str, threads: int, steps: in
         # nnU-Net sets the mirroring axes in on_train_start (not in initialize): the same call, without training
         trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         predictor = _predictor(trainer, device, mirroring=what == "infer_tta")
-        if what == "infer_nocache":
+        if what.startswith("infer_two_pass"):
+            predictor.one_pass = False
+        if what == "infer_two_pass_nocache":
             predictor.encoding_cache_mb = 0
         from nnunet_universal.inference.routing import sliding_window_slicers
 
@@ -285,10 +292,12 @@ def summarize(runs: list[dict], device: str) -> dict:
               "inference_tta": u["infer_tta"]["min_s"] / s["infer_tta"]["min_s"],
               "inference_tta_median": u["infer_tta"]["median_s"] / s["infer_tta"]["median_s"],
               "peak_memory_inference": u["infer"]["peak_mb"] / s["infer"]["peak_mb"]}
-    if "infer_nocache" in u:
-        ratios["inference_no_cache"] = u["infer_nocache"]["min_s"] / s["infer"]["min_s"]
-        ratios["inference_no_cache_median"] = u["infer_nocache"]["median_s"] / s["infer"]["median_s"]
-        ratios["peak_memory_inference_no_cache"] = u["infer_nocache"]["peak_mb"] / s["infer"]["peak_mb"]
+    for what in UNIVERSAL_ONLY:
+        if what in u:
+            key = what.removeprefix("infer_")
+            ratios[f"inference_{key}"] = u[what]["min_s"] / s["infer"]["min_s"]
+            ratios[f"inference_{key}_median"] = u[what]["median_s"] / s["infer"]["median_s"]
+            ratios[f"peak_memory_inference_{key}"] = u[what]["peak_mb"] / s["infer"]["peak_mb"]
     if device != "cuda":
         ratios["peak_memory_over_baseline"] = (u["train"]["peak_over_baseline_mb"]
                                                / max(s["train"]["peak_over_baseline_mb"], 1e-9))
@@ -339,14 +348,18 @@ def to_markdown(res: dict) -> str:
              f"{_times(u['infer_tta'])} | {_ratio(r, 'inference_tta')} | <= {GOALS['inference']:.2f}x ({tta_met}) |",
              f"| training peak memory (MB, {mem}) | {s['train']['peak_mb']:.0f} | {u['train']['peak_mb']:.0f} | "
              f"{r['peak_memory']:.3f}x | {_goal(res, 'peak_memory')} |",
-             f"| inference peak memory (MB) | {s['infer']['peak_mb']:.0f} | {u['infer']['peak_mb']:.0f} | "
-             f"{r['peak_memory_inference']:.2f}x | |"]
-    if "inference_no_cache" in r:
-        un = u["infer_nocache"]
-        lines += [f"| inference without the encoding cache (s; `NNUNET_UNIVERSAL_ENCODING_CACHE_MB=0`) | "
-                  f"{_times(s['infer'])} | {_times(un)} | {_ratio(r, 'inference_no_cache')} | |",
-                  f"| inference peak memory without the encoding cache (MB) | {s['infer']['peak_mb']:.0f} | "
-                  f"{un['peak_mb']:.0f} | {r['peak_memory_inference_no_cache']:.2f}x | |"]
+             f"| inference peak memory (MB, no mirroring) | {s['infer']['peak_mb']:.0f} | "
+             f"{u['infer']['peak_mb']:.0f} | {r['peak_memory_inference']:.3f}x | "
+             f"{_goal(res, 'peak_memory_inference')} |"]
+    for what, label in (("infer_two_pass", "two-pass inference with the encoding cache "
+                                           "(`NNUNET_UNIVERSAL_ONE_PASS=0`)"),
+                        ("infer_two_pass_nocache", "two-pass inference without the encoding cache (also "
+                                                   "`NNUNET_UNIVERSAL_ENCODING_CACHE_MB=0`)")):
+        key = what.removeprefix("infer_")
+        if f"inference_{key}" in r:
+            lines += [f"| {label} (s) | {_times(s['infer'])} | {_times(u[what])} | {_ratio(r, f'inference_{key}')} | |",
+                      f"| its peak memory (MB) | {s['infer']['peak_mb']:.0f} | {u[what]['peak_mb']:.0f} | "
+                      f"{r[f'peak_memory_inference_{key}']:.3f}x | |"]
     if "peak_memory_incl_warmup" in r:
         lines.append(f"| training peak memory incl. the warm-up step (MB; first-use kernel builds happen there) | "
                      f"{s['train']['peak_incl_warmup_mb']:.0f} | {u['train']['peak_incl_warmup_mb']:.0f} | "

@@ -11,8 +11,9 @@ machine. Counted with a ``TorchDispatchMode`` (every ATen call below autograd: f
 
 * ``step``: one ``trainer.train_step(batch)`` (nnU-Net's own step for ``nnUNetTrainer``, ours for
   ``UniversalTrainer``: forward, loss, backward, gradient clipping, SGD) on the same batch, after one warm-up step;
-* ``tile``: ``predict_sliding_window_return_logits`` of one preprocessed case (our predictor: case-level routing
-  pass plus prediction pass, dataset-free, no mirroring) divided by its number of sliding-window tiles; the case
+* ``tile``: ``predict_sliding_window_return_logits`` of one preprocessed case (our predictor: dataset-free, hard
+  routing, one sliding window that aggregates every head and routes at the end; no mirroring) divided by its number
+  of sliding-window tiles; the case
   with the most voxels, as ``benchmark_speed.py`` times (per-case work such as nnU-Net's ``network.to(device)``
   weighs less there than on a one-tile case).
 
