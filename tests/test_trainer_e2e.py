@@ -309,11 +309,12 @@ def test_continue_and_validation_only(trained, monkeypatch):
 
 
 #: Ops ratios (universal / stock) of this fixture's tiny network, measured 1.57 / 0.83 (604 / 385 per step, 77.4 /
-#: 93.25 per tile) since dataset-free prediction is one sliding window (0.91 with the routing pass before; the
-#: U-Harmony kernels registered operators and ``UniversalUNet.to`` skipping a no-op move: 1.83 / 1.97 before; 2.17 / 2.42 before the grouped partial-label loss, single-head hard routing, one-function gate
-#: embedding and the other cuts of issue 21; 2.46 / 4.55 before the op-count work); bounds just above: a regression
-#: guard. The step goal of scripts/count_ops.py (1.3) is not met on this fixture: a tiny network makes the fixed
-#: per-step work (gate, heads, loss, SGD's per-parameter loop on CPU) weigh more than at nnU-Net's planned size.
+#: 93.25 per tile) since dataset-free prediction is one sliding window (tile 0.91 with the routing pass before;
+#: 1.83 / 1.97 before the U-Harmony kernels were registered operators and ``UniversalUNet.to`` skipped a no-op move;
+#: 2.17 / 2.42 before the grouped partial-label loss, single-head hard routing, one-function gate embedding and the
+#: other cuts of issue 21; 2.46 / 4.55 before the op-count work); bounds just above: a regression guard. The step
+#: goal of scripts/count_ops.py (1.3) is not met on this fixture: a tiny network makes the fixed per-step work
+#: (gate, heads, loss, SGD's per-parameter loop on CPU) weigh more than at nnU-Net's planned size.
 OPS_RATIO_BOUNDS = {"step": 1.6, "tile": 0.88}
 
 
