@@ -371,6 +371,36 @@ def test_one_pass_prediction_equals_the_two_pass_one(mirroring):
     assert inferred == {0, 1}
 
 
+def test_one_pass_recomputes_the_routing_when_nnunet_restarts_the_sliding_window(caplog):
+    """nnU-Net retries a case's sliding window with its results on the CPU when the device runs out of memory: the
+    case's embedding then holds the tiles of both tries; the routing is computed in a separate pass instead, and
+    the logits equal the two-pass ones."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    torch.manual_seed(0)
+    backbone = PlainConvUNet(2, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 1, 3, 1, True, nn.InstanceNorm3d,
+                             {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+                             deep_supervision=False)
+    net = UniversalUNet(backbone, [[1], [2]], 3, 2, NetworkOptions())
+    case = _toy_case()
+    case[0] += 0.3 * torch.randn(case.shape[1:])
+    two = _predictor(UniversalPredictor, net)
+    two.one_pass = False
+    expected = two.predict_logits_from_preprocessed_data(case)
+    one = _predictor(UniversalPredictor, net)
+    first_try = one._internal_predict_sliding_window_return_logits
+
+    def retried(*args, **kwargs):  # a first try whose result is dropped, as after nnU-Net's out-of-memory fallback
+        first_try(*args, **kwargs)
+        return first_try(*args, **kwargs)
+
+    one._internal_predict_sliding_window_return_logits = retried
+    with caplog.at_level("WARNING"):
+        got = one.predict_logits_from_preprocessed_data(case)
+    assert "saw 6 tiles for 3" in caplog.text
+    assert torch.equal(got, expected) and torch.equal(one.last_routing, two.last_routing)
+
+
 def test_soft_routing_keeps_the_two_pass_prediction():
     """Soft routing mixes the heads by the case's weights: it needs them before the tiles, so no one pass."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet

@@ -55,6 +55,12 @@ def sliding_window_slicers(image_size: Sequence[int], patch_size: Sequence[int],
             for start in itertools.product(*steps)]
 
 
+def case_tiles(data_shape: Sequence[int], patch_size: Sequence[int], tile_step_size: float) -> int:
+    """Number of nnU-Net's sliding-window tiles of a (C, *spatial) case (padded to the patch as nnU-Net pads)."""
+    padded = [max(s, p) for s, p in zip(data_shape[-len(patch_size):], patch_size, strict=True)]
+    return len(sliding_window_slicers([*data_shape[1:-len(patch_size)], *padded], patch_size, tile_step_size))
+
+
 def _batches(items: list, n: int) -> Iterator[list]:
     for i in range(0, len(items), n):
         yield items[i:i + n]
