@@ -70,6 +70,19 @@ def test_overlapping_thresholds_take_the_fewest_errors():
     assert separable and bias == 2.0
 
 
+def _with_slot_feature(r: DomainRouter, seed: int) -> DomainRouter:
+    """``r`` (16 features) with a 17th feature, a new slot's availability, that every row weighs zero (as ``extend``
+    grows the gate); prototypes not set."""
+    torch.manual_seed(seed)
+    r2 = DomainRouter(17, 3)
+    with torch.no_grad():
+        r2.gate.weight.zero_()
+        r2.gate.weight[:, :16] = r.gate.weight
+        r2.gate.bias.copy_(r.gate.bias)
+        r2.log_scale.copy_(r.log_scale)
+    return r2
+
+
 def test_row_fit_uses_a_feature_the_bias_cannot():
     """New-domain samples look like domain 1 except for one feature the old rows give no weight (a new slot's
     availability): the fitted row routes every sample to its domain, domain 1 stays routed to 1, and the old rows
@@ -78,13 +91,7 @@ def test_row_fit_uses_a_feature_the_bias_cannot():
     phi = phi.clone()
     phi[domain == 2] = phi[domain == 1] + 0.01 * torch.randn(8, 16, generator=torch.Generator().manual_seed(3))
     phi = torch.cat([phi, (domain == 2).float()[:, None]], dim=1)  # (24, 17): the new slot's availability
-    torch.manual_seed(4)
-    r2 = DomainRouter(17, 3)
-    with torch.no_grad():
-        r2.gate.weight.zero_()
-        r2.gate.weight[:, :16] = r.gate.weight
-        r2.gate.bias.copy_(r.gate.bias)
-        r2.log_scale.copy_(r.log_scale)
+    r2 = _with_slot_feature(r, seed=4)
     r2.update_prototypes(phi, domain)
     assert not calibrate_new_rows(r2.__class__(17, 3), phi, domain, [2], [0, 1])  # no prototype: no-op
     done = calibrate_new_rows(r2, phi, domain, new_domains=[2], old_domains=[0, 1], fit_l2=1e-3)
@@ -106,13 +113,7 @@ def _no_old_data_case() -> tuple[DomainRouter, torch.Tensor, torch.Tensor]:
     phi[domain == 2] = phi[domain == 1] + 0.3 * torch.randn(8, 16, generator=g)
     phi[domain != 2] += 1.5 * torch.randn(16, 16, generator=g)  # old scans far from their prototypes
     phi = torch.cat([phi, (domain == 2).float()[:, None]], dim=1)
-    torch.manual_seed(7)
-    r2 = DomainRouter(17, 3)
-    with torch.no_grad():
-        r2.gate.weight.zero_()
-        r2.gate.weight[:, :16] = r.gate.weight
-        r2.gate.bias.copy_(r.gate.bias)
-        r2.log_scale.copy_(r.log_scale)
+    r2 = _with_slot_feature(r, seed=7)
     with torch.no_grad():  # old prototypes: the old model's (before the scatter); the new one from its samples
         for d in range(2):
             r2.prototypes[d] = torch.cat([r.prototypes[d], torch.zeros(1)])

@@ -291,21 +291,30 @@ def test_network_without_gate_mixes_heads_uniformly():
     assert net.contexts_seen[0]["routing"].tolist() == [0.5, 0.5]
 
 
-@pytest.mark.parametrize("mirroring", [False, True])
-def test_dataset_free_prediction_reuses_the_routing_pass_encodings(mirroring):
-    """The routing pass's encoder outputs serve the prediction pass: each unmirrored tile is encoded once, and
-    the logits are bit-identical to encoding every tile twice (cache off)."""
+def _tiny_net(options: NetworkOptions | None = None, perturbed: bool = False) -> UniversalUNet:
+    """A tiny gated UniversalUNet on 2 slots, domains [[1], [2]] (seeded); ``perturbed``: He-initialized, then every
+    weight nudged, so that the heads and the gate differ from their initialization."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
     torch.manual_seed(0)
     backbone = PlainConvUNet(2, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 1, 3, 1, True, nn.InstanceNorm3d,
                              {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
                              deep_supervision=False)
-    backbone.apply(backbone.initialize)
-    net = UniversalUNet(backbone, [[1], [2]], 3, 2, NetworkOptions())
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape))
+    if perturbed:
+        backbone.apply(backbone.initialize)
+    net = UniversalUNet(backbone, [[1], [2]], 3, 2, options or NetworkOptions())
+    if perturbed:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.05 * torch.randn(p.shape))
+    return net
+
+
+@pytest.mark.parametrize("mirroring", [False, True])
+def test_dataset_free_prediction_reuses_the_routing_pass_encodings(mirroring):
+    """The routing pass's encoder outputs serve the prediction pass: each unmirrored tile is encoded once, and
+    the logits are bit-identical to encoding every tile twice (cache off)."""
+    net = _tiny_net(perturbed=True)
     encoded = []
     net.encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
     case = _toy_case()
@@ -330,17 +339,7 @@ def test_one_pass_prediction_equals_the_two_pass_one(mirroring):
     """Hard routing (the default) in one sliding window: every tile is encoded once per network call (no routing
     pass), the routing and the logits are bit-identical to the two-pass prediction (with and without the encoding
     cache), nothing is kept after the case; the gate's bias sends the case to either domain in turn."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    torch.manual_seed(0)
-    backbone = PlainConvUNet(2, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 1, 3, 1, True, nn.InstanceNorm3d,
-                             {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
-                             deep_supervision=False)
-    backbone.apply(backbone.initialize)
-    net = UniversalUNet(backbone, [[1], [2]], 3, 2, NetworkOptions())
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape))
+    net = _tiny_net(perturbed=True)
     encoded = []
     net.encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
     passes = 1 + 7 * mirroring
@@ -375,13 +374,7 @@ def test_one_pass_recomputes_the_routing_when_nnunet_restarts_the_sliding_window
     """nnU-Net retries a case's sliding window with its results on the CPU when the device runs out of memory: the
     case's embedding then holds the tiles of both tries; the routing is computed in a separate pass instead, and
     the logits equal the two-pass ones."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    torch.manual_seed(0)
-    backbone = PlainConvUNet(2, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 1, 3, 1, True, nn.InstanceNorm3d,
-                             {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
-                             deep_supervision=False)
-    net = UniversalUNet(backbone, [[1], [2]], 3, 2, NetworkOptions())
+    net = _tiny_net()
     case = _toy_case()
     case[0] += 0.3 * torch.randn(case.shape[1:])
     two = _predictor(UniversalPredictor, net)
@@ -403,13 +396,7 @@ def test_one_pass_recomputes_the_routing_when_nnunet_restarts_the_sliding_window
 
 def test_soft_routing_keeps_the_two_pass_prediction():
     """Soft routing mixes the heads by the case's weights: it needs them before the tiles, so no one pass."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    torch.manual_seed(0)
-    backbone = PlainConvUNet(2, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 1, 3, 1, True, nn.InstanceNorm3d,
-                             {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
-                             deep_supervision=False)
-    net = UniversalUNet(backbone, [[1], [2]], 3, 2, NetworkOptions(routing="soft"))
+    net = _tiny_net(NetworkOptions(routing="soft"))
     encoded = []
     net.encoder.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
     pred = _predictor(UniversalPredictor, net)
@@ -421,15 +408,9 @@ def test_soft_routing_keeps_the_two_pass_prediction():
 def test_encoding_cache_mismatch_is_caught_and_the_case_predicted_again(monkeypatch, caplog):
     """Tiles are matched by position and checked once per case: a wrong match (here: the routing pass's
     encodings reversed) is detected and the case predicted again without them, with the same logits."""
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
     import nnunet_universal.inference.predictor as predictor_module
 
-    torch.manual_seed(0)
-    backbone = PlainConvUNet(2, 3, [4, 8, 16], nn.Conv3d, 3, [1, 2, 2], 1, 3, 1, True, nn.InstanceNorm3d,
-                             {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
-                             deep_supervision=False)
-    net = UniversalUNet(backbone, [[1], [2]], 3, 2, NetworkOptions())
+    net = _tiny_net()
     case = _toy_case()
     case[0] += 0.3 * torch.randn(case.shape[1:])
     pred = _predictor(UniversalPredictor, net)
