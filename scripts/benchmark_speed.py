@@ -88,16 +88,31 @@ def prepare(work: Path, cases: int, shape: tuple[int, int, int] | None) -> None:
     plan_and_preprocess(DATASET_ID, configurations=("3d_fullres",), num_processes=1)
 
 
-def _trainer(name: str, device: str):
-    """The trainer exactly as ``nnUNetv2_train`` builds it, initialized (network, optimizer, loss)."""
+def _trainer(name: str, device: str, inference: bool = False):
+    """The trainer, initialized (network, optimizer, loss): for training exactly as ``nnUNetv2_train`` builds it; for
+    ``inference`` its class found as the predictors find it (``discovery.trainer_class``: ours without a module scan,
+    nnU-Net's by its lookup), then built as ``nnUNetv2_train`` builds it. (nnU-Net's lookup of an external trainer
+    imports every module of its trainer package, timm and torchvision among them: about 50 MB of RSS that
+    ``nnunet-universal predict`` does not pay.)"""
     import torch
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.run.run_training import get_trainer_from_args
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from nnunet_universal.discovery import set_ext_trainer_env
+    from nnunet_universal.discovery import set_ext_trainer_env, trainer_class
     from nnunet_universal.metadata import PLANS_NAME
 
     set_ext_trainer_env()
-    trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, name, PLANS_NAME, device=torch.device(device))
+    if inference:
+        folder = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(DATASET_ID))
+        plans = load_json(join(folder, PLANS_NAME + ".json"))
+        plans["continue_training"] = False
+        trainer = trainer_class(name)(plans=plans, configuration="3d_fullres", fold=0,
+                                      dataset_json=load_json(join(folder, "dataset.json")), device=torch.device(device))
+    else:
+        trainer = get_trainer_from_args(str(DATASET_ID), "3d_fullres", 0, name, PLANS_NAME,
+                                        device=torch.device(device))
     trainer.initialize()
     return trainer
 
@@ -150,7 +165,7 @@ def worker(work: Path, arm: str, what: str, device: str, threads: int, steps: in
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    trainer = _trainer(arm, device)
+    trainer = _trainer(arm, device, inference=what != "train")
     cuda = device == "cuda"
     rss_before = _status_mb("VmRSS")  # network, optimizer and data in memory; activations not yet
     peak_reset = _reset_peak_rss()
