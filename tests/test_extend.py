@@ -435,7 +435,7 @@ def test_new_parts_extension_predicts_old_domains_as_before(extended):
              / f"UniversalTrainer_ExtendNewParts__{PLANS_NAME}__3d_fullres")
     log = next((model / "fold_0").glob("training_log_*.txt")).read_text()
     assert "initial weights extension_init_" in log and "trainable=new" in log, proc.stdout[-2000:]
-    assert "gate row of new domain ct: bias" in log, log[-3000:]
+    assert "gate row of new domain ct: bias" in log and "new-slot prior: +10 nats" in log, log[-3000:]
     root = extended["root"]
     out_ct = root / "pred_new_parts_ct"
     _run([_bin("nnunet-universal"), "predict", "-m", str(model), "-i", str(_new_domain_test_inputs(extended, root)),

@@ -23,15 +23,16 @@ is set in two steps, every other row left as it is:
    generalized badly (``scripts/benchmark_extension.py`` at 4a89630: the new-parts extension, whose old rows and
    similarity scale stay frozen, ended up routing every old-domain test case to the new domain).
 
-**No-old-data mode** (``slot_prior``): the only stand-ins for old-domain scans are the old domains' prototypes,
-a handful of means, and a bias set between them and the new samples routed real old scans to the new domain
-(``scripts/benchmark_extension.py`` at add2983: 0 of 20 old-domain test cases kept). One feature is exact without
-any old scan: the availability of a slot the old model did not have is 0 for every old-domain input, whatever the
-encoder learns. So before step 1 the new row's weights on the new domain's new slots are set to ``margin`` nats
-(split over its new slots), and the bias is set from the new domain's samples that have all of those slots: a scan
-is routed to the new domain only with its new sequence(s) present, and an old-domain scan would need a score
-``margin / 2`` nats beyond the prototypes' to be sent there. A new domain without a new slot gets no prior (the
-bias is then set from the prototypes alone: not reliable; ``extend`` says so).
+**New-slot prior** (``slot_prior``; every extension trainer, ``gate_new_slot_margin``): the old domains'
+prototypes, a handful of means, are poor stand-ins for old-domain scans, and even the old samples of the first
+steps are few: a bias set between them and the new samples sent real old scans to the new domain (no-old-data mode
+at add2983: all 20 old-domain test cases; new parts with the old data in a repeat at f54403d: 3 of 10 UCSF-like).
+One feature is exact for every old-domain scan: the availability of a slot the old model did not have is 0 for it,
+whatever the encoder learns. So before step 1 the new row's weights on the new domain's new slots are set to
+``margin`` nats (split over its new slots), and the bias is set from the new domain's samples that have all of
+those slots: a scan is routed to the new domain only with its new sequence(s) present, and the bias, halfway
+between the new samples and the rest, has ``margin / 2`` more room on each side. A new domain without a new slot
+gets no prior (no-old-data mode: the bias then comes from the prototypes alone, not reliable; ``extend`` says so).
 
 The gate loss then trains the row as before.
 """
@@ -60,7 +61,7 @@ class Calibration:
     others_total: int
     separable: bool
     fitted: bool = False
-    #: nats put on the new domain's new slots' availability (no-old-data prior; 0: none)
+    #: nats put on the new domain's new slots' availability (new-slot prior; 0: none)
     slot_margin: float = 0.0
 
     def describe(self, names: list[str]) -> str:
@@ -141,7 +142,7 @@ def fit_row(router: DomainRouter, phi: Tensor, domain: Tensor, n: int, l2: float
 
 @torch.no_grad()
 def set_slot_prior(router: DomainRouter, new: int, columns: list[int], margin: float) -> None:
-    """No-old-data prior (module docstring): gate row ``new`` gets ``margin / len(columns)`` on each of ``columns``
+    """New-slot prior (module docstring): gate row ``new`` gets ``margin / len(columns)`` on each of ``columns``
     (the phi columns of its new slots' availability), so a sample with all of them present scores ``margin``
     nats more for it than the same sample without."""
     if margin <= 0:
@@ -157,7 +158,7 @@ def calibrate_new_rows(router: DomainRouter, phi: Tensor, domain: Tensor, new_do
     prototype (module docstring, step 1), then with ``fit_l2`` also fit its row (step 2, that L2 weight); returns
     what was done per domain. The old domains' initialized prototypes are added as samples of their domains.
 
-    ``slot_prior``: new domain -> phi columns of its new slots' availability (no-old-data mode): the row's weights
+    ``slot_prior``: new domain -> phi columns of its new slots' availability (new-slot prior): the row's weights
     there are set to ``margin`` nats first and the bias is chosen on the domain's samples with all of them present.
     """
     phi, domain = phi.detach().float(), domain.detach().long().to(phi.device)

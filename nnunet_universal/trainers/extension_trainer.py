@@ -11,8 +11,8 @@ They read the plans' ``universal.extension`` block that ``extend`` writes, and d
 * **gate** (``extension/gate_calibration.py``): a new domain's gate row, which ``extend`` starts far below the old
   ones, is calibrated once on the new domain's first training samples (its bias set so that the gate routes them
   to it and the old domains' samples and prototypes not), then trained by the gate loss as before;
-  In no-old-data mode the row first gets ``gate_new_slot_margin`` nats on the availability of the new domain's new
-  slots (the one feature that is exact for old-domain scans without any of them: 0);
+  Before that the row gets ``gate_new_slot_margin`` nats on the availability of the new domain's new slots, if it
+  has any (the one feature that is exact for every old-domain scan: 0, since the old model had no such slot);
 * **loss** (``extension/losses.py``): old cases of a domain that gained classes are scored on the marginal of the
   domain's head; in no-old-data mode the old domains' prototypes are replayed in the gate loss and, when the old
   heads train (``UniversalTrainer_ExtendNoOldDataAll``), the old model's head outputs on the new scans are
@@ -26,8 +26,8 @@ Trainers (what they train; ``nnunet-universal extend`` prints which to use):
 * ``UniversalTrainer_ExtendNewPartsHarmony``: the same plus U-Harmony's parameters (the paper's modality
   adaptation); these are shared, so old domains drift;
 * ``UniversalTrainer_ExtendNoOldData``: on the new data only (``extend --no-old-data``): the new parts, as
-  ``UniversalTrainer_ExtendNewParts`` (old domains' outputs exactly unchanged), with the new-slot prior on the gate
-  and prototype replay; the best measured without the old data (``scripts/benchmark_extension.py``);
+  ``UniversalTrainer_ExtendNewParts`` (old domains' outputs exactly unchanged), with prototype replay; the best
+  measured without the old data (``scripts/benchmark_extension.py``);
 * ``UniversalTrainer_ExtendNoOldDataAll``: the same data, everything trained, with distillation from the old model
   (old domains drift: measured).
 """
@@ -72,8 +72,8 @@ class UniversalTrainer_Extend(UniversalTrainer):
     distill_temperature: ClassVar[float] = 2.0
     #: old domains' prototypes in the gate loss (no-old-data mode)
     prototype_replay: ClassVar[bool] = False
-    #: nats on a new domain's new slots' availability in its gate row (no-old-data mode; None: no prior)
-    gate_new_slot_margin: ClassVar[float | None] = None
+    #: nats on a new domain's new slots' availability in its gate row before its bias is set (None: no prior)
+    gate_new_slot_margin: ClassVar[float | None] = 10.0
 
     # ---- start, schedule, freezing --------------------------------------------------------------------
     def initialize(self) -> None:
@@ -176,9 +176,9 @@ class UniversalTrainer_Extend(UniversalTrainer):
             if new_slots:
                 out[d] = [prefix + meta.slots.index(s) for s in new_slots]
             else:
-                self.print_to_log_file(f"new domain {self.domain_names[d]} brings no new slot: no new-slot prior, its "
-                                       "gate row is set from the old prototypes alone (not reliable without the "
-                                       "old data)")
+                self.print_to_log_file(f"new domain {self.domain_names[d]} brings no new slot: no new-slot prior; its "
+                                       "gate bias is set from the old samples seen and the old prototypes (the "
+                                       "prototypes alone without the old data: not reliable)")
         return out
 
     def _collect_gate_samples(self) -> None:
@@ -335,19 +335,17 @@ class UniversalTrainer_ExtendNewPartsHarmony(UniversalTrainer_Extend):
 
 class UniversalTrainer_ExtendNoOldData(UniversalTrainer_Extend):
     """Extension without the old training data (``extend --no-old-data``; the default there): only what the extension
-    added is trained, on the new data (old domains' outputs exactly the old model's once routed to them); the new
-    domains' gate rows get the new-slot prior (``extension/gate_calibration.py``) and the old domains' prototypes
-    are replayed in the gate loss."""
+    added is trained, on the new data (old domains' outputs exactly the old model's once routed to them); the old
+    domains' prototypes are replayed in the gate loss."""
 
     trainable: ClassVar[str] = "new"
     prototype_replay: ClassVar[bool] = True
-    gate_new_slot_margin: ClassVar[float | None] = 10.0
 
 
 class UniversalTrainer_ExtendNoOldDataAll(UniversalTrainer_ExtendNoOldData):
     """No-old-data extension training everything on the new data: the old model's head outputs on the new scans are
-    soft targets for the old heads (distillation); new-slot prior and prototype replay as the default. The old
-    domains drift (measured)."""
+    soft targets for the old heads (distillation); prototype replay as the default. The old domains drift
+    (measured)."""
 
     trainable: ClassVar[str] = "all"
     distill_weight: ClassVar[float] = 1.0
