@@ -420,6 +420,11 @@ def test_new_parts_trainer_freezes_the_old_model_and_defaults_to_a_quarter_sched
     torch.testing.assert_close(after["router.prototypes"][:2], before["router.prototypes"][:2], rtol=0, atol=0)
     assert all(k.startswith(("heads.", "router.", "encoder.stages.0.0.convs.0")) or "decoder.encoder" in k
                for k in changed), sorted(changed)
+    # the gate loss leaves out a new-domain sample whose new slot (CT) was hidden, as the new-slot prior wants
+    ct_domain = tr.domain_names.index("ct")
+    tr._step_availability = torch.ones(3, n_slots, dtype=torch.bool)
+    tr._step_availability[0, ct] = False
+    assert tr._gate_targets(torch.tensor([ct_domain, ct_domain, 0])).tolist() == [-100, ct_domain, 0]
     tr.on_train_end()
 
 

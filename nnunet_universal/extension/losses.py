@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -102,20 +103,29 @@ def prototype_replay_term(router: nn.Module, old_domains: Sequence[int]) -> Tens
     return F.cross_entropy(router.routing_logits(phi), idx)
 
 
+#: gate-loss target of a sample the gate must not learn from (``F.cross_entropy``'s default ignore index)
+IGNORE_GATE = -100
+
+
 class ExtensionLoss(nn.Module):
     """The universal trainer's loss plus the extension terms (module docstring); called like it.
 
     ``base``: the trainer's :class:`PartialLabelLoss` (its ``domain_logits``/``lut``/``groups`` serve the
     validation step, unchanged). ``extra``: a callable ``(out, domain) -> Tensor`` adding distillation and prototype
-    replay (None: no extra term).
+    replay (None: no extra term). ``gate_target``: a callable ``domain (B,) -> (B,)`` giving the gate loss's targets,
+    ``IGNORE_GATE`` for samples the gate must not learn from (a new domain's samples whose new slots were hidden:
+    the new-slot prior says such a scan is not routed to it); the gate's cross-entropy is then averaged over the
+    other samples (None: the base loss's gate term, every sample).
     """
 
     def __init__(self, base: nn.Module, partial: PartialCases | None,
-                 extra: Callable[[Any, Tensor], Tensor] | None = None) -> None:
+                 extra: Callable[[Any, Tensor], Tensor] | None = None,
+                 gate_target: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
         self.base = base
         self.partial = partial
         self.extra = extra
+        self.gate_target = gate_target
 
     # the validation step's view of the stock loss
     def domain_logits(self, out: Any, scale: int, domain: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
@@ -129,7 +139,14 @@ class ExtensionLoss(nn.Module):
 
     def forward(self, out: Any, targets: Sequence[Tensor], domain: Tensor, keys: Sequence[str] = ()) -> Tensor:
         scored = self.partial.split(out, keys) if self.partial is not None else out
-        total = self.base(scored, targets, domain, keys)
+        gate = getattr(scored, "gate_logits", None)
+        if self.gate_target is None or gate is None or self.base.gate_weight <= 0:
+            total = self.base(scored, targets, domain, keys)
+        else:  # the base loss without its gate term, and the gate term over the samples it may learn from
+            total = self.base(dataclasses.replace(scored, gate_logits=None), targets, domain, keys)
+            target = self.gate_target(domain).to(gate.device)
+            ce = F.cross_entropy(gate.float(), target, ignore_index=IGNORE_GATE, reduction="sum")
+            total = total + self.base.gate_weight * ce / (target != IGNORE_GATE).sum().clamp_min(1)
         if self.extra is not None:
             total = total + self.extra(out, domain)
         return total

@@ -165,16 +165,26 @@ class UniversalTrainer_Extend(UniversalTrainer):
                     self._step_phi = args[0].detach().float()
             self._gate_hook = net.router.gate.register_forward_hook(keep_phi)
 
-    def _new_slot_columns(self, net: torch.nn.Module) -> dict[int, list[int]]:
-        """New domain -> the phi columns of its slots that the old model did not have (phi ends in the
-        slot-availability vector, in the extended dataset's slot order)."""
+    def _new_slots(self) -> dict[int, list[int]]:
+        """New domain -> indices (in the extended dataset's slot order) of its slots the old model did not have;
+        only domains that have some."""
         meta = self._plans_meta()
-        prefix = net.router.gate.in_features - len(meta.slots)
+        old = set(self._old_meta.domain_names)
+        out = {}
+        for d, name in enumerate(self.domain_names):
+            new_slots = [s for s in meta.domains[name].slots if s not in self._old_meta.slots]
+            if name not in old and new_slots:
+                out[d] = [meta.slots.index(s) for s in new_slots]
+        return out
+
+    def _new_slot_columns(self, net: torch.nn.Module) -> dict[int, list[int]]:
+        """New domain -> the phi columns of its new slots (phi ends in the slot-availability vector)."""
+        prefix = net.router.gate.in_features - len(self._plans_meta().slots)
+        slots = self._new_slots()
         out = {}
         for d in self._calibrate:
-            new_slots = [s for s in meta.domains[self.domain_names[d]].slots if s not in self._old_meta.slots]
-            if new_slots:
-                out[d] = [prefix + meta.slots.index(s) for s in new_slots]
+            if d in slots:
+                out[d] = [prefix + i for i in slots[d]]
             else:
                 self.print_to_log_file(f"new domain {self.domain_names[d]} brings no new slot: no new-slot prior; its "
                                        "gate bias is set from the old samples seen and the old prototypes (the "
@@ -238,7 +248,23 @@ class UniversalTrainer_Extend(UniversalTrainer):
             register_partial_luts(base, partial, self.label_manager.num_segmentation_heads,
                                   self.label_manager.ignore_label)
         extra = self._extra_term if (self.distill_weight > 0 or self.prototype_replay) else None
-        return ExtensionLoss(base, partial, extra).to(self.device)
+        # the new-slot prior: a new domain's samples whose new slots were hidden do not teach the gate
+        self._gate_ignored = self._new_slots() if self.gate_new_slot_margin else {}
+        gate_target = self._gate_targets if self._gate_ignored else None
+        return ExtensionLoss(base, partial, extra, gate_target).to(self.device)
+
+    def _gate_targets(self, domain: torch.Tensor) -> torch.Tensor:
+        """(B,) the gate loss's targets of the current step: ``IGNORE_GATE`` for a new domain's samples whose new
+        slots were hidden by modality dropout (with the new-slot prior such a scan is not routed to that domain;
+        without this mask a benchmark run still sent slot-less old scans there), else the domain."""
+        from nnunet_universal.extension.losses import IGNORE_GATE
+
+        availability = self._step_availability.to(domain.device)
+        target = domain
+        for d, slots in self._gate_ignored.items():
+            hidden = (domain == d) & ~availability[:, slots].all(dim=1)
+            target = torch.where(hidden, torch.full_like(target, IGNORE_GATE), target)
+        return target
 
     def _partial_cases(self):
         """Old cases of domains that gained classes (dataset.json ``universal.provenance.partial_annotation``)."""
@@ -284,7 +310,7 @@ class UniversalTrainer_Extend(UniversalTrainer):
     def _batch_to_device(self, batch: dict, hide_slots: bool):
         """Also keeps the step's input for the teacher (distillation)."""
         data, target, domain, availability, keys = super()._batch_to_device(batch, hide_slots)
-        self._step_domain = domain
+        self._step_domain, self._step_availability = domain, availability
         if self.distill_weight > 0:
             self._ensure_teacher()
             self._teacher_input = (data, availability)
