@@ -68,6 +68,10 @@ def test_overlapping_thresholds_take_the_fewest_errors():
     assert not separable and 2.0 < bias < 3.0  # one error (the own 5.0) beats every other cut
     bias, separable = choose_bias(torch.tensor([0.0, 1.0]), torch.tensor([3.0]))
     assert separable and bias == 2.0
+    # a tie (one own error at 1.25, one other error at 11): the lower bias, which takes fewer old scans (the
+    # middle of the medians, 10.5, would have picked 11)
+    bias, separable = choose_bias(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.5, 20.0, 21.0]))
+    assert not separable and bias == 1.25
 
 
 def _with_slot_feature(r: DomainRouter, seed: int) -> DomainRouter:

@@ -72,8 +72,9 @@ class UniversalTrainer_Extend(UniversalTrainer):
     distill_temperature: ClassVar[float] = 2.0
     #: old domains' prototypes in the gate loss (no-old-data mode)
     prototype_replay: ClassVar[bool] = False
-    #: nats on a new domain's new slots' availability in its gate row before its bias is set (None: no prior)
-    gate_new_slot_margin: ClassVar[float | None] = 10.0
+    #: nats on a new domain's new slots' availability in its gate row before its bias is set (None: no prior); large
+    #: enough that a scan without them is never routed there (10 was not: extension/gate_calibration.py)
+    gate_new_slot_margin: ClassVar[float | None] = 100.0
 
     # ---- start, schedule, freezing --------------------------------------------------------------------
     def initialize(self) -> None:
