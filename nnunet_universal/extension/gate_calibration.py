@@ -32,13 +32,10 @@ at add2983: all 20 old-domain test cases; new parts with the old data in a repea
 One feature is exact for every old-domain scan: the availability of a slot the old model did not have is 0 for it,
 whatever the encoder learns. So before step 1 the new row's weights on the new domain's new slots are set to
 ``margin`` nats (split over its new slots), and the bias is set from the new domain's samples that have all of
-those slots, ``margin / 2`` nats above the highest of their thresholds: they are routed to the new domain with
-``margin / 2`` to spare, and a scan without the new sequence(s) only if it looks ``margin / 2`` nats more like the
-new domain than the least new-looking of them. (Not halfway to the old prototypes' thresholds: the learned
-similarity scale, about 90 after training, puts a prototype itself, at cosine 1, tens of nats further from the new
-domain than any real scan; the midpoint sent every old-domain test case of a no-old-data run to the new domain at
-d05ff4c.) The trainers use 100 nats, and leave the new domain's samples without their new slots out of the gate
-loss (they would teach the gate the opposite). With 10 nats the gate loss moved the
+those slots: the bias, halfway between the new samples and the rest, has ``margin / 2`` more room on each side.
+The trainers use 100 nats: a scan without the new sequence(s) then gets a routing weight of about e^-50 for the new
+domain, i.e. old-domain scans are routed as by the old model, and the new domain's samples without their new
+slots are left out of the gate loss (they would teach the gate the opposite). With 10 nats the gate loss moved the
 row until old scans whose slots were exactly the new domain's old ones (UCSF-like cases without SUB) went to the
 new domain (3 of 10 in a benchmark run at 77a349f). A new domain without a new slot
 gets no prior (no-old-data mode: the bias then comes from the prototypes alone, not reliable; ``extend`` says so).
@@ -186,11 +183,7 @@ def calibrate_new_rows(router: DomainRouter, phi: Tensor, domain: Tensor, new_do
             present = mine & (phi[:, columns] > 0.5).all(dim=1)
             own = present if bool(present.any()) else mine
         t = routing_thresholds(router, phi, n)
-        if columns:  # the new samples (with their new slots) routed with margin / 2 nats to spare
-            bias = float(t[own].max()) + margin / 2.0
-            separable = bool((t[~mine] > bias).all())
-        else:
-            bias, separable = choose_bias(t[own], t[~mine])
+        bias, separable = choose_bias(t[own], t[~mine])
         router.gate.bias[n] = bias
         if fit_l2 is not None:
             fit_row(router, phi, domain, n, l2=fit_l2)
