@@ -33,12 +33,16 @@ One feature is exact for every old-domain scan: the availability of a slot the o
 whatever the encoder learns. So before step 1 the new row's weights on the new domain's new slots are set to
 ``margin`` nats (split over its new slots), and the bias is set from the new domain's samples that have all of
 those slots: the bias, halfway between the new samples and the rest, has ``margin / 2`` more room on each side.
-The trainers use 100 nats: a scan without the new sequence(s) then gets a routing weight of about e^-50 for the new
-domain, i.e. old-domain scans are routed as by the old model, and the new domain's samples without their new
-slots are left out of the gate loss (they would teach the gate the opposite). With 10 nats the gate loss moved the
-row until old scans whose slots were exactly the new domain's old ones (UCSF-like cases without SUB) went to the
-new domain (3 of 10 in a benchmark run at 77a349f). A new domain without a new slot
-gets no prior (no-old-data mode: the bias then comes from the prototypes alone, not reliable; ``extend`` says so).
+The trainers use 100 nats and leave the new domain's samples without their new slots out of the gate loss (they
+would teach the gate the opposite). With the old data this routed every test case of both benchmark runs right
+(d05ff4c); with 10 nats the gate loss moved the row until old scans whose slots were exactly the new domain's old
+ones (UCSF-like cases without SUB) went to the new domain (3 of 10 at 77a349f). **Without the old data it is not
+reliable**: the other side is then the old prototypes alone, whose thresholds the learned similarity scale (about
+90 after training) inflates, since a prototype is at cosine 1 to itself; the midpoint then sat too high and every
+old-domain test case of one of two runs went to the new domain (d05ff4c). Setting the bias from the new samples
+alone (``margin / 2`` above their highest threshold) was worse: the new samples' thresholds without the prior lie
+far above old scans', and every old-domain case of every run went to the new domain (febffeb, reverted). A new
+domain without a new slot gets no prior.
 
 The gate loss then trains the row as before.
 """
