@@ -193,11 +193,11 @@ def worker(work: Path, arm: str, what: str, device: str, threads: int, steps: in
             predictor.one_pass = False
         if what == "infer_two_pass_nocache":
             predictor.encoding_cache_mb = 0
-        from nnunet_universal.inference.routing import sliding_window_slicers
+        from nnunet_universal.inference.routing import case_tiles
 
-        padded = [max(a, b) for a, b in zip(data.shape[1:], trainer.configuration_manager.patch_size, strict=True)]
-        case_info = {"case": key, "case_shape": list(data.shape[1:]), "tiles": len(sliding_window_slicers(
-            padded, trainer.configuration_manager.patch_size, predictor.tile_step_size))}
+        patch = trainer.configuration_manager.patch_size
+        case_info = {"case": key, "case_shape": list(data.shape[1:]),
+                     "tiles": case_tiles(data.shape, patch, predictor.tile_step_size)}
         for _ in range(warmup):
             predictor.predict_sliding_window_return_logits(data)
         work_fn = lambda: predictor.predict_sliding_window_return_logits(data)  # noqa: E731

@@ -71,13 +71,9 @@ def step_ops(trainer: Any, batch: dict) -> collections.Counter:
 
 
 def _sliding_window_tiles(predictor: Any, data: Any) -> int:
-    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+    from nnunet_universal.inference.routing import case_tiles
 
-    from nnunet_universal.inference.routing import sliding_window_slicers
-
-    patch = tuple(predictor.configuration_manager.patch_size)
-    padded, _ = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
-    return len(sliding_window_slicers(padded.shape[1:], patch, predictor.tile_step_size))
+    return case_tiles(data.shape, predictor.configuration_manager.patch_size, predictor.tile_step_size)
 
 
 def tile_ops(predictor: Any, data: Any, with_counts: bool = False) -> tuple:

@@ -28,3 +28,16 @@ def test_partial_overlap_borrows_only_matching_classes():
     new = {**old, "gli": {"SNFH": 4, "cavity": 5}}
     g = GrowthMap.between(_meta(old), _meta(new))
     assert g.borrowed_channels == {4: 0, 5: 2}  # background and SNFH; cavity keeps its fresh init
+
+
+def test_new_domain_slots_are_the_sequences_no_old_domain_scan_has():
+    """What the new-slot prior keys on, and what 'extend --no-old-data' warns about when it is empty."""
+    from nnunet_universal.extension.weights import new_domain_slots
+
+    old = UniversalMeta(slots=SLOTS, domains={"ucsf": DomainInfo(source="u", slots=["T1", "T1c"], labels={"ET": 1})},
+                        cases={})
+    new = UniversalMeta(slots=[*SLOTS, "GRE"], cases={}, domains={
+        **old.domains,
+        "mets": DomainInfo(source="m", slots=["T1c", "GRE"], labels={"ET": 2}),
+        "same": DomainInfo(source="s", slots=["T1", "FLAIR"], labels={"ET": 3})})  # FLAIR: an old slot
+    assert new_domain_slots(old, new) == {"mets": ["GRE"], "same": []}

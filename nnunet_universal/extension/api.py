@@ -41,7 +41,7 @@ import torch
 from nnunet_universal.atomic_io import atomic_write_json
 from nnunet_universal.dataset_conversion.common import ConversionError, raw_root
 from nnunet_universal.extension.dataset import build_extended_dataset
-from nnunet_universal.extension.weights import DEFAULT_OFFSET, grow_state_dict
+from nnunet_universal.extension.weights import DEFAULT_OFFSET, grow_state_dict, new_domain_slots
 from nnunet_universal.metadata import (
     MetadataError,
     NetworkOptions,
@@ -199,8 +199,7 @@ def extend_model(model_dir: Path, new_datasets: list[str], dataset_id: int, name
     trainers = {k: v for k, v in EXTENSION_TRAINERS.items() if k.startswith("no-old-data") == no_old_data}
     # only the new parts, with or without the old data: the best measured (scripts/benchmark_extension.py)
     default = trainers["no-old-data" if no_old_data else "new"]
-    no_new_slot = [d for d in extension["new_domains"]
-                   if not set(meta.domains[d].slots) - set(old_meta.slots)] if no_old_data else []
+    no_new_slot = [d for d, s in new_domain_slots(old_meta, meta).items() if not s] if no_old_data else []
     command = (f"nnUNetv2_train {dataset_id} {configuration} FOLD -tr {default} -p {plans_name} "
                f"-pretrained_weights {init}")
     atomic_write_json({**{k: v for k, v in extension.items() if k != "old_universal"}, "offset": offset,

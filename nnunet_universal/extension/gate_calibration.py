@@ -37,11 +37,12 @@ The trainers use 100 nats and leave the new domain's samples without their new s
 would teach the gate the opposite). With the old data this routed every test case of both benchmark runs right
 (d05ff4c); with 10 nats the gate loss moved the row until old scans whose slots were exactly the new domain's old
 ones (UCSF-like cases without SUB) went to the new domain (3 of 10 at 77a349f). **Without the old data it is not
-reliable**: the other side is then the old prototypes alone, whose thresholds the learned similarity scale (about
-90 after training) inflates, since a prototype is at cosine 1 to itself; the midpoint then sat too high and every
-old-domain test case of one of two runs went to the new domain (d05ff4c). Setting the bias from the new samples
-alone (``margin / 2`` above their highest threshold) was worse: the new samples' thresholds without the prior lie
-far above old scans', and every old-domain case of every run went to the new domain (febffeb, reverted). A new
+reliable**: the other side is then the old prototypes alone, whose thresholds the learned similarity scale
+inflates, since a prototype is at cosine 1 to itself (our reading of the failure, not measured apart); the
+midpoint then sat too high and every old-domain test case of one of two runs went to the new domain (d05ff4c).
+Setting the bias from the new samples alone (``margin / 2`` above their highest threshold) was worse: the new
+samples' thresholds without the prior lie far above old scans', and every old-domain case of every run went to the
+new domain (febffeb, reverted). A new
 domain without a new slot gets no prior.
 
 The gate loss then trains the row as before.

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -103,10 +102,6 @@ def prototype_replay_term(router: nn.Module, old_domains: Sequence[int]) -> Tens
     return F.cross_entropy(router.routing_logits(phi), idx)
 
 
-#: gate-loss target of a sample the gate must not learn from (``F.cross_entropy``'s default ignore index)
-IGNORE_GATE = -100
-
-
 class ExtensionLoss(nn.Module):
     """The universal trainer's loss plus the extension terms (module docstring); called like it.
 
@@ -114,8 +109,7 @@ class ExtensionLoss(nn.Module):
     validation step, unchanged). ``extra``: a callable ``(out, domain) -> Tensor`` adding distillation and prototype
     replay (None: no extra term). ``gate_target``: a callable ``domain (B,) -> (B,)`` giving the gate loss's targets,
     ``IGNORE_GATE`` for samples the gate must not learn from (a new domain's samples whose new slots were hidden:
-    the new-slot prior says such a scan is not routed to it); the gate's cross-entropy is then averaged over the
-    other samples (None: the base loss's gate term, every sample).
+    the new-slot prior says such a scan is not routed to it), passed to the base loss (None: every sample).
     """
 
     def __init__(self, base: nn.Module, partial: PartialCases | None,
@@ -139,14 +133,10 @@ class ExtensionLoss(nn.Module):
 
     def forward(self, out: Any, targets: Sequence[Tensor], domain: Tensor, keys: Sequence[str] = ()) -> Tensor:
         scored = self.partial.split(out, keys) if self.partial is not None else out
-        gate = getattr(scored, "gate_logits", None)
-        if self.gate_target is None or gate is None or self.base.gate_weight <= 0:
+        if self.gate_target is None:
             total = self.base(scored, targets, domain, keys)
-        else:  # the base loss without its gate term, and the gate term over the samples it may learn from
-            total = self.base(dataclasses.replace(scored, gate_logits=None), targets, domain, keys)
-            target = self.gate_target(domain).to(gate.device)
-            ce = F.cross_entropy(gate.float(), target, ignore_index=IGNORE_GATE, reduction="sum")
-            total = total + self.base.gate_weight * ce / (target != IGNORE_GATE).sum().clamp_min(1)
+        else:
+            total = self.base(scored, targets, domain, keys, gate_target=self.gate_target(domain))
         if self.extra is not None:
             total = total + self.extra(out, domain)
         return total

@@ -82,6 +82,12 @@ class GrowthMap:
                    (len(old.domains), len(new.domains)), (_head_offsets(old)[1], start))
 
 
+def new_domain_slots(old: UniversalMeta, new: UniversalMeta) -> dict[str, list[str]]:
+    """Each domain of ``new`` that ``old`` lacks -> its slots that ``old`` lacks (possibly none): the sequences no
+    old-domain scan has, which the new-slot prior keys on (``extension/gate_calibration.py``)."""
+    return {d: [s for s in info.slots if s not in old.slots] for d, info in new.domains.items() if d not in old.domains}
+
+
 def _head_offsets(meta: UniversalMeta) -> tuple[dict[str, int], int]:
     """Each domain's first head channel (its background; the heads' layout: per domain 1 + K_d channels, in
     domain order) and the total number of head channels."""

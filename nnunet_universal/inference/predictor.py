@@ -332,13 +332,14 @@ class UniversalPredictor(nnUNetPredictor):
             stack.enter_context(_results_channels(self, net.heads.num_pass_channels))
             aggregated = super().predict_sliding_window_return_logits(input_image)
             patch, step = self.configuration_manager.patch_size, self.tile_step_size
-            if case.count == case_tiles(input_image.shape, patch, step):
+            tiles = case_tiles(input_image.shape, patch, step)
+            if case.count == tiles:
                 routing = net.routing_weights(case.mean()[None]).float()[0].cpu()  # (D,)
-        if case.count != case_tiles(input_image.shape, patch, step):
+        if case.count != tiles:
             # nnU-Net restarted the sliding window (its results buffer did not fit on the device): the embedding
             # holds tiles of both tries; the aggregate is the second try's, only the routing is computed again
             logger.warning("the one-pass sliding window saw %d tiles for %d: computing the case's routing in a "
-                           "separate pass", case.count, case_tiles(input_image.shape, patch, step))
+                           "separate pass", case.count, tiles)
             routing, _ = case_routing(self.network, input_image, patch, step, availability=availability)
         decision = decide_routing(routing, "hard", net.options.routing_confidence,
                                   [self.meta.domain_label_ids(n) for n in self.meta.domain_names])

@@ -169,14 +169,11 @@ class UniversalTrainer_Extend(UniversalTrainer):
     def _new_slots(self) -> dict[int, list[int]]:
         """New domain -> indices (in the extended dataset's slot order) of its slots the old model did not have;
         only domains that have some."""
+        from nnunet_universal.extension.weights import new_domain_slots
+
         meta = self._plans_meta()
-        old = set(self._old_meta.domain_names)
-        out = {}
-        for d, name in enumerate(self.domain_names):
-            new_slots = [s for s in meta.domains[name].slots if s not in self._old_meta.slots]
-            if name not in old and new_slots:
-                out[d] = [meta.slots.index(s) for s in new_slots]
-        return out
+        return {self.domain_names.index(d): [meta.slots.index(s) for s in slots]
+                for d, slots in new_domain_slots(self._old_meta, meta).items() if slots}
 
     def _new_slot_columns(self, net: torch.nn.Module) -> dict[int, list[int]]:
         """New domain -> the phi columns of its new slots (phi ends in the slot-availability vector)."""
@@ -257,8 +254,8 @@ class UniversalTrainer_Extend(UniversalTrainer):
     def _gate_targets(self, domain: torch.Tensor) -> torch.Tensor:
         """(B,) the gate loss's targets of the current step: ``IGNORE_GATE`` for a new domain's samples whose new
         slots were hidden by modality dropout (with the new-slot prior such a scan is not routed to that domain;
-        without this mask a benchmark run still sent slot-less old scans there), else the domain."""
-        from nnunet_universal.extension.losses import IGNORE_GATE
+        these samples would teach the gate the opposite), else the domain."""
+        from nnunet_universal.trainers.losses import IGNORE_GATE
 
         availability = self._step_availability.to(domain.device)
         target = domain

@@ -194,7 +194,8 @@ class PartialLabelLoss(nn.Module):
                     raise _label_error(target[groups[d]], b, names, self.domain_names[d])
         return local
 
-    def forward(self, out: Any, targets: Sequence[Tensor], domain: Tensor, keys: Sequence[str] = ()) -> Tensor:
+    def forward(self, out: Any, targets: Sequence[Tensor], domain: Tensor, keys: Sequence[str] = (),
+                gate_target: Tensor | None = None) -> Tensor:
         """Loss of one step.
 
         Args:
@@ -202,9 +203,11 @@ class PartialLabelLoss(nn.Module):
             targets: per DS scale, the union-id target ``(B, 1, *spatial_s)``.
             domain: ``(B,)`` long, each sample's domain index.
             keys: case ids of the batch (error messages).
+            gate_target: ``(B,)`` the gate loss's targets where they differ from ``domain``: ``IGNORE_GATE`` for
+                samples the gate must not learn from (extension training); None: ``domain``.
         """
         if self.objective == "domain_heads" and getattr(out, "logits", None) is not None:
-            return self._forward_grouped(out, targets, domain, keys)
+            return self._forward_grouped(out, targets, domain, keys, gate_target)
         batch = domain.shape[0]
         total = targets[0].new_zeros((), dtype=torch.float32)
         if self.objective != "naive":
@@ -221,10 +224,11 @@ class PartialLabelLoss(nn.Module):
                 total = total + w * (idx.numel() / batch) * self.dc_ce(logits, local)
         gate = getattr(out, "gate_logits", None)
         if self.objective == "domain_heads" and gate is not None and self.gate_weight > 0:
-            total = total + self.gate_weight * F.cross_entropy(gate.float(), domain.to(gate.device))
+            total = total + self.gate_weight * _gate_term(gate, domain, gate_target)
         return total
 
-    def _forward_grouped(self, out: Any, targets: Sequence[Tensor], domain: Tensor, keys: Sequence[str]) -> Tensor:
+    def _forward_grouped(self, out: Any, targets: Sequence[Tensor], domain: Tensor, keys: Sequence[str],
+                         gate_target: Tensor | None = None) -> Tensor:
         """The domain-head loss from the full head outputs ``out.logits`` (module docstring): the per-domain loop's
         value, one pass over all domains per scale."""
         tab = self._tables()
@@ -254,8 +258,22 @@ class PartialLabelLoss(nn.Module):
                                                LOCAL_IGNORE if self.ignore_label is not None else None)
         gate = getattr(out, "gate_logits", None)
         if gate is not None and self.gate_weight > 0:
-            total = total + self.gate_weight * F.cross_entropy(gate.float(), domain.to(gate.device))
+            total = total + self.gate_weight * _gate_term(gate, domain, gate_target)
         return total if isinstance(total, Tensor) else targets[0].new_zeros((), dtype=torch.float32)
+
+
+#: gate-loss target of a sample the gate must not learn from (``F.cross_entropy``'s default ignore index)
+IGNORE_GATE = -100
+
+
+def _gate_term(gate: Tensor, domain: Tensor, gate_target: Tensor | None) -> Tensor:
+    """The gate's cross-entropy (B, D) logits vs each sample's domain; with ``gate_target`` its targets, averaged over
+    the samples not marked ``IGNORE_GATE`` (0 when all are: no NaN, no host synchronization)."""
+    if gate_target is None:
+        return F.cross_entropy(gate.float(), domain.to(gate.device))
+    target = gate_target.to(gate.device)
+    ce = F.cross_entropy(gate.float(), target, ignore_index=IGNORE_GATE, reduction="sum")
+    return ce / (target != IGNORE_GATE).sum().clamp_min(1)
 
 
 class _GroupedTables:
