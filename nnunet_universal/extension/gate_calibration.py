@@ -25,25 +25,27 @@ is set in two steps, every other row left as it is:
    generalized badly (``scripts/benchmark_extension.py`` at 4a89630: the new-parts extension, whose old rows and
    similarity scale stay frozen, ended up routing every old-domain test case to the new domain).
 
-**New-slot prior** (``slot_prior``; every extension trainer, ``gate_new_slot_margin``): the old domains'
-prototypes, a handful of means, are poor stand-ins for old-domain scans, and even the old samples of the first
-steps are few: a bias set between them and the new samples sent real old scans to the new domain (no-old-data mode
-at add2983: all 20 old-domain test cases; new parts with the old data in a repeat at f54403d: 3 of 10 UCSF-like).
-One feature is exact for every old-domain scan: the availability of a slot the old model did not have is 0 for it,
-whatever the encoder learns. So before step 1 the new row's weights on the new domain's new slots are set to
-``margin`` nats (split over its new slots), and the bias is set from the new domain's samples that have all of
-those slots: the bias, halfway between the new samples and the rest, has ``margin / 2`` more room on each side.
-The trainers use 100 nats and leave the new domain's samples without their new slots out of the gate loss (they
-would teach the gate the opposite). With the old data this routed every test case of both benchmark runs right
-(d05ff4c); with 10 nats the gate loss moved the row until old scans whose slots were exactly the new domain's old
-ones (UCSF-like cases without SUB) went to the new domain (3 of 10 at 77a349f). **Without the old data it is not
-reliable**: the other side is then the old prototypes alone, whose thresholds the learned similarity scale
-inflates, since a prototype is at cosine 1 to itself (our reading of the failure, not measured apart); the
-midpoint then sat too high and every old-domain test case of one of two runs went to the new domain (d05ff4c).
-Setting the bias from the new samples alone (``margin / 2`` above their highest threshold) was worse: the new
-samples' thresholds without the prior lie far above old scans', and every old-domain case of every run went to the
-new domain (febffeb, reverted). A new
-domain without a new slot gets no prior.
+**New-slot prior** (``slot_prior``; every extension trainer, ``gate_new_slot_margin`` its floor): the old
+domains' prototypes, a handful of means, are poor stand-ins for old-domain scans, and even the old samples of the
+first steps are few: a bias set between them and the new samples sent real old scans to the new domain (no-old-data
+mode at add2983: all 20 old-domain test cases; new parts with the old data in a repeat at f54403d: 3 of 10
+UCSF-like). One feature is exact for every old-domain scan: the availability of a slot the old model did not have
+is 0 for it, whatever the encoder learns. So before step 1 the new row's weights on the new domain's new slots are
+set to ``M`` nats (split over its new slots), and the bias is set from the new domain's samples that have all of
+those slots, halfway between them and the rest. ``M`` (:func:`prior_margin`) is not fixed: it grows with the range
+of the calibration thresholds and the bound of the similarity scale, so the two sides always separate and lie
+hundreds of nats from the bias. In effect the new slot decides: a scan with it goes to the new domain, a scan
+without it keeps the old model's choice among the old domains (the new domain's own scans without their new slot
+too: the stated price). A fixed 100 nats routed every test case right with the old data (d05ff4c, two runs) but
+not without it: the other side is then the old prototypes alone, whose thresholds the learned similarity scale
+(about 90) inflates, since a prototype is at cosine 1 to itself, and the midpoint sat above old scans that look
+partly like the new domain (every old-domain test case of one of two runs went to the new domain; the effect is
+reproduced in ``tests/test_gate_calibration.py``). Setting the bias from the new samples alone (``margin / 2`` above
+their highest threshold) was worse (febffeb, reverted: every old-domain case of every run). The trainers also leave
+the new domain's samples without their new slots out of the gate loss (they would teach the gate the opposite).
+With the saturated margins the gate loss's gradients on the row vanish, so the row stays where the calibration put
+it. A new domain without a new slot gets no prior: its routing against old scans then rests on the calibration
+alone, and without the old data on the prototypes alone (not reliable; ``extend --no-old-data`` warns).
 
 The gate loss then trains the row as before.
 """
@@ -78,7 +80,7 @@ class Calibration:
     def describe(self, names: list[str]) -> str:
         how = "separable by the bias alone" if self.separable else "not separable by the bias alone"
         fit = "; row then fitted to the routing loss" if self.fitted else ""
-        prior = (f"; new-slot prior: +{self.slot_margin:g} nats when its new slot(s) are present, bias set from "
+        prior = (f"; new-slot prior: +{self.slot_margin:.0f} nats when its new slot(s) are present, bias set from "
                  "its samples that have them") if self.slot_margin else ""
         return (f"gate row of new domain {names[self.domain]}: bias {self.bias_before:.2f} -> {self.bias_after:.2f} "
                 f"({how}{fit}{prior}); routes {self.own_right}/{self.own_total} of its "
@@ -158,16 +160,31 @@ def set_slot_prior(router: DomainRouter, new: int, columns: list[int], margin: f
     router.gate.weight[new, columns] = margin / len(columns)
 
 
+def prior_margin(floor: float, thresholds: Tensor) -> float:
+    """Nats the new-slot prior puts on a new domain's new slots: ``floor + 2 R + 8 s_max``.
+
+    ``thresholds`` (N,): every calibration sample's and old prototype's routing threshold before the prior; ``R``
+    their range; ``s_max`` the bound of the learned similarity scale. With the bias at the midpoint, the new
+    domain's samples with their new slots and everything else then lie at least ``floor / 2 + R / 2 + 4 s_max`` nats
+    on their side of it: the prototypes' and the new samples' thresholds are separated whatever the gate learned,
+    and an unseen scan's threshold would have to leave the observed range by more than ``R / 2`` plus the largest
+    change the two similarity terms can make to a threshold (``4 s``: two cosines, each moving by at most 2) before
+    the routing changes sides."""
+    spread = float(thresholds.max() - thresholds.min()) if thresholds.numel() else 0.0
+    return float(floor) + 2.0 * spread + 8.0 * DomainRouter.SCALE_RANGE[1]
+
+
 @torch.no_grad()
 def calibrate_new_rows(router: DomainRouter, phi: Tensor, domain: Tensor, new_domains: list[int],
                        old_domains: list[int], fit_l2: float | None = None,
-                       slot_prior: dict[int, list[int]] | None = None, margin: float = 10.0) -> list[Calibration]:
+                       slot_prior: dict[int, list[int]] | None = None, margin: float = 100.0) -> list[Calibration]:
     """Set the gate bias of every new domain with samples in ``phi`` (N, F) / ``domain`` (N,) and an initialized
     prototype (module docstring, step 1), then with ``fit_l2`` also fit its row (step 2, that L2 weight); returns
     what was done per domain. The old domains' initialized prototypes are added as samples of their domains.
 
     ``slot_prior``: new domain -> phi columns of its new slots' availability (new-slot prior): the row's weights
-    there are set to ``margin`` nats first and the bias is chosen on the domain's samples with all of them present.
+    there are set to :func:`prior_margin` nats (``margin`` its floor) first and the bias is chosen on the domain's
+    samples with all of them present.
     """
     phi, domain = phi.detach().float(), domain.detach().long().to(phi.device)
     protos = [d for d in old_domains if bool(router.prototype_initialized[d])]
@@ -182,9 +199,10 @@ def calibrate_new_rows(router: DomainRouter, phi: Tensor, domain: Tensor, new_do
             continue
         before = float(router.gate.bias[n])
         columns = (slot_prior or {}).get(n) or []
-        own = mine
+        own, nats = mine, 0.0
         if columns:
-            set_slot_prior(router, n, columns, margin)
+            nats = prior_margin(margin, routing_thresholds(router, phi, n))
+            set_slot_prior(router, n, columns, nats)
             present = mine & (phi[:, columns] > 0.5).all(dim=1)
             own = present if bool(present.any()) else mine
         t = routing_thresholds(router, phi, n)
@@ -195,5 +213,5 @@ def calibrate_new_rows(router: DomainRouter, phi: Tensor, domain: Tensor, new_do
         routed = router.route(phi, hard=True).argmax(1) == n
         done.append(Calibration(n, before, float(router.gate.bias[n]), int(routed[mine].sum()), int(mine.sum()),
                                 int((~routed[~mine]).sum()), int((~mine).sum()), separable, fit_l2 is not None,
-                                float(margin) if columns else 0.0))
+                                nats))
     return done

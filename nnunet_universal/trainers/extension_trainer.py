@@ -10,9 +10,10 @@ They read the plans' ``universal.extension`` block that ``extend`` writes, and d
   plus U-Harmony's parameters;
 * **gate** (``extension/gate_calibration.py``): a new domain's gate row, which ``extend`` starts far below the old
   ones, is calibrated once on the new domain's first training samples (its bias set so that the gate routes them
-  to it and the old domains' samples and prototypes not), then trained by the gate loss as before;
-  Before that the row gets ``gate_new_slot_margin`` nats on the availability of the new domain's new slots, if it
-  has any (the one feature that is exact for every old-domain scan: 0, since the old model had no such slot);
+  to it and the old domains' samples and prototypes not), then trained by the gate loss as before.
+  Before that the row gets hundreds of nats (``gate_new_slot_margin`` plus the calibration thresholds' range and
+  the similarity bound) on the availability of the new domain's new slots, if it has any: the one feature that is
+  exact for every old-domain scan (0, since the old model had no such slot), so the new slot decides the routing;
 * **loss** (``extension/losses.py``): old cases of a domain that gained classes are scored on the marginal of the
   domain's head; in no-old-data mode the old domains' prototypes are replayed in the gate loss and, when the old
   heads train (``UniversalTrainer_ExtendNoOldDataAll``), the old model's head outputs on the new scans are
@@ -72,8 +73,8 @@ class UniversalTrainer_Extend(UniversalTrainer):
     distill_temperature: ClassVar[float] = 2.0
     #: old domains' prototypes in the gate loss (no-old-data mode)
     prototype_replay: ClassVar[bool] = False
-    #: nats on a new domain's new slots' availability in its gate row before its bias is set (None: no prior); large
-    #: enough that a scan without them is never routed there (10 was not: extension/gate_calibration.py)
+    #: floor of the nats on a new domain's new slots' availability in its gate row before its bias is set (None: no
+    #: prior); the calibration adds the thresholds' range and the similarity bound (extension/gate_calibration.py)
     gate_new_slot_margin: ClassVar[float | None] = 100.0
 
     # ---- start, schedule, freezing --------------------------------------------------------------------
