@@ -441,6 +441,7 @@ def test_new_parts_extension_predicts_old_domains_as_before(extended):
     log = next((model / "fold_0").glob("training_log_*.txt")).read_text()
     assert "initial weights extension_init_" in log and "trainable=new" in log, proc.stdout[-2000:]
     assert "gate row of new domain ct: bias" in log and "nats when its new slot(s) are present" in log, log[-3000:]
+    assert "(separable by the bias alone; new-slot prior" in log, log[-3000:]  # phi's normalized availability
     root = extended["root"]
     out_ct = root / "pred_new_parts_ct"
     _run([_bin("nnunet-universal"), "predict", "-m", str(model), "-i", str(_new_domain_test_inputs(extended, root)),

@@ -188,6 +188,35 @@ def test_prior_holds_at_a_high_learned_similarity_scale():
     assert bool((r.route(phi[mine], hard=True).argmax(1) == 2).all())
 
 
+def test_prior_margin_holds_on_the_networks_normalized_availability():
+    """phi's availability part is L2-normalized like every part (a present slot holds 1/(2 sqrt(n)) with n slots
+    present): the prior's weights account for it, so every scan with the new slot present, however many slots it
+    has, scores at least the margin more than without it. (Weights for an availability of 1, as before, gave a
+    scan with all five slots a quarter-margin or less.)"""
+    from nnunet_universal.extension.gate_calibration import set_slot_prior
+    from nnunet_universal.nn.universal_unet import gate_embedding, smallest_present_slot_value
+
+    g = torch.Generator().manual_seed(0)
+    slots = 5
+    availability = torch.tril(torch.ones(slots, slots, dtype=torch.bool)).flip(1)  # 1..5 slots, the last always
+    b = availability.shape[0]
+
+    def phi(av: torch.Tensor) -> torch.Tensor:
+        return gate_embedding(torch.randn(b, 8, generator=g), [torch.randn(b, 4, generator=g),
+                                                               torch.randn(b, 6, generator=g)], av)
+
+    with_slot, without = phi(availability), phi(availability & (torch.arange(slots) < slots - 1))
+    column = with_slot.shape[1] - 1
+    for value, holds in ((smallest_present_slot_value(slots), True), (1.0, False)):
+        r = DomainRouter(with_slot.shape[1], 2)
+        with torch.no_grad():
+            r.gate.weight.zero_()
+        set_slot_prior(r, 1, [column], 100.0, value)
+        gain = (r.gate_logits(with_slot)[:, 1] - r.gate_logits(without)[:, 1]).detach()  # slot column only
+        assert bool((gain >= 100.0 - 1e-3).all()) is holds, gain
+    assert float(gain.detach().min()) < 50.0
+
+
 def test_without_the_prior_prototypes_alone_misroute_old_scans():
     """The same data without the prior: the bias between the new samples and the prototypes sends old scans that lie
     off their prototype to the new domain (why the prior exists)."""

@@ -31,21 +31,27 @@ first steps are few: a bias set between them and the new samples sent real old s
 mode at add2983: all 20 old-domain test cases; new parts with the old data in a repeat at f54403d: 3 of 10
 UCSF-like). One feature is exact for every old-domain scan: the availability of a slot the old model did not have
 is 0 for it, whatever the encoder learns. So before step 1 the new row's weights on the new domain's new slots are
-set to ``M`` nats (split over its new slots), and the bias is set from the new domain's samples that have all of
-those slots, halfway between them and the rest. ``M`` (:func:`prior_margin`) is not fixed: it grows with the range
-of the calibration thresholds and the bound of the similarity scale, so the two sides always separate and lie
-hundreds of nats from the bias. In effect the new slot decides: a scan with it goes to the new domain, a scan
-without it keeps the old model's choice among the old domains (the new domain's own scans without their new slot
-too: the stated price). A fixed 100 nats routed every test case right with the old data (d05ff4c, two runs) but
-not without it: the other side is then the old prototypes alone, whose thresholds the learned similarity scale
-(about 90) inflates, since a prototype is at cosine 1 to itself, and the midpoint sat above old scans that look
-partly like the new domain (every old-domain test case of one of two runs went to the new domain; the effect is
-reproduced in ``tests/test_gate_calibration.py``). Setting the bias from the new samples alone (``margin / 2`` above
-their highest threshold) was worse (febffeb, reverted: every old-domain case of every run). The trainers also leave
-the new domain's samples without their new slots out of the gate loss (they would teach the gate the opposite).
-With the saturated margins the gate loss's gradients on the row vanish, so the row stays where the calibration put
-it. A new domain without a new slot gets no prior: its routing against old scans then rests on the calibration
-alone, and without the old data on the prototypes alone (not reliable; ``extend --no-old-data`` warns).
+set so that a scan with them present gets ``M`` more nats (split over its new slots; phi's availability part is
+L2-normalized like its other parts, so a present slot's entry is ``1 / (2 sqrt(n))`` with ``n`` slots present and
+the weights are scaled by the smallest such value), and the bias is set from the new domain's samples that have
+all of those slots, halfway between them and the rest. ``M`` (:func:`prior_margin`) grows with the range of the
+calibration thresholds and the bound of the similarity scale, so the two sides always separate and lie hundreds of
+nats from the bias. In effect the new slot decides: a scan with it goes to the new domain, a scan without it keeps
+the old model's choice among the old domains (the new domain's own scans without their new slot too: the stated
+price). The trainers also leave the new domain's samples without their new slots out of the gate loss (they would
+teach the gate the opposite). With the saturated margins the gate loss's gradients on the row vanish, so the row
+stays where the calibration put it.
+
+History (``scripts/benchmark_extension.py`` runs): up to e9a2948 the prior's weights assumed an availability entry
+of 1 and its "samples that have them" test (entry > 0.5) never held on phi's normalized entries, so the "100 nats"
+were about 25 for a scan with four slots and the bias was set from all the new samples, those whose new slot was
+hidden included. That routed every test case right with the old data (d05ff4c, two runs) but not without it: the
+other side is then the old prototypes alone, whose thresholds the learned similarity scale (about 90) inflates
+(a prototype is at cosine 1 to itself), and every old-domain test case of one of two runs went to the new domain
+(the inflation is reproduced in ``tests/test_gate_calibration.py``). Setting the bias from the new samples alone
+was worse (febffeb, reverted: every old-domain case of every run). A new domain without a new slot gets no prior:
+its routing against old scans then rests on the calibration alone, and without the old data on the prototypes
+alone (not reliable; ``extend --no-old-data`` warns).
 
 The gate loss then trains the row as before.
 """
@@ -151,13 +157,18 @@ def fit_row(router: DomainRouter, phi: Tensor, domain: Tensor, n: int, l2: float
 
 
 @torch.no_grad()
-def set_slot_prior(router: DomainRouter, new: int, columns: list[int], margin: float) -> None:
-    """New-slot prior (module docstring): gate row ``new`` gets ``margin / len(columns)`` on each of ``columns``
-    (the phi columns of its new slots' availability), so a sample with all of them present scores ``margin``
-    nats more for it than the same sample without."""
+def set_slot_prior(router: DomainRouter, new: int, columns: list[int], margin: float,
+                   present_value: float = 1.0) -> None:
+    """New-slot prior (module docstring): gate row ``new`` gets ``margin / (len(columns) * present_value)`` on each
+    of ``columns`` (the phi columns of its new slots' availability), so a sample with all of them present scores at
+    least ``margin`` nats more for it than the same sample without. ``present_value``: the smallest value a present
+    slot's column takes (phi normalizes its availability part: ``smallest_present_slot_value`` of
+    ``nn/universal_unet.py``)."""
     if margin <= 0:
         raise ValueError(f"the new-slot margin must be > 0 nats, got {margin}")
-    router.gate.weight[new, columns] = margin / len(columns)
+    if present_value <= 0:
+        raise ValueError(f"a present slot's value in phi must be > 0, got {present_value}")
+    router.gate.weight[new, columns] = margin / (len(columns) * present_value)
 
 
 def prior_margin(floor: float, thresholds: Tensor) -> float:
@@ -177,14 +188,16 @@ def prior_margin(floor: float, thresholds: Tensor) -> float:
 @torch.no_grad()
 def calibrate_new_rows(router: DomainRouter, phi: Tensor, domain: Tensor, new_domains: list[int],
                        old_domains: list[int], fit_l2: float | None = None,
-                       slot_prior: dict[int, list[int]] | None = None, margin: float = 100.0) -> list[Calibration]:
+                       slot_prior: dict[int, list[int]] | None = None, margin: float = 100.0,
+                       present_value: float = 1.0) -> list[Calibration]:
     """Set the gate bias of every new domain with samples in ``phi`` (N, F) / ``domain`` (N,) and an initialized
     prototype (module docstring, step 1), then with ``fit_l2`` also fit its row (step 2, that L2 weight); returns
     what was done per domain. The old domains' initialized prototypes are added as samples of their domains.
 
     ``slot_prior``: new domain -> phi columns of its new slots' availability (new-slot prior): the row's weights
-    there are set to :func:`prior_margin` nats (``margin`` its floor) first and the bias is chosen on the domain's
-    samples with all of them present.
+    there are set so that a scan with all of them present gets :func:`prior_margin` nats (``margin`` its floor;
+    ``present_value``: the smallest value a present slot's column of phi takes) first, and the bias is chosen on the
+    domain's samples with all of them present (non-zero columns).
     """
     phi, domain = phi.detach().float(), domain.detach().long().to(phi.device)
     protos = [d for d in old_domains if bool(router.prototype_initialized[d])]
@@ -202,8 +215,8 @@ def calibrate_new_rows(router: DomainRouter, phi: Tensor, domain: Tensor, new_do
         own, nats = mine, 0.0
         if columns:
             nats = prior_margin(margin, routing_thresholds(router, phi, n))
-            set_slot_prior(router, n, columns, nats)
-            present = mine & (phi[:, columns] > 0.5).all(dim=1)
+            set_slot_prior(router, n, columns, nats, present_value)
+            present = mine & (phi[:, columns] > 0).all(dim=1)
             own = present if bool(present.any()) else mine
         t = routing_thresholds(router, phi, n)
         bias, separable = choose_bias(t[own], t[~mine])

@@ -157,6 +157,17 @@ def embedding_size(encoder: nn.Module, num_slots: int) -> int:
     return stage_channels[-1] + 2 * stage_channels[0] + 2 * sum(stage_channels) + num_slots
 
 
+#: parts of phi, each L2-normalized and scaled by 1 / sqrt(parts): pooled, first style, stage styles, slots
+EMBEDDING_PARTS = 4
+
+
+def smallest_present_slot_value(num_slots: int) -> float:
+    """The smallest value a present slot's availability entry of phi takes: ``1 / sqrt(parts * C)``, when all C
+    slots are present (the availability part is normalized like every part, so each of ``n`` present slots holds
+    ``1 / sqrt(parts * n)``)."""
+    return 1.0 / math.sqrt(EMBEDDING_PARTS * num_slots)
+
+
 def gate_embedding(pooled: Tensor, styles: list[Tensor | None], availability: Tensor) -> Tensor:
     """The gate's embedding phi (B, F): pooled bottleneck features, the style statistics of the first
     normalization's input, those of every encoder stage's last normalization, and the slots present; each part
@@ -175,6 +186,7 @@ def gate_embedding(pooled: Tensor, styles: list[Tensor | None], availability: Te
     # p / max(||p||, 1e-12) per part up to float round-off; the norm's floor is applied to its square, so that a
     # zero part has a zero (not NaN) gradient through its norm, as with F.normalize
     sizes = (pooled.shape[1], styles[0].shape[1], sum(st.shape[1] for st in styles[1:]), availability.shape[1])
+    assert len(sizes) == EMBEDDING_PARTS
     member, index = _segments(sizes, pooled.device)
     v = torch.cat([_float(pooled), *(_float(st) for st in styles), availability.to(torch.float32)], dim=1)
     norms = torch.mm(v * v, member).clamp_min(1e-24).sqrt()  # (B, parts)
@@ -212,6 +224,7 @@ def _harmony_layout(style_channels: tuple[int, ...], pooled: int, slots: int,
         with torch.inference_mode(False):  # normal tensors even when first made under inference mode
             is_log = torch.cat([torch.arange(2 * c) >= c for c in style_channels]).unsqueeze(1)
             sizes = (pooled, 2 * style_channels[0], 2 * sum(style_channels[1:]), slots)
+            assert len(sizes) == EMBEDDING_PARTS
             member, _ = _segments(sizes, device)
             sign = torch.cat([torch.ones(pooled), torch.where(is_log[:, 0], -1.0, 1.0), torch.ones(slots)])
             expand = member.T.cpu() * (sign * math.sqrt(len(sizes)))  # sqrt(4) = 2: exact

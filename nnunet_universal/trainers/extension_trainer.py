@@ -214,6 +214,7 @@ class UniversalTrainer_Extend(UniversalTrainer):
         import torch.distributed as dist
 
         from nnunet_universal.extension.gate_calibration import calibrate_new_rows
+        from nnunet_universal.nn.universal_unet import smallest_present_slot_value
 
         router = unwrap(self.network).router
         old = [d for d in range(len(self.domain_names)) if d not in self._calibrate]
@@ -221,7 +222,8 @@ class UniversalTrainer_Extend(UniversalTrainer):
         if self._gate_phi:
             done = calibrate_new_rows(router, torch.cat(self._gate_phi), torch.cat(self._gate_domain),
                                       self._calibrate, old, fit_l2=self.gate_row_fit_l2, slot_prior=self._slot_prior,
-                                      margin=self.gate_new_slot_margin or 0.0)
+                                      margin=self.gate_new_slot_margin or 0.0,
+                                      present_value=smallest_present_slot_value(len(self._plans_meta().slots)))
         for c in done:
             self.print_to_log_file(c.describe(self.domain_names))
         if self.is_ddp:
