@@ -101,9 +101,9 @@ def _cmd_extend(a: argparse.Namespace) -> int:
 
     out = extend_model(Path(a.model), a.datasets, a.dataset_id, a.name, holdout=a.holdout, fold=a.fold,
                        checkpoint=a.checkpoint, num_processes=a.num_processes, no_old_data=a.no_old_data)
-    mode = ("NO-OLD-DATA mode: only the new data; the old parts stay frozen (old domains' outputs unchanged), but the "
-            "gate's routing of old-domain scans is not reliable without the old data: predict them with --domain\n"
-            if a.no_old_data else "")
+    mode = ("NO-OLD-DATA mode: only the new data; the old parts stay frozen (old domains' outputs unchanged) and the "
+            "gate sends a scan to a new domain only when that domain's new sequence is present (new-slot prior), so "
+            "old-domain scans keep the old model's routing\n" if a.no_old_data else "")
     for d in out.get("no_new_slot", []):
         mode += (f"WARNING: new domain {d} brings no sequence the old model lacks: without the old data its gate row "
                  "is set from the old domains' prototypes alone, which is not reliable (measured); extend with the "
@@ -317,9 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-old-data", action="store_true",
                    help="the old training data are not available: the extended dataset holds only the new data, "
                         "trained with -tr UniversalTrainer_ExtendNoOldData (only the new parts train, the old "
-                        "domains' outputs stay the old model's; routing old-domain scans is not reliable without the "
-                        "old data: predict them with --domain); the mode is recorded in the dataset's provenance and "
-                        "the model's plans")
+                        "domains' outputs stay the old model's; old-domain scans keep their routing when each new "
+                        "domain brings a new sequence, else extend warns); the mode is recorded in the dataset's "
+                        "provenance and the model's plans")
     s.set_defaults(func=_cmd_extend)
 
     s = add("plan", "fingerprint, plan and preprocess a merged dataset (plans: nnUNetUniversalPlans)",
