@@ -101,9 +101,10 @@ def _cmd_extend(a: argparse.Namespace) -> int:
 
     out = extend_model(Path(a.model), a.datasets, a.dataset_id, a.name, holdout=a.holdout, fold=a.fold,
                        checkpoint=a.checkpoint, num_processes=a.num_processes, no_old_data=a.no_old_data)
-    mode = ("NO-OLD-DATA mode: only the new data; the old parts stay frozen (old domains' outputs unchanged) and the "
-            "gate sends a scan to a new domain only when that domain's new sequence is present (new-slot prior), so "
-            "old-domain scans keep the old model's routing\n" if a.no_old_data else "")
+    mode = ("NO-OLD-DATA mode: only the new data. UniversalTrainer_ExtendNoOldData keeps the old parts frozen (old "
+            "domains' outputs unchanged); for a new domain that brings a new sequence the gate sends a scan there "
+            "only when that sequence is present (new-slot prior), so old-domain scans keep the old model's routing\n"
+            if a.no_old_data else "")
     for d in out.get("no_new_slot", []):
         mode += (f"WARNING: new domain {d} brings no sequence the old model lacks: without the old data its gate row "
                  "is set from the old domains' prototypes alone, which is not reliable (measured); extend with the "
@@ -302,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_merge)
 
     s = add("extend", "add converted datasets (new domains, classes, slots) to a trained universal model: extended "
-            "dataset, plans, preprocessing and an initial checkpoint for nnUNetv2_train -pretrained_weights",
+            "dataset, plans, preprocessing and an initial checkpoint the extension trainers start from",
             "nnunet-universal extend -m $nnUNet_results/Dataset600_Universal/UniversalTrainer__nnUNetUniversalPlans__"
             "3d_fullres 505 -d 610 -n UniversalPlusMSD --holdout 10")
     s.add_argument("-m", "--model", required=True, help="trained model folder (…/Trainer__Plans__Configuration)")

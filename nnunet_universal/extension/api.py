@@ -20,10 +20,11 @@ sampler replays them (p(domain) ∝ n^0.5, as in any universal training).
 
 No-old-data mode (``no_old_data``): the extended dataset holds only the new data (the old one need not be in
 $nnUNet_raw); ``UniversalTrainer_ExtendNoOldData`` trains only the new parts (the old domains keep the old model's
-function) and routes a scan to a new domain only when that domain's new slots are present (the new-slot prior of
-``extension/gate_calibration.py``); ``UniversalTrainer_ExtendNoOldDataAll`` trains everything with distillation
-from the old model. The mode is written into the dataset's provenance, the plans' extension block (copied into the model
-folder) and ``extension.json``.
+function) and, for a new domain that brings new slots, routes a scan to it only when they are present (the
+new-slot prior of ``extension/gate_calibration.py``; a new domain without one is reported in ``no_new_slot``);
+``UniversalTrainer_ExtendNoOldDataAll`` trains everything with distillation from the old model. The mode is
+written into the dataset's provenance, the plans' extension block (copied into the model folder) and
+``extension.json``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ They read the plans' ``universal.extension`` block that ``extend`` writes, and d
   plus U-Harmony's parameters;
 * **gate** (``extension/gate_calibration.py``): a new domain's gate row, which ``extend`` starts far below the old
   ones, is calibrated once on the new domain's first training samples (its bias set so that the gate routes them
-  to it and the old domains' samples and prototypes not), then trained by the gate loss as before.
+  to it and the old domains' samples and prototypes not), then trained by the gate loss as before (with the
+  new-slot prior, whose margins are hundreds of nats, its gradients on the row vanish).
   Before that the row gets hundreds of nats (``gate_new_slot_margin`` plus the calibration thresholds' range and
   the similarity bound) on the availability of the new domain's new slots, if it has any: the one feature that is
   exact for every old-domain scan (0, since the old model had no such slot), so the new slot decides the routing;
@@ -355,7 +356,8 @@ class UniversalTrainer_ExtendNewParts(UniversalTrainer_Extend):
 
 class UniversalTrainer_ExtendNewPartsHarmony(UniversalTrainer_Extend):
     """Extension training what the extension added plus U-Harmony's parameters (polynomial coefficients,
-    HarmonyRestore), the paper's modality adaptation; these are shared, so old domains drift (measured)."""
+    HarmonyRestore), the paper's modality adaptation; these are shared, so old domains may drift (not in the default
+    benchmark: ``scripts/benchmark_extension.py --variants new_parts_harmony`` measures it)."""
 
     trainable: ClassVar[str] = "new+harmony"
 
