@@ -496,8 +496,11 @@ def combined_report(files: list[tuple[str, dict]]) -> str:
              "Runs: " + "; ".join(f"`{n}` (seed {r['config'].get('seed')})" for n, r in files) + ". Each run trains "
              "its own old model, joint model and extensions on the same data and test cases "
              f"({cfg['holdout']} per domain); an extension is compared with the old model and the joint model of its "
-             "own run. Dice % per domain: mean over runs of the mean over test cases, dataset-free.", ""]
-    head = ["model", "runs", "trained at", *[f"{d} Dice (Δ vs before)" for d in old_domains],
+             "own run. Dice % per domain: mean over runs of the mean over test cases, dataset-free. Train wall s: a "
+             "model's own training, mean over runs (one thread per run, runs side by side; an extension's excludes "
+             "the old model it starts from).", ""]
+    head = ["model", "runs", "iterations (% of scratch)", "train wall s (mean)", "trained at",
+            *[f"{d} Dice (Δ vs before)" for d in old_domains],
             f"{new} Dice (Δ vs scratch)", "routed right (all runs)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     goals = []
@@ -506,7 +509,13 @@ def combined_report(files: list[tuple[str, dict]]) -> str:
                 if name in r["runs"]]
         entries = [e for e, _, _ in both]
         commits = dict.fromkeys(c[:7] for e in entries for c in e["train_commit"].split(","))
-        cells = [labels[name], str(len(entries)), ", ".join(commits)]
+        scratch = cfg["schedule"][0] * cfg["schedule"][1]
+        its = sorted({e["iterations"][-1] for e in entries if e["iterations"]})
+        walls = [e["train_wall_s"][-1] for e in entries if e["train_wall_s"]]
+        ext = name not in ("old", "joint")
+        cells = [labels[name], str(len(entries)),
+                 "/".join(f"{it} ({100 * it / scratch:.0f} %)" for it in its) + (" + old model's" if ext else ""),
+                 f"{sum(walls) / len(walls):.0f}" if walls else "–", ", ".join(commits)]
         rows = []
         for d in [*old_domains, new]:
             if name == "old" and d == new:

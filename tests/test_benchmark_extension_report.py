@@ -69,7 +69,9 @@ def test_combine_reports_run_level_intervals_over_repeats(tmp_path):
     new = line.split("dom_c vs from scratch ")[1]
     assert new.startswith("-2.0 (run-level -3.0 to -1.0; per run -1.0, -3.0; within 2 points in 1 of 2 runs)"), new
     assert "dom_a vs before +0.0 (run-level +0.0 to +0.0" in line
-    assert "| extension, only the new parts trained | 2 |" in md
+    # compute per model: iterations against from scratch, mean training wall time
+    assert "| extension, only the new parts trained | 2 | 128 (27 %) + old model's | 60 |" in md
+    assert "| old model (before the extension) | 2 | 480 (100 %) | 60 |" in md
 
 
 def test_run_level_interval_needs_paired_runs():

@@ -431,8 +431,8 @@ def test_new_parts_trainer_freezes_the_old_model_and_defaults_to_a_quarter_sched
 def test_new_parts_extension_predicts_old_domains_as_before(extended):
     """``nnUNetv2_train … -tr UniversalTrainer_ExtendNewParts`` (no -pretrained_weights: the trainer starts from
     extend's checkpoint): the new domain's gate row is calibrated on its first samples, so its held-out scan is
-    routed to it after three steps (extend starts the row offset + s nats down, 20 with the fixture's untrained
-    scale of 10: without the calibration it never was);
+    routed to it after three steps (extend starts the row offset + s nats down, about 20 with the fixture's
+    scale near its initial 10: without the calibration it never was);
     mr_a's predictions are exactly the old model's; every old-domain scan is routed to the domain the old model
     chose; evaluate runs on the extended model's predictions."""
     proc = _run([_bin("nnUNetv2_train"), str(NEW_ID), "3d_fullres", "0", "-tr", "UniversalTrainer_ExtendNewParts",
