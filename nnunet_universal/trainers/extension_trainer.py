@@ -356,8 +356,8 @@ class UniversalTrainer_ExtendNewParts(UniversalTrainer_Extend):
 
 class UniversalTrainer_ExtendNewPartsHarmony(UniversalTrainer_Extend):
     """Extension training what the extension added plus U-Harmony's parameters (polynomial coefficients,
-    HarmonyRestore), the paper's modality adaptation; these are shared, so old domains may drift (not in the default
-    benchmark: ``scripts/benchmark_extension.py --variants new_parts_harmony`` measures it)."""
+    HarmonyRestore), the paper's modality adaptation; these are shared, so old domains drift (measured:
+    ``scripts/benchmark_extension.py --variants new_parts_harmony``)."""
 
     trainable: ClassVar[str] = "new+harmony"
 
