@@ -25,7 +25,7 @@ import torch
 
 from nnunet_universal.metadata import PLANS_NAME, CaseInfo, DomainInfo, UniversalMeta
 
-OLD_ID, CT_ID, NEW_ID, MRB_ID, NOOLD_ID = 981, 982, 983, 984, 985
+OLD_ID, CT_ID, NEW_ID, MRB_ID, NOOLD_ID, MRC_ID, NOSLOT_ID = 981, 982, 983, 984, 985, 986, 987
 SCHEDULE = "1:3:1"
 TINY_FEATURES = [8, 16, 32]
 OLD_SLOTS = ["T1", "T1c", "T2", "FLAIR"]
@@ -536,3 +536,24 @@ def test_no_old_data_extension(extended):
             expect = "ct" if case == "ct_case" else \
                 json.loads((out_old / f"{case}.routing.json").read_text())["inferred_domain"]
             assert rec["inferred_domain"] == expect, (trainer, case, rec)
+
+
+def test_no_old_data_extension_warns_for_a_new_domain_without_a_new_sequence(extended):
+    """``extend --no-old-data`` with a new domain that has only the old model's sequences (mr_b's data under a new
+    name): there is no new-slot prior for it, so its routing against old scans would rest on the old prototypes
+    alone; extend says so in a WARNING naming the domain and what to do."""
+    raw = extended["dirs"]["nnUNet_raw"]
+    src, dst = raw / f"Dataset{MRB_ID}_ExtMrB", raw / f"Dataset{MRC_ID}_ExtMrC"
+    shutil.copytree(src, dst)
+    dj = json.loads((dst / "dataset.json").read_text())
+    uni = dj["universal"]
+    uni["domains"] = {"mr_c": uni["domains"]["mr_b"]}
+    for info in uni["cases"].values():
+        info["domain"] = "mr_c"
+    dj["name"] = "ExtMrC"
+    (dst / "dataset.json").write_text(json.dumps(dj))
+    proc = _run([_bin("nnunet-universal"), "extend", "-m", str(extended["old_model"]), str(MRC_ID), "-d",
+                 str(NOSLOT_ID), "-n", "ExtNoSlot", "--holdout", "1", "-np", "1", "--no-old-data"], extended["env"])
+    assert "NO-OLD-DATA" in proc.stdout
+    assert "WARNING: new domain mr_c brings no sequence the old model lacks" in proc.stdout, proc.stdout[-2000:]
+    assert "predict old-domain scans with --domain" in proc.stdout
