@@ -25,7 +25,7 @@ import torch
 
 from nnunet_universal.metadata import PLANS_NAME, CaseInfo, DomainInfo, UniversalMeta
 
-OLD_ID, CT_ID, NEW_ID, MRB_ID, NOOLD_ID, MRC_ID, NOSLOT_ID = 981, 982, 983, 984, 985, 986, 987
+OLD_ID, CT_ID, NEW_ID, MRB_ID, NOOLD_ID, HOLDOUT_ID, MRC_ID, NOSLOT_ID = 981, 982, 983, 984, 985, 986, 987, 988
 SCHEDULE = "1:3:1"
 TINY_FEATURES = [8, 16, 32]
 OLD_SLOTS = ["T1", "T1c", "T2", "FLAIR"]
@@ -248,9 +248,10 @@ def test_extend_holds_out_the_cases_merge_would(extended):
     """The new data's test cases (``--holdout``) are the ones ``nnunet-universal merge --holdout`` picks from the
     same converted datasets, so an extended model and a joint model merged from scratch are scored on the same
     scans."""
-    _run([_bin("nnunet-universal"), "merge", str(CT_ID), str(MRB_ID), "-d", "986", "-n", "ExtHoldoutCheck",
+    _run([_bin("nnunet-universal"), "merge", str(CT_ID), str(MRB_ID), "-d", str(HOLDOUT_ID), "-n", "ExtHoldoutCheck",
           "--holdout", "1", "-j", "1"], extended["env"])
-    merged = json.loads((extended["dirs"]["nnUNet_raw"] / "Dataset986_ExtHoldoutCheck" / "dataset.json").read_text())
+    merged_dir = extended["dirs"]["nnUNet_raw"] / f"Dataset{HOLDOUT_ID}_ExtHoldoutCheck"
+    merged = json.loads((merged_dir / "dataset.json").read_text())
     ext = json.loads((extended["new_raw"] / "dataset.json").read_text())["universal"]["cases"]
 
     def held(cases: dict, prefixes: tuple[str, ...]) -> set[str]:
