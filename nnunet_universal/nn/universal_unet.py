@@ -186,11 +186,10 @@ def gate_embedding(pooled: Tensor, styles: list[Tensor | None], availability: Te
     # p / max(||p||, 1e-12) per part up to float round-off; the norm's floor is applied to its square, so that a
     # zero part has a zero (not NaN) gradient through its norm, as with F.normalize
     sizes = (pooled.shape[1], styles[0].shape[1], sum(st.shape[1] for st in styles[1:]), availability.shape[1])
-    assert len(sizes) == EMBEDDING_PARTS
     member, index = _segments(sizes, pooled.device)
     v = torch.cat([_float(pooled), *(_float(st) for st in styles), availability.to(torch.float32)], dim=1)
     norms = torch.mm(v * v, member).clamp_min(1e-24).sqrt()  # (B, parts)
-    return v / norms.index_select(1, index) / math.sqrt(len(sizes))
+    return v / norms.index_select(1, index) / math.sqrt(EMBEDDING_PARTS)  # sizes: the four parts
 
 
 def harmony_gate_embedding(pooled: Tensor, stats: list[tuple[Tensor, Tensor]], availability: Tensor) -> Tensor:
@@ -224,10 +223,9 @@ def _harmony_layout(style_channels: tuple[int, ...], pooled: int, slots: int,
         with torch.inference_mode(False):  # normal tensors even when first made under inference mode
             is_log = torch.cat([torch.arange(2 * c) >= c for c in style_channels]).unsqueeze(1)
             sizes = (pooled, 2 * style_channels[0], 2 * sum(style_channels[1:]), slots)
-            assert len(sizes) == EMBEDDING_PARTS
             member, _ = _segments(sizes, device)
             sign = torch.cat([torch.ones(pooled), torch.where(is_log[:, 0], -1.0, 1.0), torch.ones(slots)])
-            expand = member.T.cpu() * (sign * math.sqrt(len(sizes)))  # sqrt(4) = 2: exact
+            expand = member.T.cpu() * (sign * math.sqrt(EMBEDDING_PARTS))  # sqrt(4) = 2: exact
             layout = _HARMONY_LAYOUTS[key] = (is_log.to(device), member, expand.contiguous().to(device))
     return layout
 
